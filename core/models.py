@@ -200,6 +200,8 @@ def _gguf_to_cache(name: str, gguf: Path) -> Path:
     # look for the GGUF again on every load.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:

@@ -1,0 +1,212 @@
+"""The layer-sequential calibration engine.
+
+Capture the inputs of block 0 for every calibration window, then for each block: run it with
+hooks on its prunable linears to gather statistics, hand the statistics to a callback (which
+may prune the block), re-run the block if its weights changed, and pass its outputs on as the
+next block's inputs. Peak memory: the model plus one block's activations for all windows.
+
+The engine knows nothing about pruning methods: it gathers what it is asked for
+(``sum_x2``, ``sum_x`` for means/variances, ``xtx`` for the Hessian) and calls back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import Cancelled
+from .models import LoadedModel
+
+STAT_KINDS = frozenset({"sum_x2", "sum_x", "xtx"})
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one linear layer's input over the calibration tokens (float32)."""
+
+    n_tokens: int = 0
+    sum_x2: torch.Tensor | None = None  # (d_in,)
+    sum_x: torch.Tensor | None = None  # (d_in,)
+    xtx: torch.Tensor | None = None  # (d_in, d_in)
+
+    def mean_x2(self) -> torch.Tensor:
+        return self.sum_x2 / max(self.n_tokens, 1)
+
+    def variance(self) -> torch.Tensor:
+        mean = self.sum_x / max(self.n_tokens, 1)
+        return (self.sum_x2 / max(self.n_tokens, 1) - mean * mean).clamp_min(0)
+
+
+@dataclass
+class BlockContext:
+    """What a block callback receives."""
+
+    index: int
+    block: nn.Module
+    linears: dict[str, nn.Module]  # full name -> module
+    stats: dict[str, LayerStats]  # full name -> stats (modules sharing an input share the object)
+    inputs: torch.Tensor  # (n_windows, seqlen, hidden): the block's inputs, read-only
+    run: Callable[[], torch.Tensor] = field(repr=False, default=None)  # re-run the block on inputs
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _accumulate(stats: LayerStats, x: torch.Tensor, kinds: frozenset) -> None:
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    if stats.sum_x2 is None:
+        d = x.shape[1]
+        stats.sum_x2 = torch.zeros(d, device=x.device)
+        if "sum_x" in kinds:
+            stats.sum_x = torch.zeros(d, device=x.device)
+        if "xtx" in kinds:
+            stats.xtx = torch.zeros(d, d, device=x.device)
+    stats.n_tokens += x.shape[0]
+    stats.sum_x2.add_((x * x).sum(0))
+    if stats.sum_x is not None:
+        stats.sum_x.add_(x.sum(0))
+    if stats.xtx is not None:
+        stats.xtx.addmm_(x.t(), x)
+
+
+def _capture_inputs(lm: LoadedModel, windows: torch.Tensor, batch_size: int):
+    """Block-0 inputs for all windows, and each block's keyword arguments per batch.
+
+    Every block's forward is swapped for a recorder that returns its input unchanged, so the
+    model runs only its embeddings and mask/position set-up; the last block stops the pass so
+    the (large) lm_head never runs. Keyword arguments can differ per block (Gemma 3's sliding
+    and global layers get different masks and rotary tables), so each block's are kept.
+    """
+    blocks = lm.blocks
+    n_blocks = len(blocks)
+    hidden_batches: list[torch.Tensor] = []
+    kwargs_per_batch: list[list[dict]] = []
+    current: list[dict] = []
+
+    def make_recorder(index: int, block: nn.Module):
+        def recorder(hidden_states, *args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache",
+                                                                 "layer_past", "output_attentions")}
+            if index == 0:
+                hidden_batches.append(hidden_states)
+            current.append(kwargs)
+            if index == n_blocks - 1:
+                raise _StopForward
+            return hidden_states
+        return recorder
+
+    try:
+        for index, block in enumerate(blocks):
+            block.forward = make_recorder(index, block)
+        for start in range(0, windows.shape[0], batch_size):
+            current = []
+            try:
+                lm.model(windows[start:start + batch_size].to(lm.device), use_cache=False)
+            except _StopForward:
+                pass
+            kwargs_per_batch.append(current)
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)  # back to the class's forward
+    return torch.cat(hidden_batches), kwargs_per_batch, [b.shape[0] for b in hidden_batches]
+
+
+def _run_block(block: nn.Module, inputs: torch.Tensor, kwargs_per_batch: list[list[dict]], index: int,
+               sizes: list[int], out: torch.Tensor) -> torch.Tensor:
+    start = 0
+    for batch, size in enumerate(sizes):
+        result = block(inputs[start:start + size], **kwargs_per_batch[batch][index])
+        out[start:start + size] = result[0] if isinstance(result, tuple) else result
+        start += size
+    return out
+
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@torch.no_grad()
+def run_layerwise(
+    lm: LoadedModel,
+    windows: torch.Tensor,
+    stats: frozenset | set = frozenset({"sum_x2"}),
+    on_block: Callable[[BlockContext], bool] | None = None,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> None:
+    """Walk the blocks in order, gathering `stats` and calling `on_block` for each.
+
+    `on_block` returns True when it changed the block's weights; the block is then re-run so the
+    next block sees the pruned outputs (layer-sequential pruning). `progress(done, total, what)`
+    is called after each block; `should_stop()` is checked between blocks and raises Cancelled.
+    """
+    kinds = frozenset(stats)
+    unknown = kinds - STAT_KINDS
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(STAT_KINDS)}")
+    model_dtype = next(lm.model.parameters()).dtype
+    inputs, kwargs_per_batch, sizes = _capture_inputs(lm, windows, batch_size)
+    outputs = torch.empty_like(inputs)
+    blocks = lm.blocks
+    total = len(blocks)
+    for index, block in enumerate(blocks):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"Cancelled before block {index} of {total}.")
+        linears = {f"{lm.family.block_prefix(index)}.{rel}": module
+                   for rel, module in lm.family.linear_modules(block).items()}
+        layer_stats = _gather(block, linears, inputs, kwargs_per_batch, index, sizes, outputs, kinds)
+
+        def rerun(block=block, index=index):
+            return _run_block(block, inputs, kwargs_per_batch, index, sizes, torch.empty_like(inputs))
+
+        changed = False
+        if on_block is not None:
+            changed = on_block(BlockContext(index, block, linears, layer_stats, inputs, rerun))
+        if changed:
+            _run_block(block, inputs, kwargs_per_batch, index, sizes, outputs)
+        inputs, outputs = outputs, inputs
+        if progress is not None:
+            progress(index + 1, total, f"block {index + 1}/{total}")
+    del inputs, outputs
+    assert model_dtype == next(lm.model.parameters()).dtype
+
+
+def _gather(block, linears, inputs, kwargs_per_batch, index, sizes, outputs, kinds) -> dict[str, LayerStats]:
+    """Run the block once with statistics hooks; modules fed the same tensor share one LayerStats."""
+    if not kinds:
+        _run_block(block, inputs, kwargs_per_batch, index, sizes, outputs)
+        return {}
+    per_module: dict[str, LayerStats] = {}
+    # (data_ptr, shape) -> (stats, tensor), reset per batch. Holding the tensor keeps its memory
+    # from being reused by a different tensor of the same shape within the batch.
+    seen_input: dict[tuple, tuple[LayerStats, torch.Tensor]] = {}
+
+    def make_hook(name: str):
+        def hook(module, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            shared = seen_input.get(key, (None, None))[0]
+            if name not in per_module:
+                per_module[name] = shared if shared is not None else LayerStats()
+            target = per_module[name]
+            if shared is target:
+                return  # already accumulated through the module that saw this tensor first
+            _accumulate(target, x, kinds)
+            seen_input[key] = (target, x)
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in linears.items()]
+    try:
+        start = 0
+        for batch, size in enumerate(sizes):
+            seen_input.clear()
+            result = block(inputs[start:start + size], **kwargs_per_batch[batch][index])
+            outputs[start:start + size] = result[0] if isinstance(result, tuple) else result
+            start += size
+    finally:
+        for handle in handles:
+            handle.remove()
+    return per_module

@@ -1,0 +1,285 @@
+"""The command line: python -m core {methods,prune,sweep,eval,export} ...
+
+Examples
+  python -m core methods
+  python -m core prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50
+  python -m core sweep --method wanda --sparsities 0.3,0.5,0.7 --patterns unstructured,2:4
+  python -m core eval --model smollm2-135m --masks runs/wanda50/masks.safetensors
+  python -m core export --masks runs/wanda50/masks.safetensors --out runs/wanda50/model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import PruneError
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = {"bar": None}
+
+    def update(done: int, total: int, what: str) -> None:
+        if bar["bar"] is None or bar["bar"].total != total:
+            if bar["bar"] is not None:
+                bar["bar"].close()
+            bar["bar"] = tqdm(total=total, desc=desc, unit="step", leave=False)
+        bar["bar"].n = done
+        bar["bar"].set_postfix_str(what, refresh=True)
+        if done >= total:
+            bar["bar"].close()
+            bar["bar"] = None
+
+    return update
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .models import BUNDLED, DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"bundled name ({', '.join(BUNDLED)}), local folder, .gguf file or hub id "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _add_data_args(p: argparse.ArgumentParser, calibration: bool = True) -> None:
+    from .data import DEFAULT_SOURCE
+
+    if calibration:
+        p.add_argument("--calib-text", default=DEFAULT_SOURCE,
+                       help=f"calibration text: {DEFAULT_SOURCE} (offline default), wikitext2, c4, or a "
+                            ".txt/.jsonl/.json/.parquet file")
+        p.add_argument("--calib-windows", type=int, default=32, help="number of calibration windows (default 32)")
+        p.add_argument("--seed", type=int, default=0, help="seed for the calibration window starts")
+    p.add_argument("--eval-text", default=DEFAULT_SOURCE, help="evaluation text (same choices)")
+    p.add_argument("--eval-windows", type=int, default=32, help="at most this many evaluation windows")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity")
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    from .methods import all_methods
+
+    p.add_argument("--method", default="wanda", choices=sorted(all_methods()), help="pruning method")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method parameter (see `python -m core methods`); repeatable")
+    p.add_argument("--skip-misfit-layers", action="store_true",
+                   help="with N:M, leave dense the layers whose width is not a multiple of M")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward during calibration")
+
+
+def _params(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise PruneError(f"--param wants NAME=VALUE, got {item!r}.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _load(args):
+    from .models import load_model
+
+    print(f"Loading {args.model} ...", file=sys.stderr)
+    return load_model(args.model, args.dtype, args.device)
+
+
+def _eval(lm, args, label: str):
+    from .data import evaluation_set
+    from .evaluate import perplexity
+
+    windows, protocol = evaluation_set(lm.tokenizer, args.eval_text, args.seqlen, args.eval_windows)
+    return perplexity(lm, windows, protocol.as_dict(), progress=_progress_bar(f"perplexity ({label})"))
+
+
+def cmd_methods(args) -> int:
+    from .methods import all_methods
+
+    for method in all_methods().values():
+        if args.json:
+            continue
+        print(f"{method.name:<12} {method.title}  [patterns: {', '.join(method.patterns)}]")
+        print(f"{'':<12} {method.description}")
+        for p in method.params:
+            rng = f" in [{p.low}, {p.high}]" if p.low is not None else ""
+            ch = f" one of {list(p.choices)}" if p.choices else ""
+            print(f"{'':<14}--param {p.name}=<{p.kind}>  default {p.default}{rng}{ch}: {p.help}")
+    if args.json:
+        print(json.dumps([m.describe() for m in all_methods().values()], indent=2))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .data import calibration_set
+    from .masks import DenseWeights, parse_pattern, save_masks
+    from .pruning import calibrate, cut, prune_sequential
+
+    pattern = parse_pattern(args.pattern)
+    lm = _load(args)
+    dense = DenseWeights(lm)
+    results = {"model": lm.model_id, "method": args.method, "pattern": str(pattern), "sparsity": args.sparsity}
+    if not args.no_eval and args.eval_dense:
+        results["dense_ppl"] = _eval(lm, args, "dense").value
+    windows, protocol = calibration_set(lm.tokenizer, args.calib_text, args.calib_windows, args.seqlen, args.seed)
+    start = time.perf_counter()
+    if args.one_shot:
+        artifact = calibrate(lm, args.method, windows, protocol.as_dict(), _params(args.param), dense,
+                             args.batch_size, _progress_bar("calibrating"))
+        masks = cut(artifact, args.sparsity, pattern, args.skip_misfit_layers, _progress_bar("cutting"))
+        dense.apply(masks)
+    else:
+        masks, artifact = prune_sequential(lm, args.method, windows, args.sparsity, pattern, _params(args.param),
+                                           protocol.as_dict(), dense, args.skip_misfit_layers, args.batch_size,
+                                           _progress_bar("pruning block by block"))
+    results["prune_seconds"] = round(time.perf_counter() - start, 2)
+    results["achieved_sparsity"] = round(masks.total_sparsity(), 6)
+    if not args.no_eval:
+        ppl = _eval(lm, args, "pruned")
+        results["ppl"] = ppl.value
+        results["eval_protocol"] = ppl.protocol
+        masks.meta["perplexity"] = json.dumps({"value": ppl.value, "protocol": ppl.protocol})
+    out = Path(args.out)
+    save_masks(out / "masks.safetensors", masks, lm)
+    (out / "result.json").write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps({k: v for k, v in results.items() if k != "eval_protocol"}, indent=2))
+    print(f"Masks saved to {out / 'masks.safetensors'}", file=sys.stderr)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .data import calibration_set
+    from .masks import DenseWeights, parse_pattern
+    from .pruning import calibrate, cut
+
+    lm = _load(args)
+    dense = DenseWeights(lm)
+    windows, protocol = calibration_set(lm.tokenizer, args.calib_text, args.calib_windows, args.seqlen, args.seed)
+    artifact = calibrate(lm, args.method, windows, protocol.as_dict(), _params(args.param), dense,
+                         args.batch_size, _progress_bar("calibrating"))
+    rows = [{"pattern": "dense", "target": 0.0, "achieved": 0.0, "cut_s": 0.0,
+             "ppl": None if args.no_eval else _eval(lm, args, "dense").value}]
+    plans = []
+    for pattern_text in args.patterns.split(","):
+        pattern = parse_pattern(pattern_text)
+        sparsities = [pattern.sparsity] if pattern.is_nm else [float(s) for s in args.sparsities.split(",")]
+        plans += [(pattern, s) for s in sparsities]
+    for pattern, sparsity in plans:
+        start = time.perf_counter()
+        masks = cut(artifact, sparsity, pattern, args.skip_misfit_layers)
+        cut_s = time.perf_counter() - start
+        dense.apply(masks)
+        ppl = None if args.no_eval else _eval(lm, args, f"{pattern} {sparsity:.2f}").value
+        dense.restore()
+        rows.append({"pattern": str(pattern), "target": sparsity, "achieved": masks.total_sparsity(),
+                     "cut_s": cut_s, "ppl": ppl})
+    print(f"{args.method} on {lm.model_id}; calibration {artifact.calibration_seconds:.1f} s "
+          f"({protocol.describe()})")
+    print(f"{'pattern':<14}{'target':>8}{'achieved':>10}{'cut s':>8}{'ppl':>12}")
+    for r in rows:
+        ppl = "-" if r["ppl"] is None else f"{r['ppl']:.3f}"
+        print(f"{r['pattern']:<14}{r['target']:>8.3f}{r['achieved']:>10.4f}{r['cut_s']:>8.3f}{ppl:>12}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"method": args.method, "calibration": protocol.as_dict(),
+                                              "calibration_seconds": artifact.calibration_seconds,
+                                              "rows": rows}, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .masks import DenseWeights, load_masks
+
+    lm = _load(args)
+    if args.masks:
+        DenseWeights(lm).apply(load_masks(args.masks, lm))
+    ppl = _eval(lm, args, "masked" if args.masks else "dense")
+    print(json.dumps({"model": lm.model_id, "masks": args.masks, "ppl": ppl.value, "protocol": ppl.protocol},
+                     indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_pruned_model
+    from .masks import DenseWeights, load_masks
+
+    lm = _load(args)
+    masks = load_masks(args.masks, lm)
+    DenseWeights(lm).apply(masks)
+    path = export_pruned_model(lm, args.out, masks.meta)
+    print(f"Pruned model written to {path}; load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list the pruning methods and their parameters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("prune", help="calibrate, prune, evaluate, save masks")
+    _add_model_args(p)
+    _add_method_args(p)
+    _add_data_args(p)
+    p.add_argument("--sparsity", default=0.5, help="fraction of weights to prune, in [0, 1) (default 0.5)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M such as 2:4")
+    p.add_argument("--one-shot", action="store_true",
+                   help="statistics from the dense model (as the explorer does) instead of block by block")
+    p.add_argument("--eval-dense", action="store_true", help="also measure the dense model's perplexity")
+    p.add_argument("--out", default="runs/latest", help="folder for masks.safetensors and result.json")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("sweep", help="one calibration, many sparsities and patterns, one table")
+    _add_model_args(p)
+    _add_method_args(p)
+    _add_data_args(p)
+    p.add_argument("--sparsities", default="0.3,0.5,0.6,0.7", help="comma-separated unstructured sparsities")
+    p.add_argument("--patterns", default="unstructured", help="comma-separated: unstructured,2:4,4:8")
+    p.add_argument("--out", default=None, help="write the table as JSON here")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("eval", help="perplexity of a model, optionally with a mask file applied")
+    _add_model_args(p)
+    _add_data_args(p, calibration=False)
+    p.add_argument("--masks", default=None, help="a mask file written by prune / the explorer")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write the pruned model as a transformers folder")
+    _add_model_args(p)
+    p.add_argument("--masks", required=True, help="a mask file written by prune / the explorer")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "sparsity"):
+        from .masks import check_sparsity
+
+        try:
+            args.sparsity = check_sparsity(args.sparsity)
+        except PruneError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    try:
+        return args.func(args)
+    except PruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # parameter schema violations
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Cancelled; nothing was written.", file=sys.stderr)
+        return 130

@@ -1,0 +1,268 @@
+"""Masks: cut them from scores, apply and restore them reversibly, count, save and load.
+
+Masks are bool tensors in the canonical (d_out, d_in) layout, True = keep, keyed by the
+prunable module's full name (e.g. 'model.layers.3.mlp.up_proj').
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import MaskFileError, PatternError
+from .models import LoadedModel
+
+FORMAT_VERSION = "1"
+
+
+# ---------------------------------------------------------------- patterns and sparsity checks
+
+@dataclass(frozen=True)
+class Pattern:
+    """'unstructured' or N:M (keep N of every M consecutive inputs of a row)."""
+
+    n: int | None = None
+    m: int | None = None
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m is not None
+
+    @property
+    def sparsity(self) -> float | None:
+        return 1 - self.n / self.m if self.is_nm else None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+
+def parse_pattern(text: str) -> Pattern:
+    text = str(text).strip().lower()
+    if text in ("", "unstructured", "none"):
+        return Pattern()
+    try:
+        n_text, m_text = text.split(":")
+        n, m = int(n_text), int(m_text)
+    except ValueError:
+        raise PatternError(f"Pattern {text!r} is not understood; use 'unstructured' or N:M such as 2:4.") from None
+    if not (0 < n < m):
+        raise PatternError(f"N:M needs 0 < N < M; {n}:{m} does not prune anything sensible. Try 2:4 or 4:8.")
+    return Pattern(n, m)
+
+
+def check_sparsity(value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise PatternError(f"Sparsity must be a number in [0, 1), such as 0.5; got {value!r}.") from None
+    if math.isnan(value) or not 0 <= value < 1:
+        raise PatternError(f"Sparsity must be in [0, 1) (0.5 prunes half the weights); got {value}.")
+    return value
+
+
+def nm_misfits(shapes: dict[str, tuple[int, int]], pattern: Pattern) -> list[str]:
+    """Names of matrices whose input width is not a multiple of M."""
+    if not pattern.is_nm:
+        return []
+    return [name for name, (_, d_in) in shapes.items() if d_in % pattern.m]
+
+
+def check_nm_fits(shapes: dict[str, tuple[int, int]], pattern: Pattern, skip_misfits: bool = False) -> list[str]:
+    """Raise PatternError naming the layers N:M cannot cover, unless asked to skip them."""
+    bad = nm_misfits(shapes, pattern)
+    if bad and not skip_misfits:
+        shown = ", ".join(f"{n} (width {shapes[n][1]})" for n in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise PatternError(
+            f"{pattern} needs input widths that are multiples of {pattern.m}; these layers are not: "
+            f"{shown}{more}. Pick another M, or skip them (--skip-misfit-layers / the explorer's "
+            "'skip layers that do not fit' box) to leave them dense.", bad_layers=bad)
+    return bad
+
+
+# ---------------------------------------------------------------- cutting (pure functions)
+
+def ascending_ranks(scores: torch.Tensor, scope: str) -> torch.Tensor:
+    """Rank of every score among its comparison group (0 = least important).
+
+    scope 'row' ranks within each output row (Wanda, RIA), 'matrix' within the whole matrix
+    (magnitude). Computing ranks once makes every later cut a single comparison.
+    """
+    flat = scores.reshape(1, -1) if scope == "matrix" else scores
+    order = flat.argsort(dim=1, stable=True)
+    dtype = torch.int16 if flat.shape[1] < 2**15 else torch.int32
+    ranks = torch.empty_like(order, dtype=dtype)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], dtype=dtype).expand_as(order).contiguous())
+    return ranks.view_as(scores)
+
+
+def cut_from_ranks(ranks: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
+    """Keep-mask pruning exactly floor(sparsity * group size) lowest-ranked entries per group."""
+    group = ranks.numel() if scope == "matrix" else ranks.shape[1]
+    return ranks >= int(sparsity * group)
+
+
+def cut_unstructured(scores: torch.Tensor, sparsity: float, scope: str = "row") -> torch.Tensor:
+    return cut_from_ranks(ascending_ranks(scores, scope), sparsity, scope)
+
+
+def cut_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the N highest scores in every group of M consecutive inputs of each row."""
+    d_out, d_in = scores.shape
+    if d_in % m:
+        raise PatternError(f"{n}:{m} needs an input width that is a multiple of {m}, not {d_in}.")
+    groups = scores.reshape(d_out, d_in // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, groups.topk(n, dim=2).indices, True)
+    return keep.view(d_out, d_in)
+
+
+def cut_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, scope: str = "row",
+             ranks: torch.Tensor | None = None) -> torch.Tensor:
+    if pattern.is_nm:
+        return cut_nm(scores, pattern.n, pattern.m)
+    if ranks is not None:
+        return cut_from_ranks(ranks, sparsity, scope)
+    return cut_unstructured(scores, sparsity, scope)
+
+
+# ---------------------------------------------------------------- a set of masks
+
+@dataclass
+class MaskSet:
+    """Masks for one model, optional updated weights (methods that update weights), metadata."""
+
+    masks: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def sparsity_per_matrix(self) -> dict[str, float]:
+        return {name: 1 - mask.float().mean().item() for name, mask in self.masks.items()}
+
+    def total_sparsity(self) -> float:
+        pruned = sum(int((~mask).sum()) for mask in self.masks.values())
+        total = sum(mask.numel() for mask in self.masks.values())
+        return pruned / max(total, 1)
+
+
+def allocation_table(masks: dict[str, torch.Tensor], lm: LoadedModel) -> list[dict]:
+    """One row per matrix: block, matrix type, size, achieved sparsity."""
+    rows = []
+    prefix = lm.family.blocks_path + "."
+    for name, mask in masks.items():
+        block_text, rel = name[len(prefix):].split(".", 1)
+        pruned = int((~mask).sum())
+        rows.append({"name": name, "block": int(block_text), "type": lm.family.matrix_type(rel),
+                     "params": mask.numel(), "pruned": pruned, "sparsity": pruned / mask.numel()})
+    return rows
+
+
+# ---------------------------------------------------------------- apply / restore
+
+class DenseWeights:
+    """A copy of every prunable weight as loaded, so masks can be applied and undone at will."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.modules = lm.prunable()
+        self.dense = {name: lm.family.weight_view(m).clone() for name, m in self.modules.items()}
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {name: tuple(w.shape) for name, w in self.dense.items()}
+
+    @torch.no_grad()
+    def apply(self, mask_set: MaskSet) -> None:
+        """Set each weight to (updated or dense weight) * mask; untouched layers are restored."""
+        for name, module in self.modules.items():
+            view = self.lm.family.weight_view(module)
+            view.copy_(mask_set.weights.get(name, self.dense[name]))
+            mask = mask_set.masks.get(name)
+            if mask is not None:
+                view.mul_(mask)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, module in self.modules.items():
+            self.lm.family.weight_view(module).copy_(self.dense[name])
+
+
+# ---------------------------------------------------------------- files
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
+    """safetensors: one uint8 tensor per mask (canonical layout), string metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {f"mask/{name}": mask.to(torch.uint8).contiguous() for name, mask in mask_set.masks.items()}
+    tensors.update({f"weight/{name}": w.contiguous() for name, w in mask_set.weights.items()})
+    meta = {
+        "format": "pruning-explorer-masks",
+        "format_version": FORMAT_VERSION,
+        "model_id": lm.model_id,
+        "model_fingerprint": lm.fingerprint,
+        "model_type": lm.config.model_type,
+        "layout": "canonical (d_out, d_in), True/1 = keep",
+        "achieved_sparsity": f"{mask_set.total_sparsity():.6f}",
+        "allocation": json.dumps({n: round(s, 6) for n, s in mask_set.sparsity_per_matrix().items()}),
+    }
+    for key, value in mask_set.meta.items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def load_masks(path: str | Path, lm: LoadedModel, allow_other_model: bool = False) -> MaskSet:
+    """Read a mask file; refuse it clearly if it is corrupt or made for another model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MaskFileError(f"No mask file at {path}.")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise MaskFileError(
+            f"{path} is not a readable safetensors mask file ({exc}). It may be truncated or "
+            "corrupt; export the masks again.") from exc
+    if meta.get("format") != "pruning-explorer-masks":
+        raise MaskFileError(f"{path} is a safetensors file but not a mask file written by this tool.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise MaskFileError(f"{path} has mask format version {meta.get('format_version')}; this tool "
+                            f"reads version {FORMAT_VERSION}.")
+    if not allow_other_model and meta.get("model_fingerprint") != lm.fingerprint:
+        raise MaskFileError(
+            f"{path} was made for model {meta.get('model_id')!r} (fingerprint "
+            f"{meta.get('model_fingerprint')}), not for the loaded {lm.model_id!r} (fingerprint "
+            f"{lm.fingerprint}). Load the model it was made for.")
+    shapes = {name: tuple(lm.family.weight_view(m).shape) for name, m in lm.prunable().items()}
+    masks, weights = {}, {}
+    for key, tensor in tensors.items():
+        kind, name = key.split("/", 1)
+        if name not in shapes:
+            raise MaskFileError(f"{path} has a mask for {name!r}, which the loaded model does not have.")
+        if tuple(tensor.shape) != shapes[name]:
+            raise MaskFileError(f"{path}: {name} has shape {tuple(tensor.shape)} but the model's is "
+                                f"{shapes[name]}; the file belongs to another model.")
+        (masks if kind == "mask" else weights)[name] = tensor.bool() if kind == "mask" else tensor
+    keep = {k: v for k, v in meta.items() if k not in ("allocation",)}
+    return MaskSet(masks=masks, weights=weights, meta=keep)

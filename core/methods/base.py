@@ -1,0 +1,84 @@
+"""What a pruning method is: a name, a typed parameter schema, the statistics it needs, and
+either a score function (masks then come from cutting scores) or a solve (it updates weights).
+
+The CLI builds its flags and the explorer its widgets from `params`; nothing else about a
+method is hard-coded anywhere. Add a method by adding one file in this package that defines a
+subclass decorated with @register.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..calibrate import LayerStats
+from ..masks import Pattern
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # "float" | "int" | "bool" | "choice"
+    default: object
+    help: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple = ()
+    recalibrate: bool = False  # True: changing it needs a new calibration, not just a new cut
+
+    def coerce(self, value):
+        """Check and convert a user value; raise ValueError with a message that says what fits."""
+        try:
+            if self.kind == "float":
+                value = float(value)
+            elif self.kind == "int":
+                value = int(value)
+            elif self.kind == "bool":
+                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.name} must be a {self.kind}; got {value!r}.") from None
+        if self.kind == "choice" and value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {', '.join(map(str, self.choices))}; got {value!r}.")
+        if self.low is not None and value < self.low or self.high is not None and value > self.high:
+            raise ValueError(f"{self.name} must be in [{self.low}, {self.high}]; got {value}.")
+        return value
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "default": self.default, "help": self.help,
+                "low": self.low, "high": self.high, "choices": list(self.choices), "recalibrate": self.recalibrate}
+
+
+class Method:
+    name: str = ""
+    title: str = ""
+    description: str = ""
+    patterns: tuple[str, ...] = ("unstructured", "nm")
+    params: tuple[Param, ...] = ()
+    stats: frozenset = frozenset({"sum_x2"})
+    scope: str = "row"  # unstructured comparison group: "row" or "matrix"
+    updates_weights: bool = False
+    needs_dense_prepass: bool = False  # allocation needs every block's dense scores first (OWL)
+
+    def resolve_params(self, given: dict | None = None) -> dict:
+        given = dict(given or {})
+        unknown = set(given) - {p.name for p in self.params}
+        if unknown:
+            raise ValueError(f"{self.name} has no parameter(s) {sorted(unknown)}; it takes "
+                             f"{[p.name for p in self.params] or 'none'}.")
+        return {p.name: p.coerce(given.get(p.name, p.default)) for p in self.params}
+
+    def score(self, weight: torch.Tensor, stats: LayerStats | None, params: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def block_sparsities(self, block_scores: list[list[torch.Tensor]], target: float, params: dict) -> list[float]:
+        """Sparsity of each block for an unstructured target; uniform unless a method says otherwise."""
+        return [target] * len(block_scores)
+
+    def solve(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern,
+              params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "title": self.title, "description": self.description,
+                "patterns": list(self.patterns), "updates_weights": self.updates_weights,
+                "params": [p.as_dict() for p in self.params]}

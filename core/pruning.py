@@ -1,0 +1,210 @@
+"""Orchestration: calibrate once, cut many.
+
+- `calibrate` runs the engine once over the dense model and keeps, per prunable matrix, what the
+  method needs to cut later (scores; for weight-updating methods the input statistics).
+- `cut` turns an artifact into masks at any sparsity / pattern in well under a second for
+  score methods (ranks are computed once, then every cut is one comparison).
+- `prune_sequential` is the papers' own procedure: block by block, later blocks calibrated on
+  the outputs of pruned earlier ones. Its artifact can be re-cut too (statistics then reflect
+  the sparsity it was run at, recorded in the protocol).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .calibrate import BlockContext, LayerStats, ProgressFn, run_layerwise
+from .masks import DenseWeights, MaskSet, Pattern, check_nm_fits, check_sparsity, cut_mask, ascending_ranks
+from .methods import Method, get_method
+from .models import LoadedModel
+
+
+@dataclass
+class Artifact:
+    """Everything a cut needs, per prunable matrix, from one calibration."""
+
+    method: str
+    params: dict
+    protocol: dict
+    fingerprint: str
+    dense: DenseWeights
+    stats: dict[str, LayerStats] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    block_of: dict[str, int] = field(default_factory=dict)
+    calibration_seconds: float = 0.0
+    _ranks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def method_obj(self) -> Method:
+        return get_method(self.method)
+
+    def score(self, name: str) -> torch.Tensor:
+        """Scores of one matrix (computed on demand for methods that solve rather than score)."""
+        if name not in self.scores:
+            self.scores[name] = self.method_obj.score(self.dense.dense[name], self.stats.get(name), self.params)
+        return self.scores[name]
+
+    def ranks(self, name: str, scope: str) -> torch.Tensor:
+        key = (name, scope)
+        if key not in self._ranks:
+            self._ranks[key] = ascending_ranks(self.score(name), scope)
+        return self._ranks[key]
+
+    def blocks(self) -> list[list[str]]:
+        n = max(self.block_of.values()) + 1
+        out = [[] for _ in range(n)]
+        for name, b in self.block_of.items():
+            out[b].append(name)
+        return out
+
+
+def _block_names(lm: LoadedModel) -> dict[str, int]:
+    prefix = lm.family.blocks_path + "."
+    return {name: int(name[len(prefix):].split(".", 1)[0]) for name in lm.prunable()}
+
+
+def calibrate(lm: LoadedModel, method: str | Method, windows: torch.Tensor, protocol: dict | None = None,
+              params: dict | None = None, dense: DenseWeights | None = None, batch_size: int = 8,
+              progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> Artifact:
+    """One pass over the dense model: the artifact every later cut is made from."""
+    method = get_method(method) if isinstance(method, str) else method
+    params = method.resolve_params(params)
+    dense = dense or DenseWeights(lm)
+    artifact = Artifact(method.name, params, {**(protocol or {}), "mode": "one-shot (dense statistics)"},
+                        lm.fingerprint, dense, block_of=_block_names(lm))
+    start = time.perf_counter()
+
+    def on_block(ctx: BlockContext) -> bool:
+        for name in ctx.linears:
+            stats = ctx.stats.get(name)
+            if method.updates_weights:
+                artifact.stats[name] = stats
+            else:
+                artifact.scores[name] = method.score(dense.dense[name], stats, params)
+        return False
+
+    if method.stats:
+        run_layerwise(lm, windows, method.stats, on_block, batch_size, progress, should_stop)
+    else:  # magnitude: no data needed
+        for name in lm.prunable():
+            artifact.scores[name] = method.score(dense.dense[name], None, params)
+        if progress:
+            progress(1, 1, "scored")
+    artifact.calibration_seconds = time.perf_counter() - start
+    return artifact
+
+
+def _validate(artifact_shapes: dict, method: Method, sparsity: float, pattern: Pattern,
+              skip_misfits: bool) -> tuple[float, list[str]]:
+    if pattern.is_nm and "nm" not in method.patterns:
+        from .errors import PatternError
+        raise PatternError(f"{method.name} supports {', '.join(method.patterns)}, not N:M.")
+    sparsity = pattern.sparsity if pattern.is_nm else check_sparsity(sparsity)
+    skipped = check_nm_fits(artifact_shapes, pattern, skip_misfits)
+    return sparsity, skipped
+
+
+def matrix_sparsities(artifact: Artifact, sparsity: float) -> dict[str, float]:
+    """Target sparsity of every matrix (uniform, or per block where the method allocates)."""
+    method = artifact.method_obj
+    groups = artifact.blocks()
+    if type(method).block_sparsities is Method.block_sparsities:
+        per_block = [sparsity] * len(groups)
+    else:
+        per_block = method.block_sparsities([[artifact.score(n) for n in names] for names in groups],
+                                            sparsity, artifact.params)
+    return {name: per_block[artifact.block_of[name]] for name in artifact.block_of}
+
+
+def cut(artifact: Artifact, sparsity: float, pattern: Pattern = Pattern(), skip_misfits: bool = False,
+        progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> MaskSet:
+    """Masks (and, for weight-updating methods, the re-solved weights) at a new sparsity."""
+    method = artifact.method_obj
+    sparsity, skipped = _validate(artifact.dense.shapes(), method, sparsity, pattern, skip_misfits)
+    start = time.perf_counter()
+    targets = matrix_sparsities(artifact, sparsity) if not pattern.is_nm else {n: sparsity for n in artifact.block_of}
+    masks, weights = {}, {}
+    names = [n for n in artifact.block_of if n not in skipped]
+    for i, name in enumerate(names):
+        if method.updates_weights:
+            if should_stop is not None and should_stop():
+                from .errors import Cancelled
+                raise Cancelled("Cancelled while re-solving; the previous masks are unchanged.")
+            weights[name], masks[name] = method.solve(artifact.dense.dense[name], artifact.stats[name],
+                                                      targets[name], pattern, artifact.params)
+            if progress:
+                progress(i + 1, len(names), name)
+        else:
+            ranks = None if pattern.is_nm else artifact.ranks(name, _scope(method, artifact.params))
+            masks[name] = cut_mask(artifact.score(name), targets[name], pattern,
+                                   _scope(method, artifact.params), ranks)
+    meta = {"method": method.name, "params": artifact.params, "pattern": str(pattern),
+            "target_sparsity": f"{sparsity:.6f}", "calibration": artifact.protocol,
+            "skipped_layers": skipped, "cut_seconds": f"{time.perf_counter() - start:.4f}"}
+    return MaskSet(masks=masks, weights=weights, meta=meta)
+
+
+def _scope(method: Method, params: dict) -> str:
+    return params.get("scope", method.scope)
+
+
+def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tensor, sparsity: float,
+                     pattern: Pattern = Pattern(), params: dict | None = None, protocol: dict | None = None,
+                     dense: DenseWeights | None = None, skip_misfits: bool = False, batch_size: int = 8,
+                     progress: ProgressFn | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> tuple[MaskSet, Artifact]:
+    """Prune block by block as the papers do; the model is left pruned. On any error or
+    cancellation the dense weights are restored."""
+    method = get_method(method) if isinstance(method, str) else method
+    params = method.resolve_params(params)
+    dense = dense or DenseWeights(lm)
+    sparsity, skipped = _validate(dense.shapes(), method, sparsity, pattern, skip_misfits)
+    block_of = _block_names(lm)
+    per_block = None
+    if method.needs_dense_prepass and not pattern.is_nm:
+        pre = calibrate(lm, method, windows, protocol, params, dense, batch_size,
+                        _stage(progress, "dense pass for the allocation"), should_stop)
+        per_block = matrix_sparsities(pre, sparsity)
+        del pre
+    artifact = Artifact(method.name, params, {**(protocol or {}), "mode": f"sequential at {pattern if pattern.is_nm else sparsity}"},
+                        lm.fingerprint, dense, block_of=block_of)
+    masks, weights = {}, {}
+
+    def on_block(ctx: BlockContext) -> bool:
+        for name, module in ctx.linears.items():
+            if name in skipped:
+                continue
+            target = per_block[name] if per_block else sparsity
+            view = lm.family.weight_view(module)
+            stats = ctx.stats.get(name)
+            if method.updates_weights:
+                artifact.stats[name] = stats
+                weights[name], masks[name] = method.solve(view, stats, target, pattern, params)
+                view.copy_(weights[name])
+            else:
+                scores = method.score(view, stats, params)
+                artifact.scores[name] = scores
+                masks[name] = cut_mask(scores, target, pattern, _scope(method, params))
+                view.mul_(masks[name])
+        return True
+
+    start = time.perf_counter()
+    try:
+        run_layerwise(lm, windows, method.stats or frozenset(), on_block, batch_size,
+                      _stage(progress, "pruning"), should_stop)
+    except BaseException:
+        dense.restore()
+        raise
+    artifact.calibration_seconds = time.perf_counter() - start
+    meta = {"method": method.name, "params": params, "pattern": str(pattern),
+            "target_sparsity": f"{sparsity:.6f}", "calibration": artifact.protocol, "skipped_layers": skipped}
+    return MaskSet(masks=masks, weights=weights, meta=meta), artifact
+
+
+def _stage(progress: ProgressFn | None, label: str) -> ProgressFn | None:
+    if progress is None:
+        return None
+    return lambda done, total, what: progress(done, total, f"{label}: {what}")
