@@ -1,0 +1,122 @@
+"""Baselines on smollm2-135m under protocol wt2-512 (../shared/data/README.md).
+
+Rows: dense; magnitude, Wanda, SparseGPT at 50/60/70% and 2:4; Wanda 4:8; OWL-Wanda 60/70%.
+Every method runs block by block as its paper does (later blocks calibrated on pruned earlier
+ones). Per row: perplexity, calibration (prune) seconds, seconds to cut the same sparsity again
+from the run's artifact, peak resident memory of the process during the row.
+
+Also measured: one plain forward pass over the calibration tokens (the floor), a one-shot
+Wanda calibration over the same tokens, and the time to cut+apply a new sparsity from it.
+
+    python bench/baselines.py                       # the full protocol (slow on 2 CPU cores)
+    python bench/baselines.py --calib-windows 16 --eval-windows 16   # a quicker, labelled variant
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import PeakRSS, Timer, print_table, save, wt2_sources  # noqa: E402
+from core.data import calibration_set, evaluation_set  # noqa: E402
+from core.evaluate import perplexity  # noqa: E402
+from core.masks import DenseWeights, parse_pattern  # noqa: E402
+from core.models import load_model  # noqa: E402
+from core.pruning import calibrate, cut, prune_sequential  # noqa: E402
+
+ROWS = [(m, p, s) for m in ("magnitude", "wanda", "sparsegpt") for p, s in
+        (("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None))]
+ROWS += [("wanda", "4:8", None), ("owl", "unstructured", 0.6), ("owl", "unstructured", 0.7)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib-windows", type=int, default=64)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--only", default="", help="comma-separated methods to run (default: all rows)")
+    ap.add_argument("--name", default="baselines")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    calib_src, eval_src = wt2_sources()
+    protocol_name = ("wt2-512" if (args.calib_windows, args.eval_windows, args.seqlen) == (64, 64, 512)
+                     else f"wt2-{args.seqlen} with {args.calib_windows} calibration / {args.eval_windows} eval windows")
+    lm = load_model(args.model)
+    dense = DenseWeights(lm)
+    cw, cp = calibration_set(lm.tokenizer, calib_src, args.calib_windows, args.seqlen, seed=0)
+    ew, ep = evaluation_set(lm.tokenizer, eval_src, args.seqlen, args.eval_windows)
+    rows = []
+    with PeakRSS() as mem, Timer() as t:
+        ppl = perplexity(lm, ew, ep.as_dict()).value
+    rows.append({"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": ppl, "peak_gib": mem.gib})
+    print(f"dense ppl {ppl:.3f} ({t.seconds:.0f} s)", flush=True)
+
+    # The floor for calibration speed: one plain forward over the calibration tokens.
+    with Timer() as floor, torch.no_grad():
+        for start in range(0, cw.shape[0], 8):
+            lm.model.model(cw[start:start + 8], use_cache=False)
+    with PeakRSS() as mem, Timer() as oneshot:
+        artifact = calibrate(lm, "wanda", cw, cp.as_dict(), dense=dense)
+    cut(artifact, 0.5)  # ranks are computed once per artifact, on its first cut
+    with Timer() as recut:
+        dense.apply(cut(artifact, 0.6))
+    dense.restore()
+    timing = {"forward_floor_s": floor.seconds, "wanda_one_shot_calibration_s": oneshot.seconds,
+              "ratio_to_floor": oneshot.seconds / floor.seconds, "calibration_peak_gib": mem.gib,
+              "cut_and_apply_new_sparsity_s": recut.seconds}
+    print(timing, flush=True)
+    del artifact
+
+    only = set(filter(None, args.only.split(",")))
+    for method, pattern_text, sparsity in ROWS:
+        if only and method not in only:
+            continue
+        pattern = parse_pattern(pattern_text)
+        with PeakRSS() as mem, Timer() as t:
+            masks, artifact = prune_sequential(lm, method, cw, sparsity or 0.0, pattern, protocol=cp.as_dict(),
+                                               dense=dense)
+        with Timer() as c:
+            cut(artifact, sparsity or 0.0, pattern)
+        ppl = perplexity(lm, ew, ep.as_dict()).value
+        dense.restore()
+        row = {"method": method, "pattern": str(pattern), "sparsity": pattern.sparsity or sparsity,
+               "achieved": masks.total_sparsity(), "ppl": ppl, "calib_s": t.seconds, "cut_s": c.seconds,
+               "peak_gib": mem.gib}
+        rows.append(row)
+        print(row, flush=True)
+        del artifact, masks
+
+    print(f"\nProtocol: {protocol_name}; model {lm.model_id}; fp32 on {lm.device}; "
+          f"torch threads {torch.get_num_threads()}")
+    table = print_table(rows, [("method", "method", ""), ("pattern", "pattern", ""), ("sparsity", "target", ".2f"),
+                               ("achieved", "achieved", ".4f"), ("ppl", "ppl", ".3f"), ("calib_s", "calib s", ".1f"),
+                               ("cut_s", "re-cut s", ".2f"), ("peak_gib", "peak GiB", ".2f")])
+    path = save(args.name, {"protocol": protocol_name, "calibration": cp.as_dict(), "evaluation": ep.as_dict(),
+                            "model": lm.facts(), "timing": timing, "rows": rows}, table)
+    _plot(rows, path.with_suffix(".html"), protocol_name)
+    print(f"saved {path}")
+
+
+def _plot(rows: list[dict], path: Path, protocol: str) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for method in sorted({r["method"] for r in rows if r["method"] != "dense"}):
+        pts = sorted((r["sparsity"], r["ppl"]) for r in rows if r["method"] == method and r["pattern"] == "unstructured")
+        if pts:
+            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=method))
+    dense = [r["ppl"] for r in rows if r["method"] == "dense"]
+    if dense:
+        fig.add_hline(y=dense[0], line_dash="dot", annotation_text="dense")
+    fig.update_layout(title=f"Perplexity vs unstructured sparsity ({protocol})", xaxis_title="sparsity",
+                      yaxis_title="perplexity", yaxis_type="log")
+    fig.write_html(path, include_plotlyjs="cdn")
+
+
+if __name__ == "__main__":
+    main()
