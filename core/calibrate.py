@@ -10,6 +10,7 @@ The engine knows nothing about pruning methods: it gathers what it is asked for
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -72,6 +73,26 @@ def _accumulate(stats: LayerStats, x: torch.Tensor, kinds: frozenset) -> None:
         stats.xtx.addmm_(x.t(), x)
 
 
+_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions", "cache_position")
+
+
+def _as_keywords(block: nn.Module, hidden_states, args: tuple, kwargs: dict) -> dict:
+    """A block call's arguments after hidden_states, all as keywords (GPT-2 passes some by
+    position), without the KV cache: the engine replays blocks one at a time, with no cache."""
+    signature = inspect.signature(type(block).forward)
+    bound = signature.bind(block, hidden_states, *args, **kwargs).arguments
+    params = list(signature.parameters.values())
+    out = {}
+    for param in params[2:]:
+        if param.name not in bound:
+            continue
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(bound[param.name])
+        elif param.kind is not inspect.Parameter.VAR_POSITIONAL:
+            out[param.name] = bound[param.name]
+    return {k: v for k, v in out.items() if k not in _CACHE_ARGS}
+
+
 def _capture_inputs(lm: LoadedModel, windows: torch.Tensor, batch_size: int):
     """Block-0 inputs for all windows, and each block's keyword arguments per batch.
 
@@ -88,8 +109,7 @@ def _capture_inputs(lm: LoadedModel, windows: torch.Tensor, batch_size: int):
 
     def make_recorder(index: int, block: nn.Module):
         def recorder(hidden_states, *args, **kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache",
-                                                                 "layer_past", "output_attentions")}
+            kwargs = _as_keywords(block, hidden_states, args, kwargs)
             if index == 0:
                 hidden_batches.append(hidden_states)
             current.append(kwargs)
