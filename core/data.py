@@ -126,20 +126,22 @@ class WindowProtocol:
                 f"{self.n_tokens} tokens in the text")
 
 
-def _check_length(ids: torch.Tensor, seqlen: int, source: str) -> None:
+def _check_length(ids: torch.Tensor, seqlen: int, source: str, need: int | None = None) -> None:
+    """`need`: the fewest tokens that give one window (seqlen + 1 for random starts)."""
     if seqlen < 2:
         raise DataError(f"seqlen must be at least 2, not {seqlen}.")
-    if ids.numel() < seqlen + 2:
+    need = seqlen if need is None else need
+    if ids.numel() < need:
         raise DataError(
-            f"The text from {source!r} has {ids.numel()} tokens, shorter than one window of "
-            f"{seqlen}. Use a longer text or a smaller --seqlen."
+            f"The text from {source!r} has {ids.numel()} tokens, too few for one window of "
+            f"{seqlen} (it needs {need}). Use a longer text or a smaller --seqlen."
         )
 
 
 def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0,
                         source: str = "?") -> tuple[torch.Tensor, WindowProtocol]:
     """`n` windows of `seqlen` tokens at seeded random starts: (n, seqlen) int64."""
-    _check_length(ids, seqlen, source)
+    _check_length(ids, seqlen, source, need=seqlen + 1)  # randint(0, n_tokens - seqlen - 1)
     if n < 1:
         raise DataError(f"The number of calibration windows must be at least 1, not {n}.")
     rng = random.Random(seed)

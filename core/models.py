@@ -130,14 +130,17 @@ class LoadedModel:
 def fingerprint(model: nn.Module) -> str:
     """A short hash of the architecture and a sample of every weight.
 
-    Cheap (it reads the first 256 values of each tensor) yet tells apart two models with the
+    Cheap (it reads 1024 values spread over each tensor) yet tells apart two models with the
     same shapes but different weights, which is what a mask file must not be applied across.
     """
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        sample = tensor.detach().flatten()[:256].to(torch.float32).cpu()
+        flat = tensor.detach().flatten()
+        # 1024 values spread over the whole tensor: a change anywhere in a row or column shows.
+        index = torch.linspace(0, flat.numel() - 1, min(1024, flat.numel()), device=flat.device).long()
+        sample = flat[index].to(torch.float32).cpu()
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -290,12 +293,19 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError("CUDA was asked for but no GPU is visible; use --device cpu.")
     source, kwargs, config = load_config(spec)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    family = family_for_config(config)
+    # transformers maps some encoder models (bert, roberta) to a causal LM class too; their
+    # checkpoints name a non-causal architecture (BertForMaskedLM), which tells them apart.
+    architectures = getattr(config, "architectures", None) or []
+    if family is None and (
+        config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or getattr(config, "is_encoder_decoder", False)
+        or (architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures))
+    ):
         raise ModelLoadError(
             f"{spec!r} is a {config.model_type!r} model, which is not a causal (decoder-only) "
             f"language model. Supported families: {supported_summary()}."
         )
-    family = family_for_config(config)
     if family is None:
         raise ModelLoadError(
             f"{spec!r} is a {config.model_type!r} causal LM, a family this tool has no adapter for "

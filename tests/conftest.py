@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random models and a byte-level tokenizer (no downloads)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+_HERE = Path(__file__).resolve().parent
+for _p in (_HERE.parent, _HERE):  # the repo (for `core`) and tests/ (for `import tiny`)
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from tiny import FAMILY_NAMES, build_tiny, tiny_tokenizer as _tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return _tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    """Factory: tiny_model('llama') -> a fresh LoadedModel (seeded, so equal across calls)."""
+
+    def make(family: str, with_tokenizer: bool = False, seed: int = 0):
+        return build_tiny(family, tokenizer=tiny_tokenizer if with_tokenizer else None, seed=seed)
+
+    return make
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family_name(request):
+    return request.param
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """Make hub look-ups fail at once, as on a machine without internet (no retry wait).
+
+    huggingface_hub and datasets read the *_OFFLINE variables at import time, so the
+    module-level flags are patched as well as the environment.
+    """
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    try:
+        import datasets.config as ds_config
+    except ImportError:
+        return
+    monkeypatch.setattr(ds_config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(ds_config, "HF_DATASETS_OFFLINE", True, raising=False)
