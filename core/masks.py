@@ -180,10 +180,12 @@ class DenseWeights:
         """Set each weight to (updated or dense weight) * mask; untouched layers are restored."""
         for name, module in self.modules.items():
             view = self.lm.family.weight_view(module)
-            view.copy_(mask_set.weights.get(name, self.dense[name]))
+            source = mask_set.weights.get(name, self.dense[name])
             mask = mask_set.masks.get(name)
-            if mask is not None:
-                view.mul_(mask)
+            if mask is None:
+                view.copy_(source)
+            else:
+                torch.mul(source, mask, out=view)  # one pass: no copy-then-multiply
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -213,7 +215,10 @@ def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
     path = Path(path)
     tensors = {f"mask/{name}": mask.to(torch.uint8).contiguous() for name, mask in mask_set.masks.items()}
     tensors.update({f"weight/{name}": w.contiguous() for name, w in mask_set.weights.items()})
-    meta = {
+    # The mask set's own metadata first: the keys below describe this file and this model and
+    # must win over stale copies carried in by a mask set that was itself loaded from a file.
+    meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in mask_set.meta.items()}
+    meta.update({
         "format": "pruning-explorer-masks",
         "format_version": FORMAT_VERSION,
         "model_id": lm.model_id,
@@ -222,9 +227,7 @@ def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
         "layout": "canonical (d_out, d_in), True/1 = keep",
         "achieved_sparsity": f"{mask_set.total_sparsity():.6f}",
         "allocation": json.dumps({n: round(s, 6) for n, s in mask_set.sparsity_per_matrix().items()}),
-    }
-    for key, value in mask_set.meta.items():
-        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    })
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
