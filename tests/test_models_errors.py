@@ -150,3 +150,17 @@ def test_load_saved_tiny_llama_folder(tmp_path, tiny_tokenizer):
 
     half = load_model(str(tmp_path), dtype="bfloat16")
     assert half.facts()["dtype"] == "bfloat16"
+
+
+def test_model_too_big_for_memory_is_refused_before_loading(tmp_path, tiny_tokenizer, monkeypatch):
+    module = build_tiny_module("llama")
+    module.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    # Pretend the machine has 64 KiB free: the tiny model's weights alone need more.
+    monkeypatch.setattr(models, "_available_memory_bytes", lambda: 64 * 1024)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(tmp_path))
+    message = str(info.value)
+    assert "memory is free" in message and "smaller model" in message
+    monkeypatch.setattr(models, "_available_memory_bytes", lambda: 64 * 2**30)
+    assert load_model(str(tmp_path)).family.name == "llama"
