@@ -89,6 +89,7 @@ def main() -> None:
                "peak_gib": mem.gib}
         rows.append(row)
         print(row, flush=True)
+        save(args.name + ".partial", {"rows": rows, "timing": timing}, "")  # survive an interrupted run
         del artifact, masks
 
     print(f"\nProtocol: {protocol_name}; model {lm.model_id}; fp32 on {lm.device}; "

@@ -193,8 +193,10 @@ def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tenso
 
     start = time.perf_counter()
     try:
-        run_layerwise(lm, windows, method.stats or frozenset(), on_block, batch_size,
-                      _stage(progress, "pruning"), should_stop)
+        if method.stats:
+            run_layerwise(lm, windows, method.stats, on_block, batch_size, _stage(progress, "pruning"), should_stop)
+        else:  # data-free (magnitude): no forward pass can change the masks
+            _prune_data_free(lm, block_of, on_block, progress)
     except BaseException:
         dense.restore()
         raise
@@ -202,6 +204,15 @@ def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tenso
     meta = {"method": method.name, "params": params, "pattern": str(pattern),
             "target_sparsity": f"{sparsity:.6f}", "calibration": artifact.protocol, "skipped_layers": skipped}
     return MaskSet(masks=masks, weights=weights, meta=meta), artifact
+
+
+def _prune_data_free(lm: LoadedModel, block_of: dict[str, int], on_block, progress) -> None:
+    blocks = lm.blocks
+    for index, block in enumerate(blocks):
+        linears = {name: module for name, module in lm.prunable().items() if block_of[name] == index}
+        on_block(BlockContext(index, block, linears, {}, None))
+        if progress:
+            progress(index + 1, len(blocks), f"block {index + 1}/{len(blocks)}")
 
 
 def _stage(progress: ProgressFn | None, label: str) -> ProgressFn | None:
