@@ -1,0 +1,589 @@
+"""The Gradio explorer: load a model, calibrate once, slide the sparsity, compare, export.
+
+`build_app(model=...)` builds a Blocks app; nothing is loaded until a session asks (the page's
+load event, or the first handler that needs a model). Every handler has an api_name, so the
+whole app can be driven by gradio_client (the tests do).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from core.data import DEFAULT_SOURCE, calibration_set, evaluation_set
+from core.errors import Cancelled, PruneError
+from core.evaluate import GenerationSettings, perplexity, stream_generate
+from core.export import export_pruned_model
+from core.masks import allocation_table, load_masks, parse_pattern, save_masks
+from core.methods import all_methods, get_method
+from core.models import BUNDLED, DEFAULT_MODEL
+from core.pruning import calibrate, cut
+
+from . import figures
+from .state import MODEL_LOCK, ModelEntry, Session, get_model
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+PATTERNS = ["unstructured", "2:4", "4:8"]
+HEAVY = "heavy"  # one concurrency slot shared by every job that runs the model
+
+HOW_TO_READ = """
+**Allocation chart**: one group of bars per transformer block, one bar per matrix type
+(q, k, v, o attention projections; gate, up, down MLP projections). The height is the fraction
+of that matrix's weights pruned. The dashed line is the target sparsity; methods such as OWL give
+some blocks more and others less while keeping the total on target.
+
+**Saliency heatmap**: the importance score of every weight of one matrix (rows = outputs,
+columns = inputs), on a log scale. Big matrices are shrunk to at most 256x256 by *max* pooling,
+so a bright pixel means at least one important weight in that tile. The second panel is the mask:
+the fraction of weights kept in each tile (white = all pruned).
+
+**Score histogram**: how the scores spread. Red weights are pruned, blue kept; the dashed line is
+the largest pruned score. Row-wise methods (Wanda, RIA) cut each output row separately, so the
+red and blue overlap a little.
+
+**Compare**: the same prompt, settings and seed on the dense and the pruned model. Greedy
+decoding makes the two directly comparable. Perplexity is exp(mean next-token loss) over the
+evaluation windows named beside it: lower is better; compare only numbers with the same protocol.
+"""
+
+
+# ---------------------------------------------------------------- helpers
+
+def _fail(exc: BaseException) -> gr.Error:
+    """A user-facing error for anything a handler could not do."""
+    if isinstance(exc, (PruneError, ValueError)):
+        return gr.Error(str(exc))
+    return gr.Error(f"{type(exc).__name__}: {exc}")
+
+
+def _progress_fn(progress: gr.Progress | None, label: str = ""):
+    if progress is None:
+        return None
+
+    def report(done: int, total: int, what: str) -> None:
+        progress((done, total), desc=f"{label}{what}")
+
+    return report
+
+
+def _model(session: Session, default_spec: str) -> ModelEntry:
+    """The session's model; the first use loads the app's default."""
+    if session.model is None:
+        try:
+            session.model = get_model(default_spec)
+        except Exception as exc:
+            raise _fail(exc) from exc
+    return session.model
+
+
+def _example_prompts() -> list[str]:
+    path = ASSETS / "prompts.txt"
+    if not path.is_file():
+        return ["The Python programming language is", "def fibonacci(n):"]
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _method_choices() -> list[tuple[str, str]]:
+    return [(f"{m.title or m.name} ({m.name})", name) for name, m in all_methods().items()]
+
+
+def _pool_size() -> int:
+    return max([len(m.params) for m in all_methods().values()] + [1])
+
+
+def _param_updates(method_name: str, pool: int) -> list:
+    """Visibility, labels and defaults of the generic parameter widgets for a method."""
+    method = get_method(method_name)
+    updates = []
+    for i in range(pool):
+        p = method.params[i] if i < len(method.params) else None
+        label = f"{p.name}: {p.help}" if p else ""
+        num = gr.update(visible=bool(p and p.kind in ("float", "int")), label=label,
+                        value=p.default if p and p.kind in ("float", "int") else 0,
+                        minimum=p.low if p and p.kind in ("float", "int") else None,
+                        maximum=p.high if p and p.kind in ("float", "int") else None,
+                        precision=0 if p and p.kind == "int" else None)
+        choice = gr.update(visible=bool(p and p.kind == "choice"), label=label,
+                           choices=[str(c) for c in p.choices] if p and p.kind == "choice" else [""],
+                           value=str(p.default) if p and p.kind == "choice" else "")
+        flag = gr.update(visible=bool(p and p.kind == "bool"), label=label,
+                         value=bool(p.default) if p and p.kind == "bool" else False)
+        updates += [num, choice, flag]
+    return updates
+
+
+def _collect_params(method_name: str, pool_values: tuple, pool_for: str = "", params_json: str = "") -> dict:
+    """Parameter values: from the widgets when they show this method's schema, else the defaults;
+    `params_json` (API callers) overrides either."""
+    method = get_method(method_name)
+    params = {}
+    for i, p in enumerate(method.params if pool_for == method_name else ()):
+        num, choice, flag = pool_values[3 * i: 3 * i + 3]
+        value = num if p.kind in ("float", "int") else choice if p.kind == "choice" else flag
+        if value is None or value == "":
+            value = p.default
+        params[p.name] = value
+    if params_json and str(params_json).strip():
+        try:
+            extra = json.loads(params_json)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"Method parameters must be a JSON object such as {{\"alpha\": 0.5}}: {exc}") from None
+        if not isinstance(extra, dict):
+            raise ValueError("Method parameters must be a JSON object such as {\"alpha\": 0.5}.")
+        params.update(extra)
+    return params
+
+
+def _method_info(method_name: str) -> str:
+    m = get_method(method_name)
+    note = " Changing the sparsity re-solves every matrix (slow)." if m.updates_weights else ""
+    return f"**{m.title or m.name}**: {m.description} Patterns: {', '.join(m.patterns)}.{note}"
+
+
+# ---------------------------------------------------------------- views
+
+def _matrix_name(session: Session, rows: list[dict], block: int, mtype: str) -> str | None:
+    for r in rows:
+        if r["block"] == int(block) and r["type"] == mtype:
+            return r["name"]
+    return rows[0]["name"] if rows else None
+
+
+def _views(session: Session, block, mtype) -> tuple:
+    """(allocation, heatmap, histogram, summary) for the session's current masks."""
+    if session.masks is None or session.model is None:
+        empty = figures.empty_figure("Calibrate (or import a mask file) to see the masks.")
+        return empty, empty, empty, {}
+    rows = allocation_table(session.masks.masks, session.model.lm)
+    target = None
+    try:
+        target = float(session.masks.meta.get("target_sparsity"))
+    except (TypeError, ValueError):
+        pass
+    pattern = session.masks.meta.get("pattern", "")
+    method = session.masks.meta.get("method", "imported")
+    alloc = figures.allocation_figure(rows, target, f"{method}, {pattern}")
+    name = _matrix_name(session, rows, block or 0, mtype or "q")
+    mask = session.masks.masks.get(name) if name else None
+    scores = session.artifact.score(name) if session.artifact is not None and name else None
+    scope = "row"
+    if session.artifact is not None:
+        scope = session.artifact.params.get("scope", session.artifact.method_obj.scope)
+    heat = figures.saliency_figure(scores, mask, name or "?")
+    hist = figures.histogram_figure(scores, mask, name or "?", scope)
+    summ = figures.summary(rows)
+    summ.update(target=target, pattern=pattern, method=method)
+    return alloc, heat, hist, summ
+
+
+def _status(session: Session) -> str:
+    if session.masks is None:
+        return "No masks yet."
+    meta = session.masks.meta
+    took = meta.get("cut_seconds")
+    took = f" in {float(took) * 1000:.0f} ms" if took else ""
+    return (f"Masks: **{meta.get('method', 'imported')}**, pattern {meta.get('pattern', '?')}, "
+            f"achieved sparsity **{session.masks.total_sparsity():.1%}**{took}.")
+
+
+# ---------------------------------------------------------------- the app
+
+def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
+    """Build the explorer. `model` is the default model spec (bundled name, folder, .gguf, hub id)."""
+    default_spec = str(model)
+    methods = all_methods()
+    pool = _pool_size()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    model_choices = list(BUNDLED) + ([default_spec] if default_spec not in BUNDLED else [])
+
+    # ------------------------------------------------------------ handlers
+
+    def on_load_model(spec, dtype, device, session: Session):
+        spec = (spec or "").strip() or default_spec
+        try:
+            entry = get_model(spec, dtype or "float32", device or "cpu")
+        except Exception as exc:
+            raise _fail(exc) from exc
+        if session.model is not entry:
+            session.model = entry
+            session.reset_pruning()
+        lm = entry.lm
+        types = list(dict.fromkeys(lm.family.linears.values()))
+        empty = figures.empty_figure("Calibrate (or import a mask file) to see the masks.")
+        status = f"Loaded **{lm.model_id}** ({lm.family.name}, {len(lm.blocks)} blocks)."
+        return (lm.facts(), status, gr.update(maximum=max(len(lm.blocks) - 1, 0), value=0),
+                gr.update(choices=types, value=types[0]), empty, empty, empty, {})
+
+    def on_page_load(spec, dtype, device, session: Session):
+        if not autoload:
+            return (gr.skip(),) * 8
+        try:
+            return on_load_model(spec, dtype, device, session)
+        except gr.Error as exc:
+            gr.Warning(f"Could not load the default model: {exc.message}")
+            return (gr.skip(),) * 8
+
+    def on_method(method_name):
+        return [_method_info(method_name), method_name] + _param_updates(method_name, pool)
+
+    def on_calibrate(session: Session, method_name, source, windows, seqlen, sparsity, pattern, block, mtype,
+                     params_json, pool_for, *pool_values, progress=gr.Progress()):
+        entry = _model(session, default_spec)
+        lm = entry.lm
+        session.cancel.clear()
+        try:
+            params = _collect_params(method_name, pool_values, pool_for, params_json)
+            method = get_method(method_name)
+            progress(0, desc="tokenizing the calibration text")
+            data, protocol = calibration_set(lm.tokenizer, (source or DEFAULT_SOURCE).strip(),
+                                             int(windows), int(seqlen), seed=0)
+            with MODEL_LOCK:  # the forward passes need the weights dense
+                entry.dense.restore()
+                artifact = calibrate(lm, method, data, protocol.as_dict(), params, dense=entry.dense,
+                                     progress=_progress_fn(progress, "calibrating: "),
+                                     should_stop=session.cancel.is_set)
+            session.artifact = artifact
+            session.masks = None
+            pat = parse_pattern(pattern)
+            if pat.is_nm and "nm" not in method.patterns:
+                pattern = "unstructured"
+            session.masks = cut(artifact, float(sparsity), parse_pattern(pattern),
+                                skip_misfits=True, progress=_progress_fn(progress, "cutting: "),
+                                should_stop=session.cancel.is_set)
+            session.sparsity, session.pattern = float(sparsity), pattern
+        except Cancelled as exc:
+            gr.Warning(str(exc))
+            return (f"Cancelled: {exc}", *_views(session, block, mtype))
+        except Exception as exc:
+            raise _fail(exc) from exc
+        shown = ", ".join(f"{k}={v}" for k, v in artifact.params.items())
+        msg = (f"Calibrated **{method_name}**{f' ({shown})' if shown else ''} on {protocol.describe()} in {artifact.calibration_seconds:.1f} s. "
+               + _status(session))
+        return (msg, *_views(session, block, mtype))
+
+    def on_cut(session: Session, sparsity, pattern, block, mtype, progress=gr.Progress()):
+        if session.artifact is None:
+            if session.masks is not None:  # imported masks: nothing to re-cut from
+                return ("Imported masks cannot be re-cut; calibrate to use the slider.",
+                        *_views(session, block, mtype))
+            raise gr.Error("Nothing to cut yet: calibrate first (Calibration panel).")
+        session.cancel.clear()
+        try:
+            pat = parse_pattern(pattern)
+            if session.masks is None or (float(sparsity), str(pattern)) != (session.sparsity, session.pattern):
+                if session.artifact.method_obj.updates_weights:
+                    progress(0, desc=f"{session.artifact.method} re-solves every matrix: this takes a while")
+                session.masks = cut(session.artifact, float(sparsity), pat, skip_misfits=True,
+                                    progress=_progress_fn(progress, "re-solving: "),
+                                    should_stop=session.cancel.is_set)
+                session.sparsity, session.pattern = float(sparsity), str(pattern)
+        except Cancelled as exc:
+            gr.Warning(str(exc))
+        except Exception as exc:
+            raise _fail(exc) from exc
+        return (_status(session), *_views(session, block, mtype))
+
+    def on_view(session: Session, block, mtype):
+        _, heat, hist, _ = _views(session, block, mtype)
+        return heat, hist
+
+    def on_cancel(session: Session):
+        session.cancel.set()
+        return "Cancelling at the next block..."
+
+    def on_generate(session: Session, prompt, max_new_tokens, do_sample, temperature, seed, chat):
+        entry = _model(session, default_spec)
+        if session.masks is None:
+            raise gr.Error("No pruned model yet: calibrate (or import a mask file) before comparing.")
+        if not (prompt or "").strip():
+            raise gr.Error("Type a prompt first.")
+        settings = GenerationSettings(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
+                                      temperature=float(temperature), seed=int(seed))
+        masks = session.masks
+        texts, rates = {"dense": "", "pruned": ""}, {}
+        try:
+            for which in ("dense", "pruned"):
+                for text, tps in _locked_stream(entry, masks if which == "pruned" else None, prompt,
+                                                settings, bool(chat)):
+                    texts[which], rates[which] = text, tps
+                    yield texts["dense"], texts["pruned"], _rates_md(rates, masks)
+        except Exception as exc:
+            raise _fail(exc) from exc
+        yield texts["dense"], texts["pruned"], _rates_md(rates, masks)
+
+    def on_perplexity(session: Session, source, seqlen, max_windows, progress=gr.Progress()):
+        entry = _model(session, default_spec)
+        if session.masks is None:
+            raise gr.Error("No pruned model yet: calibrate (or import a mask file) first.")
+        session.cancel.clear()
+        try:
+            progress(0, desc="tokenizing the evaluation text")
+            windows, protocol = evaluation_set(entry.lm.tokenizer, (source or DEFAULT_SOURCE).strip(),
+                                               int(seqlen), int(max_windows))
+            results = {}
+            with MODEL_LOCK:
+                try:
+                    for which in ("dense", "pruned"):
+                        if which == "pruned":
+                            entry.dense.apply(session.masks)
+                        else:
+                            entry.dense.restore()
+                        results[which] = perplexity(entry.lm, windows, protocol.as_dict(),
+                                                    progress=_progress_fn(progress, f"{which} "),
+                                                    should_stop=session.cancel.is_set)
+                finally:
+                    entry.dense.restore()
+        except Exception as exc:
+            raise _fail(exc) from exc
+        d, p = results["dense"].value, results["pruned"].value
+        md = (f"| model | perplexity |\n|---|---|\n| dense | {d:.3f} |\n"
+              f"| pruned ({session.masks.total_sparsity():.1%} sparse) | {p:.3f} |\n\n"
+              f"Protocol: {protocol.describe()}; exp(mean window NLL), fp32 logits.")
+        return md, {"dense": d, "pruned": p, "protocol": results["pruned"].protocol}
+
+    def _need_masks(session: Session):
+        if session.masks is None or session.model is None:
+            raise gr.Error("Nothing to export yet: calibrate first (or import a mask file).")
+
+    def on_export_masks(session: Session):
+        _need_masks(session)
+        try:
+            path = session.tmpdir() / f"masks-{int(time.time())}.safetensors"
+            return str(save_masks(path, session.masks, session.model.lm))
+        except Exception as exc:
+            raise _fail(exc) from exc
+
+    def on_export_allocation(session: Session):
+        _need_masks(session)
+        rows = allocation_table(session.masks.masks, session.model.lm)
+        folder = session.tmpdir()
+        jpath, cpath = folder / "allocation.json", folder / "allocation.csv"
+        jpath.write_text(json.dumps({"meta": session.masks.meta, "total_sparsity": session.masks.total_sparsity(),
+                                     "matrices": rows}, indent=2, default=str))
+        with cpath.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["name"])
+            writer.writeheader()
+            writer.writerows(rows)
+        return [str(jpath), str(cpath)]
+
+    def on_export_model(session: Session, progress=gr.Progress()):
+        _need_masks(session)
+        entry = session.model
+        folder = session.tmpdir() / "pruned-model"
+        progress(0.1, desc="writing the pruned weights")
+        try:
+            with MODEL_LOCK:
+                try:
+                    entry.dense.apply(session.masks)
+                    export_pruned_model(entry.lm, folder, {"masks": session.masks.meta,
+                                                           "achieved_sparsity": session.masks.total_sparsity()})
+                finally:
+                    entry.dense.restore()
+            progress(0.7, desc="zipping")
+            archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        except Exception as exc:
+            raise _fail(exc) from exc
+        return archive
+
+    def on_import(session: Session, file, block, mtype):
+        entry = _model(session, default_spec)
+        if file is None:
+            raise gr.Error("Choose a mask file (.safetensors) to import.")
+        path = file if isinstance(file, str) else getattr(file, "name", str(file))
+        try:
+            masks = load_masks(path, entry.lm)
+        except Exception as exc:
+            raise _fail(exc) from exc
+        session.masks = masks
+        session.artifact = None  # the sliders re-cut from a calibration; an imported file has none
+        msg = f"Imported {Path(path).name}. " + _status(session)
+        return (msg, *_views(session, block, mtype))
+
+    # ------------------------------------------------------------ layout
+
+    with gr.Blocks(title="Pruning explorer") as demo:
+        session = gr.State(lambda: Session(), delete_callback=lambda s: s.cleanup())
+        gr.Markdown("# Pruning explorer\nCalibrate once, then slide the sparsity and watch what goes.")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                with gr.Accordion("Model", open=True):
+                    model_dd = gr.Dropdown(model_choices, value=default_spec, allow_custom_value=True,
+                                           label="Model", info="bundled name, local folder or .gguf, or hub id")
+                    with gr.Row():
+                        dtype_dd = gr.Dropdown(["float32", "bfloat16", "float16"], value="float32", label="dtype")
+                        device_dd = gr.Dropdown(devices, value="cpu", label="device")
+                    load_btn = gr.Button("Load", variant="secondary")
+                    facts = gr.JSON(label="Model facts")
+                with gr.Accordion("Calibration", open=True):
+                    first = next(iter(methods))
+                    method_dd = gr.Dropdown(_method_choices(), value="wanda" if "wanda" in methods else first,
+                                            label="Method")
+                    method_md = gr.Markdown(_method_info(method_dd.value), elem_classes="method-info")
+                    pool_widgets = []
+                    init = _param_updates(method_dd.value, pool)
+                    for i in range(pool):
+                        u_num, u_choice, u_flag = init[3 * i: 3 * i + 3]
+                        pool_widgets.append(gr.Number(**_kw(u_num)))
+                        pool_widgets.append(gr.Dropdown(**_kw(u_choice)))
+                        pool_widgets.append(gr.Checkbox(**_kw(u_flag)))
+                    pool_for = gr.Textbox(method_dd.value, visible=False)  # the method the widgets show
+                    params_tb = gr.Textbox("", visible=False)  # API: JSON of method parameters
+                    source_tb = gr.Textbox(DEFAULT_SOURCE, label="Calibration text",
+                                           info="python-docs (offline), wikitext2, c4, or a .txt/.jsonl/.json/.parquet path")
+                    with gr.Row():
+                        windows_nb = gr.Number(16, precision=0, minimum=1, maximum=1024, label="windows")
+                        seqlen_nb = gr.Number(256, precision=0, minimum=8, maximum=4096, label="seqlen")
+                    with gr.Row():
+                        calib_btn = gr.Button("Calibrate", variant="primary")
+                        cancel_btn = gr.Button("Cancel", variant="stop")
+            with gr.Column(scale=3):
+                status_md = gr.Markdown("Load a model, then calibrate.", elem_classes="status")
+                with gr.Tabs():
+                    with gr.Tab("Live view"):
+                        with gr.Row():
+                            sparsity_sl = gr.Slider(0.0, 0.95, value=0.5, step=0.01, label="Target sparsity")
+                            pattern_rd = gr.Radio(PATTERNS, value="unstructured", label="Pattern")
+                        alloc_plot = gr.Plot(label="Allocation")
+                        with gr.Row():
+                            block_sl = gr.Slider(0, 1, value=0, step=1, label="Block")
+                            mtype_dd = gr.Dropdown(["q", "k", "v", "o", "gate", "up", "down"], value="q",
+                                                   label="Matrix type")
+                        heat_plot = gr.Plot(label="Saliency and mask")
+                        hist_plot = gr.Plot(label="Scores")
+                        summary_js = gr.JSON(label="Cut summary")
+                    with gr.Tab("Compare"):
+                        prompt_tb = gr.Textbox(_example_prompts()[0], lines=3, label="Prompt")
+                        gr.Examples([[p] for p in _example_prompts()], inputs=[prompt_tb])
+                        with gr.Row():
+                            max_new_nb = gr.Number(48, precision=0, minimum=1, maximum=1024, label="max new tokens")
+                            sample_cb = gr.Checkbox(False, label="sample (else greedy)")
+                            temp_nb = gr.Number(0.8, minimum=0.05, maximum=2.0, label="temperature")
+                            seed_nb = gr.Number(0, precision=0, label="seed")
+                            chat_cb = gr.Checkbox(False, label="chat template")
+                        gen_btn = gr.Button("Generate", variant="primary")
+                        with gr.Row():
+                            dense_out = gr.Textbox(label="Dense", lines=8, interactive=False)
+                            pruned_out = gr.Textbox(label="Pruned", lines=8, interactive=False)
+                        rates_md = gr.Markdown()
+                        with gr.Row():
+                            eval_src_tb = gr.Textbox(DEFAULT_SOURCE, label="Evaluation text")
+                            eval_seqlen_nb = gr.Number(256, precision=0, minimum=8, label="seqlen")
+                            eval_windows_nb = gr.Number(8, precision=0, minimum=1, label="max windows")
+                        ppl_btn = gr.Button("Perplexity: dense vs pruned")
+                        ppl_md = gr.Markdown()
+                        ppl_js = gr.JSON(label="Perplexity", visible=False)
+                    with gr.Tab("Export"):
+                        with gr.Row():
+                            exp_masks_btn = gr.Button("Mask file (.safetensors)")
+                            exp_alloc_btn = gr.Button("Allocation (JSON + CSV)")
+                            exp_model_btn = gr.Button("Pruned model (.zip)")
+                        masks_file = gr.File(label="Masks", interactive=False)
+                        alloc_files = gr.File(label="Allocation", file_count="multiple", interactive=False)
+                        model_file = gr.File(label="Pruned model", interactive=False)
+                        gr.Markdown("**Re-import** a mask file made for the loaded model:")
+                        import_file = gr.File(label="Mask file to import", file_types=[".safetensors"],
+                                              type="filepath")
+                        import_btn = gr.Button("Import masks")
+                with gr.Accordion("How to read this", open=False):
+                    gr.Markdown(HOW_TO_READ)
+
+        # ------------------------------------------------------------ wiring
+        views = [alloc_plot, heat_plot, hist_plot, summary_js]
+        model_outputs = [facts, status_md, block_sl, mtype_dd, *views]
+        load_btn.click(on_load_model, [model_dd, dtype_dd, device_dd, session], model_outputs,
+                       api_name="load_model", concurrency_id=HEAVY)
+        demo.load(on_page_load, [model_dd, dtype_dd, device_dd, session], model_outputs,
+                  api_name="page_load", api_visibility="undocumented", concurrency_id=HEAVY)
+        method_dd.change(on_method, [method_dd], [method_md, pool_for, *pool_widgets], api_name="method",
+                         api_visibility="undocumented",
+                         queue=False)
+        calib_btn.click(on_calibrate, [session, method_dd, source_tb, windows_nb, seqlen_nb, sparsity_sl,
+                                       pattern_rd, block_sl, mtype_dd, params_tb, pool_for, *pool_widgets],
+                        [status_md, *views], api_name="calibrate", concurrency_id=HEAVY)
+        cancel_btn.click(on_cancel, [session], [status_md], api_name="cancel", concurrency_limit=None,
+                         concurrency_id="cancel")
+        cut_inputs = [session, sparsity_sl, pattern_rd, block_sl, mtype_dd]
+        sparsity_sl.release(on_cut, cut_inputs, [status_md, *views], api_name="cut", trigger_mode="always_last",
+                            concurrency_limit=4, concurrency_id="cut", show_progress="minimal")
+        pattern_rd.input(on_cut, cut_inputs, [status_md, *views], api_name="pattern", api_visibility="undocumented",
+                         trigger_mode="always_last", concurrency_limit=4, concurrency_id="cut")
+        gr.on([block_sl.release, mtype_dd.input], on_view, [session, block_sl, mtype_dd], [heat_plot, hist_plot],
+              api_name="view", trigger_mode="always_last", concurrency_limit=4, concurrency_id="cut",
+              show_progress="minimal")
+        gen_btn.click(on_generate, [session, prompt_tb, max_new_nb, sample_cb, temp_nb, seed_nb, chat_cb],
+                      [dense_out, pruned_out, rates_md], api_name="generate", concurrency_id=HEAVY)
+        ppl_btn.click(on_perplexity, [session, eval_src_tb, eval_seqlen_nb, eval_windows_nb], [ppl_md, ppl_js],
+                      api_name="perplexity", concurrency_id=HEAVY)
+        exp_masks_btn.click(on_export_masks, [session], [masks_file], api_name="export_masks")
+        exp_alloc_btn.click(on_export_allocation, [session], [alloc_files], api_name="export_allocation")
+        exp_model_btn.click(on_export_model, [session], [model_file], api_name="export_model",
+                            concurrency_id=HEAVY)
+        import_btn.click(on_import, [session, import_file, block_sl, mtype_dd], [status_md, *views],
+                         api_name="import_masks", concurrency_id=HEAVY)
+    return demo
+
+
+def _kw(update: dict) -> dict:
+    """Constructor kwargs from a gr.update dict."""
+    return {k: v for k, v in update.items() if k != "__type__"}
+
+
+def _locked_stream(entry: ModelEntry, masks, prompt: str, settings: GenerationSettings, chat: bool):
+    """Stream a generation with `masks` applied (None: dense) under MODEL_LOCK.
+
+    A worker thread owns the lock from apply to restore, so the weights are always put back
+    and the lock released even if the browser goes away mid-stream and this generator is
+    never resumed."""
+    chunks: queue.Queue = queue.Queue()
+
+    def work():
+        with MODEL_LOCK:
+            try:
+                if masks is not None:
+                    entry.dense.apply(masks)
+                else:
+                    entry.dense.restore()
+                for item in stream_generate(entry.lm, prompt, settings, chat=chat):
+                    chunks.put(("chunk", item))
+            except BaseException as exc:  # re-raised in the consumer
+                chunks.put(("error", exc))
+            finally:
+                entry.dense.restore()
+                chunks.put(("done", None))
+
+    threading.Thread(target=work, daemon=True, name="explorer-generate").start()
+    while True:
+        kind, item = chunks.get()
+        if kind == "chunk":
+            yield item
+        elif kind == "error":
+            raise item
+        else:
+            return
+
+
+def _rates_md(rates: dict, masks) -> str:
+    parts = [f"{k}: {v:.1f} tokens/s" for k, v in rates.items()]
+    return " | ".join(parts) + f" | pruned at {masks.total_sparsity():.1%} sparsity, same settings and seed"
+
+
+def theme() -> gr.themes.Theme:
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
+
+
+def css() -> str:
+    path = ASSETS / "style.css"
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+
+def launch_kwargs() -> dict:
+    """What launch() needs for the look (gradio 6 takes theme and css at launch)."""
+    return {"theme": theme(), "css": css()}

@@ -1,0 +1,226 @@
+"""The explorer app, driven end to end through gradio_client against a real running server.
+
+A tiny random Llama (2 blocks, hidden 64) saved to a temp folder stands in for the real model,
+so the whole file runs in well under two minutes on a CPU.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+gr = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from core.masks import load_masks  # noqa: E402
+from core.models import load_model  # noqa: E402
+from explorer import figures  # noqa: E402
+from tiny import build_tiny_module, tiny_tokenizer  # noqa: E402  (tests/ is on sys.path: conftest)
+
+CALIB = dict(method_name="wanda", windows=4, seqlen=32)
+GEN = dict(prompt="The quick brown fox", max_new_tokens=12)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_module("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_dir):
+    from explorer.app import build_app
+
+    demo = build_app(model=str(tiny_dir))
+    demo.queue(default_concurrency_limit=1)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def _client(url: str) -> Client:
+    return Client(url, verbose=False, download_files=False)
+
+
+def _calibrated(url: str, tiny_dir, sparsity: float = 0.5) -> Client:
+    client = _client(url)
+    client.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")
+    client.predict(**CALIB, sparsity=sparsity, api_name="/calibrate")
+    return client
+
+
+def _cut(client: Client, sparsity: float, pattern: str = "unstructured") -> dict:
+    status, _alloc, _heat, _hist, summary = client.predict(sparsity=sparsity, pattern=pattern, api_name="/cut")
+    return summary
+
+
+def _path(file_value) -> str:
+    return file_value["path"] if isinstance(file_value, dict) else file_value
+
+
+# ---------------------------------------------------------------- pure figure functions
+
+def test_figures_are_pure_and_downsample():
+    import torch
+
+    scores = torch.rand(600, 300)
+    mask = scores > 0.5
+    fig = figures.saliency_figure(scores, mask, "m")
+    assert "downsampled to 256x256" in fig.layout.title.text
+    assert all(max(len(t.z), len(t.z[0])) <= 256 for t in fig.data)
+    rows = [{"block": b, "type": t, "params": 100, "pruned": 30 + b, "sparsity": (30 + b) / 100, "name": f"{b}{t}"}
+            for b in range(3) for t in ("q", "down")]
+    alloc = figures.allocation_figure(rows, 0.3)
+    assert [tr.name for tr in alloc.data] == ["q", "down"]
+    assert "total 31.0%" in alloc.layout.title.text
+    hist = figures.histogram_figure(scores, mask, "m")
+    assert len(hist.data) == 2
+
+
+# ---------------------------------------------------------------- the running app
+
+def test_no_model_loaded_at_import():
+    from explorer.state import cached_keys
+
+    import explorer  # noqa: F401  (builds `demo`)
+
+    assert isinstance(explorer.demo, gr.Blocks)
+    assert all(key[0] != "smollm2-135m" for key in cached_keys())
+
+
+def test_full_flow(app_url, tiny_dir, tmp_path):
+    client = _client(app_url)
+    # export before calibrating: a clear message, not a crash
+    with pytest.raises(AppError, match="calibrate"):
+        client.predict(api_name="/export_masks")
+
+    facts = client.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")[0]
+    assert facts["layers"] == 2 and facts["family"] == "llama"
+    status, *_views, summary = client.predict(**CALIB, sparsity=0.5, api_name="/calibrate")
+    assert "Calibrated" in status and abs(summary["total_sparsity"] - 0.5) < 0.02
+
+    low, high = _cut(client, 0.3), _cut(client, 0.6)
+    assert abs(low["total_sparsity"] - 0.3) < 0.02 and abs(high["total_sparsity"] - 0.6) < 0.02
+    assert low["per_type"] != high["per_type"]
+    nm = _cut(client, 0.6, "2:4")
+    assert abs(nm["total_sparsity"] - 0.5) < 1e-6 and nm["pattern"] == "2:4"
+    _cut(client, 0.6)
+
+    heat, hist = client.predict(block=1, mtype="down", api_name="/view")
+    assert heat is not None and hist is not None
+
+    dense, pruned, rates = client.predict(**GEN, api_name="/generate")
+    assert dense and pruned and "tokens/s" in rates
+
+    md, ppl = client.predict(source="python-docs", seqlen=32, max_windows=2, api_name="/perplexity")
+    assert ppl["dense"] > 0 and ppl["pruned"] > 0 and "Protocol" in md
+
+    mask_path = _path(client.predict(api_name="/export_masks"))
+    assert os.path.isfile(mask_path)
+    lm = load_model(str(tiny_dir))
+    loaded = load_masks(mask_path, lm)
+    assert abs(loaded.total_sparsity() - 0.6) < 0.02
+
+    json_file, csv_file = (_path(f) for f in client.predict(api_name="/export_allocation"))
+    assert json_file.endswith(".json") and csv_file.endswith(".csv") and os.path.getsize(csv_file) > 0
+
+    archive = _path(client.predict(api_name="/export_model"))
+    assert archive.endswith(".zip") and os.path.getsize(archive) > 0
+
+    # re-import the exported masks into a fresh session
+    other = _client(app_url)
+    other.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")
+    status, *_views, summary = other.predict(file=handle_file(mask_path), api_name="/import_masks")
+    assert "Imported" in status and abs(summary["total_sparsity"] - 0.6) < 0.02
+    dense2, pruned2, _ = other.predict(**GEN, api_name="/generate")
+    assert (dense2, pruned2) == (dense, pruned)
+
+    # a file that is not a mask file is refused clearly
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(AppError, match="not a readable safetensors mask file"):
+        other.predict(file=handle_file(str(junk)), api_name="/import_masks")
+
+
+def test_sessions_do_not_see_each_others_masks(app_url, tiny_dir):
+    a = _calibrated(app_url, tiny_dir, 0.3)
+    b = _calibrated(app_url, tiny_dir, 0.9)
+    # what each should produce, measured alone
+    solo_a = a.predict(**GEN, api_name="/generate")
+    solo_b = b.predict(**GEN, api_name="/generate")
+    assert solo_a[0] == solo_b[0]  # same dense model
+    assert solo_a[1] != solo_b[1]  # different masks, different pruned text
+    results = {}
+
+    def run(name, client):
+        results[name] = [client.predict(**GEN, api_name="/generate") for _ in range(2)]
+
+    threads = [threading.Thread(target=run, args=("a", a)), threading.Thread(target=run, args=("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r[:2] == solo_a[:2] for r in results["a"])
+    assert all(r[:2] == solo_b[:2] for r in results["b"])
+    # and the slider of one session leaves the other's masks alone
+    assert abs(_cut(a, 0.3)["total_sparsity"] - 0.3) < 0.02
+    assert abs(_cut(b, 0.9)["total_sparsity"] - 0.9) < 0.02
+
+
+def test_bad_model_id_is_clear_and_app_keeps_working(app_url, tiny_dir, tmp_path):
+    client = _client(app_url)
+    with pytest.raises(AppError, match="config.json|No model folder"):
+        client.predict(str(tmp_path / "nowhere" / "model"), "float32", "cpu", api_name="/load_model")
+    with pytest.raises(AppError, match="config.json"):
+        client.predict(str(tmp_path), "float32", "cpu", api_name="/load_model")
+    facts = client.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")[0]
+    assert facts["layers"] == 2
+
+
+def test_slider_before_calibration_is_clear(app_url, tiny_dir):
+    client = _client(app_url)
+    client.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")
+    with pytest.raises(AppError, match="calibrate first"):
+        _cut(client, 0.4)
+    with pytest.raises(AppError, match="calibrate"):
+        client.predict(**GEN, api_name="/generate")
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "owl", "ria", "magnitude"])
+def test_every_method_calibrates_and_cuts(app_url, tiny_dir, method):
+    client = _client(app_url)
+    client.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")
+    params = '{"alpha": 1.0, "scope": "matrix"}' if method == "ria" else ""
+    status, *_views, summary = client.predict(**{**CALIB, "method_name": method}, sparsity=0.5,
+                                              params_json=params, api_name="/calibrate")
+    assert abs(summary["total_sparsity"] - 0.5) < 0.03, status
+    assert abs(_cut(client, 0.7)["total_sparsity"] - 0.7) < 0.03
+    if method == "ria":
+        assert "alpha=1.0, scope=matrix" in status
+    if method != "owl":  # OWL is unstructured only
+        assert abs(_cut(client, 0.7, "4:8")["total_sparsity"] - 0.5) < 1e-6
+
+
+def test_ui_only_events(app_url, tiny_dir):
+    client = _client(app_url)
+    # undocumented endpoints take every input positionally: the page sends the dropdowns' values
+    facts = client.predict(str(tiny_dir), "float32", "cpu", api_name="/page_load")[0]  # the page's load event loads the default model
+    assert facts["layers"] == 2
+    for method in ("ria", "sparsegpt", "owl", "magnitude", "wanda"):
+        info, pool_for, *_widgets = client.predict(method, api_name="/method")
+        assert pool_for == method and method in info.lower()
