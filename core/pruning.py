@@ -196,7 +196,7 @@ def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tenso
         if method.stats:
             run_layerwise(lm, windows, method.stats, on_block, batch_size, _stage(progress, "pruning"), should_stop)
         else:  # data-free (magnitude): no forward pass can change the masks
-            _prune_data_free(lm, block_of, on_block, progress)
+            _prune_data_free(lm, block_of, on_block, progress, should_stop)
     except BaseException:
         dense.restore()
         raise
@@ -206,9 +206,12 @@ def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tenso
     return MaskSet(masks=masks, weights=weights, meta=meta), artifact
 
 
-def _prune_data_free(lm: LoadedModel, block_of: dict[str, int], on_block, progress) -> None:
+def _prune_data_free(lm: LoadedModel, block_of: dict[str, int], on_block, progress, should_stop=None) -> None:
     blocks = lm.blocks
     for index, block in enumerate(blocks):
+        if should_stop is not None and should_stop():  # same contract as run_layerwise
+            from .errors import Cancelled
+            raise Cancelled(f"Cancelled before block {index} of {len(blocks)}.")
         linears = {name: module for name, module in lm.prunable().items() if block_of[name] == index}
         on_block(BlockContext(index, block, linears, {}, None))
         if progress:

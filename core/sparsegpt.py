@@ -15,7 +15,8 @@ def sparsegpt_prune(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, spar
     are walked in blocks; the mask of each block is chosen by w^2 / [H^-1]_jj^2 (per group of M
     for N:M) and each pruned column's error is spread over the later columns.
     """
-    W = weight.detach().clone().float()
+    # contiguous: GPT-2's canonical view is a transpose, and the flat index below needs a plain layout
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     d_out, d_in = W.shape
     H = xtx.detach().clone().double() * (2.0 / max(n_tokens, 1))
     dead = torch.diag(H) == 0

@@ -1,0 +1,113 @@
+"""The command line, run as a user would: `python -m core ...` in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.methods import all_methods
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "core", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_methods_lists_every_method():
+    result = run_cli("methods")
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[0] for line in result.stdout.splitlines() if line and not line[0].isspace()]
+    assert sorted(listed) == sorted(all_methods())
+    for method in all_methods().values():
+        for param in method.params:
+            assert f"--param {param.name}=" in result.stdout
+
+
+def test_methods_json():
+    result = run_cli("methods", "--json")
+    assert result.returncode == 0, result.stderr
+    described = json.loads(result.stdout)
+    assert sorted(d["name"] for d in described) == sorted(all_methods())
+    by_name = {d["name"]: d for d in described}
+    assert by_name["sparsegpt"]["updates_weights"] is True
+    assert by_name["owl"]["patterns"] == ["unstructured"]
+
+
+@pytest.mark.parametrize("value", ["1.5", "abc"])
+def test_prune_bad_sparsity_exits_2(value):
+    result = run_cli("prune", f"--sparsity={value}", "--no-eval")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "error: Sparsity must" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Loading" not in result.stderr  # refused before any model is loaded
+
+
+@pytest.mark.parametrize("pattern, message", [("3:2", "0 < N < M"), ("2:4:8", "not understood")])
+def test_prune_bad_pattern_exits_2(pattern, message):
+    result = run_cli("prune", "--pattern", pattern, "--no-eval")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Loading" not in result.stderr
+
+
+def test_prune_missing_model_exits_2(tmp_path):
+    result = run_cli("prune", "--model", "./no/such", "--no-eval", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "error: No model folder or file at './no/such'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_method_is_an_argparse_error():
+    result = run_cli("prune", "--method", "nosuch")
+    assert result.returncode == 2
+    assert "invalid choice: 'nosuch'" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama with its byte tokenizer saved as a transformers folder."""
+    from tiny import build_tiny_module, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_module("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_prune_then_export_tiny_model(tiny_folder, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from core.masks import load_masks
+    from core.models import load_model
+
+    out = tmp_path / "run"
+    result = run_cli("prune", "--model", str(tiny_folder), "--method", "ria", "--pattern", "2:4",
+                     "--calib-windows", "4", "--seqlen", "32", "--eval-windows", "2", "--eval-dense",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["achieved_sparsity"] == 0.5 and summary["pattern"] == "2:4"
+    assert summary["ppl"] > 0 and summary["dense_ppl"] > 0 and summary["ppl"] != summary["dense_ppl"]
+    lm = load_model(str(tiny_folder))
+    masks = load_masks(out / "masks.safetensors", lm)
+    assert masks.meta["method"] == "ria" and masks.total_sparsity() == 0.5
+
+    result = run_cli("export", "--model", str(tiny_folder), "--masks", str(out / "masks.safetensors"),
+                     "--out", str(tmp_path / "model"))
+    assert result.returncode == 0, result.stderr
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    modules = dict(exported.named_modules())
+    for name, mask in masks.masks.items():
+        w = modules[name].weight.data
+        assert torch.equal(w == 0, ~mask), name  # zero exactly where pruned
+    assert json.loads((tmp_path / "model" / "PRUNING.json").read_text())["source_fingerprint"] == lm.fingerprint
