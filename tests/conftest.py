@@ -21,6 +21,17 @@ def tiny_tokenizer():
     return _tiny_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny Llama with its byte tokenizer saved as a transformers folder; tests only read it."""
+    from tiny import build_tiny_module
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_module("llama").save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_model(tiny_tokenizer):
     """Factory: tiny_model('llama') -> a fresh LoadedModel (seeded, so equal across calls)."""

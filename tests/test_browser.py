@@ -31,7 +31,6 @@ except ImportError:
                 allow_module_level=True)
 pytest.importorskip("gradio")
 
-from tiny import build_tiny_module, tiny_tokenizer  # noqa: E402  (tests/ is on sys.path: conftest)
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update"]
@@ -51,14 +50,6 @@ def artifacts() -> Path:
     folder = Path(os.environ.get("BROWSER_ARTIFACTS") or REPO / "tests" / "artifacts" / "browser")
     folder.mkdir(parents=True, exist_ok=True)
     print(f"\nbrowser screenshots in {folder}")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_module("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -101,7 +92,7 @@ def _wait_achieved(page, target: float, tol: float = 0.02) -> float:
     return _achieved(page)
 
 
-def test_browser_flow(app_url, tiny_dir, artifacts):
+def test_browser_flow(app_url, tiny_llama_dir, artifacts):
     shots = iter(range(1, 100))
 
     def shot(page, name: str) -> None:
@@ -119,7 +110,7 @@ def test_browser_flow(app_url, tiny_dir, artifacts):
             # pick the model: type the folder into the chooser (custom values allowed), then Load
             chooser = page.get_by_label("Model", exact=True)
             chooser.click()
-            chooser.fill(str(tiny_dir))
+            chooser.fill(str(tiny_llama_dir))
             chooser.press("Enter")
             page.get_by_role("button", name="Load", exact=True).click()
             expect(page.locator(STATUS)).to_contain_text("Loaded", timeout=TIMEOUT_MS)

@@ -72,18 +72,7 @@ def test_unknown_method_is_an_argparse_error():
     assert "invalid choice: 'nosuch'" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny Llama with its byte tokenizer saved as a transformers folder."""
-    from tiny import build_tiny_module, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_module("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def test_prune_then_export_tiny_model(tiny_folder, tmp_path):
+def test_prune_then_export_tiny_model(tiny_llama_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -91,18 +80,18 @@ def test_prune_then_export_tiny_model(tiny_folder, tmp_path):
     from core.models import load_model
 
     out = tmp_path / "run"
-    result = run_cli("prune", "--model", str(tiny_folder), "--method", "ria", "--pattern", "2:4",
+    result = run_cli("prune", "--model", str(tiny_llama_dir), "--method", "ria", "--pattern", "2:4",
                      "--calib-windows", "4", "--seqlen", "32", "--eval-windows", "2", "--eval-dense",
                      "--out", str(out))
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "result.json").read_text())
     assert summary["achieved_sparsity"] == 0.5 and summary["pattern"] == "2:4"
     assert summary["ppl"] > 0 and summary["dense_ppl"] > 0 and summary["ppl"] != summary["dense_ppl"]
-    lm = load_model(str(tiny_folder))
+    lm = load_model(str(tiny_llama_dir))
     masks = load_masks(out / "masks.safetensors", lm)
     assert masks.meta["method"] == "ria" and masks.total_sparsity() == 0.5
 
-    result = run_cli("export", "--model", str(tiny_folder), "--masks", str(out / "masks.safetensors"),
+    result = run_cli("export", "--model", str(tiny_llama_dir), "--masks", str(out / "masks.safetensors"),
                      "--out", str(tmp_path / "model"))
     assert result.returncode == 0, result.stderr
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model")

@@ -21,7 +21,6 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from core.masks import load_masks  # noqa: E402
 from core.models import load_model  # noqa: E402
 from explorer import figures  # noqa: E402
-from tiny import build_tiny_module, tiny_tokenizer  # noqa: E402  (tests/ is on sys.path: conftest)
 
 CALIB = dict(method_name="wanda", windows=4, seqlen=32)
 GEN = dict(prompt="The quick brown fox", max_new_tokens=12)
@@ -34,18 +33,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_module("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def app_url(tiny_dir):
+def app_url(tiny_llama_dir):
     from explorer.app import build_app
 
-    demo = build_app(model=str(tiny_dir))
+    demo = build_app(model=str(tiny_llama_dir))
     demo.queue(default_concurrency_limit=1)
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -57,9 +48,9 @@ def _client(url: str) -> Client:
     return Client(url, verbose=False, download_files=False)
 
 
-def _calibrated(url: str, tiny_dir, sparsity: float = 0.5) -> Client:
+def _calibrated(url: str, tiny_llama_dir, sparsity: float = 0.5) -> Client:
     client = _client(url)
-    client.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")
+    client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/load_model")
     client.predict(**CALIB, sparsity=sparsity, api_name="/calibrate")
     return client
 
@@ -103,13 +94,13 @@ def test_no_model_loaded_at_import():
     assert all(key[0] != "smollm2-135m" for key in cached_keys())
 
 
-def test_full_flow(app_url, tiny_dir, tmp_path):
+def test_full_flow(app_url, tiny_llama_dir, tmp_path):
     client = _client(app_url)
     # export before calibrating: a clear message, not a crash
     with pytest.raises(AppError, match="calibrate"):
         client.predict(api_name="/export_masks")
 
-    facts = client.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")[0]
+    facts = client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/load_model")[0]
     assert facts["layers"] == 2 and facts["family"] == "llama"
     status, *_views, summary = client.predict(**CALIB, sparsity=0.5, api_name="/calibrate")
     assert "Calibrated" in status and abs(summary["total_sparsity"] - 0.5) < 0.02
@@ -132,7 +123,7 @@ def test_full_flow(app_url, tiny_dir, tmp_path):
 
     mask_path = _path(client.predict(api_name="/export_masks"))
     assert os.path.isfile(mask_path)
-    lm = load_model(str(tiny_dir))
+    lm = load_model(str(tiny_llama_dir))
     loaded = load_masks(mask_path, lm)
     assert abs(loaded.total_sparsity() - 0.6) < 0.02
 
@@ -144,7 +135,7 @@ def test_full_flow(app_url, tiny_dir, tmp_path):
 
     # re-import the exported masks into a fresh session
     other = _client(app_url)
-    other.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")
+    other.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/load_model")
     status, *_views, summary = other.predict(file=handle_file(mask_path), api_name="/import_masks")
     assert "Imported" in status and abs(summary["total_sparsity"] - 0.6) < 0.02
     dense2, pruned2, _ = other.predict(**GEN, api_name="/generate")
@@ -157,9 +148,9 @@ def test_full_flow(app_url, tiny_dir, tmp_path):
         other.predict(file=handle_file(str(junk)), api_name="/import_masks")
 
 
-def test_sessions_do_not_see_each_others_masks(app_url, tiny_dir):
-    a = _calibrated(app_url, tiny_dir, 0.3)
-    b = _calibrated(app_url, tiny_dir, 0.9)
+def test_sessions_do_not_see_each_others_masks(app_url, tiny_llama_dir):
+    a = _calibrated(app_url, tiny_llama_dir, 0.3)
+    b = _calibrated(app_url, tiny_llama_dir, 0.9)
     # what each should produce, measured alone
     solo_a = a.predict(**GEN, api_name="/generate")
     solo_b = b.predict(**GEN, api_name="/generate")
@@ -182,19 +173,19 @@ def test_sessions_do_not_see_each_others_masks(app_url, tiny_dir):
     assert abs(_cut(b, 0.9)["total_sparsity"] - 0.9) < 0.02
 
 
-def test_bad_model_id_is_clear_and_app_keeps_working(app_url, tiny_dir, tmp_path):
+def test_bad_model_id_is_clear_and_app_keeps_working(app_url, tiny_llama_dir, tmp_path):
     client = _client(app_url)
     with pytest.raises(AppError, match="config.json|No model folder"):
         client.predict(str(tmp_path / "nowhere" / "model"), "float32", "cpu", api_name="/load_model")
     with pytest.raises(AppError, match="config.json"):
         client.predict(str(tmp_path), "float32", "cpu", api_name="/load_model")
-    facts = client.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")[0]
+    facts = client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/load_model")[0]
     assert facts["layers"] == 2
 
 
-def test_slider_before_calibration_is_clear(app_url, tiny_dir):
+def test_slider_before_calibration_is_clear(app_url, tiny_llama_dir):
     client = _client(app_url)
-    client.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")
+    client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/load_model")
     with pytest.raises(AppError, match="calibrate first"):
         _cut(client, 0.4)
     with pytest.raises(AppError, match="calibrate"):
@@ -202,9 +193,9 @@ def test_slider_before_calibration_is_clear(app_url, tiny_dir):
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "owl", "ria", "magnitude"])
-def test_every_method_calibrates_and_cuts(app_url, tiny_dir, method):
+def test_every_method_calibrates_and_cuts(app_url, tiny_llama_dir, method):
     client = _client(app_url)
-    client.predict(str(tiny_dir), "float32", "cpu", api_name="/load_model")
+    client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/load_model")
     params = '{"alpha": 1.0, "scope": "matrix"}' if method == "ria" else ""
     status, *_views, summary = client.predict(**{**CALIB, "method_name": method}, sparsity=0.5,
                                               params_json=params, api_name="/calibrate")
@@ -216,10 +207,10 @@ def test_every_method_calibrates_and_cuts(app_url, tiny_dir, method):
         assert abs(_cut(client, 0.7, "4:8")["total_sparsity"] - 0.5) < 1e-6
 
 
-def test_ui_only_events(app_url, tiny_dir):
+def test_ui_only_events(app_url, tiny_llama_dir):
     client = _client(app_url)
     # undocumented endpoints take every input positionally: the page sends the dropdowns' values
-    facts = client.predict(str(tiny_dir), "float32", "cpu", api_name="/page_load")[0]  # the page's load event loads the default model
+    facts = client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/page_load")[0]  # the page's load event loads the default model
     assert facts["layers"] == 2
     for method in ("ria", "sparsegpt", "owl", "magnitude", "wanda"):
         info, pool_for, *_widgets = client.predict(method, api_name="/method")
