@@ -11,7 +11,7 @@ The engine knows nothing about pruning methods: it gathers what it is asked for
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -49,7 +49,6 @@ class BlockContext:
     linears: dict[str, nn.Module]  # full name -> module
     stats: dict[str, LayerStats]  # full name -> stats (modules sharing an input share the object)
     inputs: torch.Tensor  # (n_windows, seqlen, hidden): the block's inputs, read-only
-    run: Callable[[], torch.Tensor] = field(repr=False, default=None)  # re-run the block on inputs
 
 
 class _StopForward(Exception):
@@ -167,7 +166,6 @@ def run_layerwise(
     unknown = kinds - STAT_KINDS
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(STAT_KINDS)}")
-    model_dtype = next(lm.model.parameters()).dtype
     inputs, kwargs_per_batch, sizes = _capture_inputs(lm, windows, batch_size)
     outputs = torch.empty_like(inputs)
     blocks = lm.blocks
@@ -179,19 +177,15 @@ def run_layerwise(
                    for rel, module in lm.family.linear_modules(block).items()}
         layer_stats = _gather(block, linears, inputs, kwargs_per_batch, index, sizes, outputs, kinds)
 
-        def rerun(block=block, index=index):
-            return _run_block(block, inputs, kwargs_per_batch, index, sizes, torch.empty_like(inputs))
-
         changed = False
         if on_block is not None:
-            changed = on_block(BlockContext(index, block, linears, layer_stats, inputs, rerun))
+            changed = on_block(BlockContext(index, block, linears, layer_stats, inputs))
         if changed:
             _run_block(block, inputs, kwargs_per_batch, index, sizes, outputs)
         inputs, outputs = outputs, inputs
         if progress is not None:
             progress(index + 1, total, f"block {index + 1}/{total}")
     del inputs, outputs
-    assert model_dtype == next(lm.model.parameters()).dtype
 
 
 def _gather(block, linears, inputs, kwargs_per_batch, index, sizes, outputs, kinds) -> dict[str, LayerStats]:

@@ -94,10 +94,9 @@ def stream_generate(lm: LoadedModel, prompt: str, settings: GenerationSettings =
     thread = threading.Thread(target=work, daemon=True)
     start = time.perf_counter()
     thread.start()
-    text_so_far, n_chunks = "", 0
+    text_so_far = ""
     for chunk in streamer:
         text_so_far += chunk
-        n_chunks += 1
         n_tokens = len(tok(text_so_far, add_special_tokens=False).input_ids)
         yield text_so_far, n_tokens / max(time.perf_counter() - start, 1e-9)
     thread.join()

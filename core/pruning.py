@@ -208,11 +208,12 @@ def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tenso
 
 def _prune_data_free(lm: LoadedModel, block_of: dict[str, int], on_block, progress, should_stop=None) -> None:
     blocks = lm.blocks
+    prunable = lm.prunable()
     for index, block in enumerate(blocks):
         if should_stop is not None and should_stop():  # same contract as run_layerwise
             from .errors import Cancelled
             raise Cancelled(f"Cancelled before block {index} of {len(blocks)}.")
-        linears = {name: module for name, module in lm.prunable().items() if block_of[name] == index}
+        linears = {name: module for name, module in prunable.items() if block_of[name] == index}
         on_block(BlockContext(index, block, linears, {}, None))
         if progress:
             progress(index + 1, len(blocks), f"block {index + 1}/{len(blocks)}")
