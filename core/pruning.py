@@ -36,6 +36,7 @@ class Artifact:
     block_of: dict[str, int] = field(default_factory=dict)
     calibration_seconds: float = 0.0
     _ranks: dict = field(default_factory=dict, repr=False)
+    _profile: list | None = field(default=None, repr=False)
 
     @property
     def method_obj(self) -> Method:
@@ -47,11 +48,24 @@ class Artifact:
             self.scores[name] = self.method_obj.score(self.dense.dense[name], self.stats.get(name), self.params)
         return self.scores[name]
 
+    def set_scores(self, name: str, scores: torch.Tensor, scope: str) -> None:
+        """Store a matrix's scores and rank them now, during calibration, so that every later
+        unstructured cut is one comparison (~0.1 s for 135M weights instead of ~5 s of sorting)."""
+        self.scores[name] = scores
+        self._ranks[(name, scope)] = ascending_ranks(scores, scope)
+
     def ranks(self, name: str, scope: str) -> torch.Tensor:
         key = (name, scope)
         if key not in self._ranks:
             self._ranks[key] = ascending_ranks(self.score(name), scope)
         return self._ranks[key]
+
+    def block_profile(self) -> list[float]:
+        """The method's per-block allocation inputs (e.g. OWL outlier ratios), computed once."""
+        if self._profile is None:
+            groups = [[self.score(n) for n in names] for names in self.blocks()]
+            self._profile = self.method_obj.block_profile(groups, self.params)
+        return self._profile
 
     def blocks(self) -> list[list[str]]:
         n = max(self.block_of.values()) + 1
@@ -83,14 +97,14 @@ def calibrate(lm: LoadedModel, method: str | Method, windows: torch.Tensor, prot
             if method.updates_weights:
                 artifact.stats[name] = stats
             else:
-                artifact.scores[name] = method.score(dense.dense[name], stats, params)
+                artifact.set_scores(name, method.score(dense.dense[name], stats, params), _scope(method, params))
         return False
 
     if method.stats:
         run_layerwise(lm, windows, method.stats, on_block, batch_size, progress, should_stop)
     else:  # magnitude: no data needed
         for name in lm.prunable():
-            artifact.scores[name] = method.score(dense.dense[name], None, params)
+            artifact.set_scores(name, method.score(dense.dense[name], None, params), _scope(method, params))
         if progress:
             progress(1, 1, "scored")
     artifact.calibration_seconds = time.perf_counter() - start
@@ -111,11 +125,10 @@ def matrix_sparsities(artifact: Artifact, sparsity: float) -> dict[str, float]:
     """Target sparsity of every matrix (uniform, or per block where the method allocates)."""
     method = artifact.method_obj
     groups = artifact.blocks()
-    if type(method).block_sparsities is Method.block_sparsities:
+    if not method.allocates:
         per_block = [sparsity] * len(groups)
     else:
-        per_block = method.block_sparsities([[artifact.score(n) for n in names] for names in groups],
-                                            sparsity, artifact.params)
+        per_block = method.block_sparsities(artifact.block_profile(), sparsity, artifact.params)
     return {name: per_block[artifact.block_of[name]] for name in artifact.block_of}
 
 
@@ -186,8 +199,9 @@ def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tenso
                 view.copy_(weights[name])
             else:
                 scores = method.score(view, stats, params)
-                artifact.scores[name] = scores
-                masks[name] = cut_mask(scores, target, pattern, _scope(method, params))
+                artifact.set_scores(name, scores, _scope(method, params))
+                masks[name] = cut_mask(scores, target, pattern, _scope(method, params),
+                                       None if pattern.is_nm else artifact.ranks(name, _scope(method, params)))
                 view.mul_(masks[name])
         return True
 

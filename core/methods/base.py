@@ -70,9 +70,16 @@ class Method:
     def score(self, weight: torch.Tensor, stats: LayerStats | None, params: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def block_sparsities(self, block_scores: list[list[torch.Tensor]], target: float, params: dict) -> list[float]:
+    allocates: bool = False  # True: per-block sparsities come from block_profile + block_sparsities
+
+    def block_profile(self, block_scores: list[list[torch.Tensor]], params: dict) -> list[float]:
+        """What the allocation needs from each block's scores, independent of the target (so an
+        artifact computes it once and every cut reuses it)."""
+        return [0.0] * len(block_scores)
+
+    def block_sparsities(self, profile: list[float], target: float, params: dict) -> list[float]:
         """Sparsity of each block for an unstructured target; uniform unless a method says otherwise."""
-        return [target] * len(block_scores)
+        return [target] * len(profile)
 
     def solve(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern,
               params: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,10 +16,13 @@ class OWL(Method):
         Param("lam", "float", 0.08, "half-width of the per-block sparsity spread", 0.0, 0.5),
     )
     needs_dense_prepass = True
+    allocates = True
 
     def score(self, weight, stats, params):
         return wanda(weight, stats.mean_x2())
 
-    def block_sparsities(self, block_scores, target, params):
-        ratios = [outlier_ratio(scores, params["M"]) for scores in block_scores]
-        return owl_sparsities(ratios, target, params["lam"])
+    def block_profile(self, block_scores, params):
+        return [outlier_ratio(scores, params["M"]) for scores in block_scores]
+
+    def block_sparsities(self, profile, target, params):
+        return owl_sparsities(profile, target, params["lam"])
