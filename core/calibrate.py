@@ -20,7 +20,7 @@ from torch import nn
 from .errors import Cancelled
 from .models import LoadedModel
 
-STAT_KINDS = frozenset({"sum_x2", "sum_x", "xtx"})
+STAT_KINDS = frozenset({"sum_x2", "sum_x", "xtx", "window_x2"})
 
 
 @dataclass
@@ -31,9 +31,14 @@ class LayerStats:
     sum_x2: torch.Tensor | None = None  # (d_in,)
     sum_x: torch.Tensor | None = None  # (d_in,)
     xtx: torch.Tensor | None = None  # (d_in, d_in)
+    window_x2: list[torch.Tensor] | None = None  # per batch (windows, d_in): mean x^2 of each window
 
     def mean_x2(self) -> torch.Tensor:
         return self.sum_x2 / max(self.n_tokens, 1)
+
+    def window_mean_x2(self) -> torch.Tensor:
+        """(n_windows, d_in): each calibration window's own mean x^2 (for per-window methods)."""
+        return torch.cat(self.window_x2)
 
     def variance(self) -> torch.Tensor:
         mean = self.sum_x / max(self.n_tokens, 1)
@@ -56,6 +61,11 @@ class _StopForward(Exception):
 
 
 def _accumulate(stats: LayerStats, x: torch.Tensor, kinds: frozenset) -> None:
+    if "window_x2" in kinds:  # before flattening: x is (windows, tokens, d_in)
+        if stats.window_x2 is None:
+            stats.window_x2 = []
+        per_window = x.to(torch.float32).reshape(x.shape[0], -1, x.shape[-1])
+        stats.window_x2.append(per_window.pow(2).mean(dim=1))
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)
     if stats.sum_x2 is None:
         d = x.shape[1]

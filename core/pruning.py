@@ -37,6 +37,8 @@ class Artifact:
     calibration_seconds: float = 0.0
     _ranks: dict = field(default_factory=dict, repr=False)
     _profile: list | None = field(default=None, repr=False)
+    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # method-specific, per matrix
+    _sorted: dict = field(default_factory=dict, repr=False)
 
     @property
     def method_obj(self) -> Method:
@@ -52,7 +54,16 @@ class Artifact:
         """Store a matrix's scores and rank them now, during calibration, so that every later
         unstructured cut is one comparison (~0.1 s for 135M weights instead of ~5 s of sorting)."""
         self.scores[name] = scores
-        self._ranks[(name, scope)] = ascending_ranks(scores, scope)
+        if scope == "sorted":  # the method cuts by counts over sorted scores, not by ranks
+            self._sorted[name] = scores.reshape(-1).sort().values
+        else:
+            self._ranks[(name, scope)] = ascending_ranks(scores, scope)
+
+    def sorted_scores(self, name: str) -> torch.Tensor:
+        """A matrix's scores sorted ascending, flat (for cuts by count, e.g. a global budget)."""
+        if name not in self._sorted:
+            self._sorted[name] = self.score(name).reshape(-1).sort().values
+        return self._sorted[name]
 
     def ranks(self, name: str, scope: str) -> torch.Tensor:
         key = (name, scope)
@@ -97,7 +108,10 @@ def calibrate(lm: LoadedModel, method: str | Method, windows: torch.Tensor, prot
             if method.updates_weights:
                 artifact.stats[name] = stats
             else:
-                artifact.set_scores(name, method.score(dense.dense[name], stats, params), _scope(method, params))
+                kept = method.matrix_artifacts(dense.dense[name], stats, params)
+                artifact.set_scores(name, kept.pop("score"), _scope(method, params))
+                if kept:
+                    artifact.extras[name] = kept
         return False
 
     if method.stats:
@@ -138,9 +152,12 @@ def cut(artifact: Artifact, sparsity: float, pattern: Pattern = Pattern(), skip_
     method = artifact.method_obj
     sparsity, skipped = _validate(artifact.dense.shapes(), method, sparsity, pattern, skip_misfits)
     start = time.perf_counter()
-    targets = matrix_sparsities(artifact, sparsity) if not pattern.is_nm else {n: sparsity for n in artifact.block_of}
     masks, weights = {}, {}
     names = [n for n in artifact.block_of if n not in skipped]
+    own = method.cut_masks(artifact, sparsity, pattern, names)
+    if own is not None:
+        masks, names = own, []
+    targets = matrix_sparsities(artifact, sparsity) if names and not pattern.is_nm else {n: sparsity for n in names}
     for i, name in enumerate(names):
         if method.updates_weights:
             if should_stop is not None and should_stop():
@@ -175,6 +192,11 @@ def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tenso
     params = method.resolve_params(params)
     dense = dense or DenseWeights(lm)
     sparsity, skipped = _validate(dense.shapes(), method, sparsity, pattern, skip_misfits)
+    if not method.sequential:  # a global budget: every matrix's scores first, then one cut
+        artifact = calibrate(lm, method, windows, protocol, params, dense, batch_size, progress, should_stop)
+        masks = cut(artifact, sparsity, pattern, skip_misfits)
+        dense.apply(masks)
+        return masks, artifact
     block_of = _block_names(lm)
     per_block = None
     if method.needs_dense_prepass and not pattern.is_nm:

@@ -63,6 +63,11 @@ def test_calibrate_and_cut_unstructured(family, method, windows):
     # floor per row (or matrix) can only prune less, by under one weight per row
     achieved = masks.total_sparsity()
     assert 0.5 - 1 / min_width(lm) < achieved <= 0.5 + 1e-9, achieved
+    if not m.sequential:  # one global budget: exact to one weight in total, free per matrix
+        total = sum(mask.numel() for mask in masks.masks.values())
+        pruned = sum(int((~mask).sum()) for mask in masks.masks.values())
+        assert pruned == int(0.5 * total)
+        return
     for name, mask in masks.masks.items():
         d_out, d_in = mask.shape
         pruned = int((~mask).sum())
@@ -179,6 +184,9 @@ def test_sequential_block0_matches_one_shot(method, windows):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", METHODS)
 def test_cancel_mid_run_restores_dense(family, method, windows):
+    if not all_methods()[method].sequential:
+        pytest.skip("a global-budget method changes no weight before its single final cut; "
+                    "its cancellation is test_cancel_global_method_midway")
     lm = build_tiny(family)
     before = snapshot(lm)
     dense = DenseWeights(lm)
@@ -193,6 +201,21 @@ def test_cancel_mid_run_restores_dense(family, method, windows):
     with pytest.raises(Cancelled):
         prune_sequential(lm, method, windows, 0.5, dense=dense, batch_size=BATCH, should_stop=should_stop)
     assert calls["pruned"], "the run was not stopped midway"
+    assert_state_equal(lm, before)
+
+
+def test_cancel_global_method_midway(windows):
+    lm = build_tiny("llama")
+    before = snapshot(lm)
+    checks = {"n": 0}
+
+    def should_stop():  # let the first block calibrate, then stop
+        checks["n"] += 1
+        return checks["n"] > 1
+
+    with pytest.raises(Cancelled):
+        prune_sequential(lm, "unipruning", windows, 0.5, batch_size=BATCH, should_stop=should_stop)
+    assert checks["n"] == 2
     assert_state_equal(lm, before)
 
 

@@ -70,6 +70,8 @@ class Method:
     def score(self, weight: torch.Tensor, stats: LayerStats | None, params: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    sequential: bool = True  # False: masks need every matrix's scores first (a global budget), so
+    # "prune" calibrates once on the dense model and cuts, instead of pruning block by block
     allocates: bool = False  # True: per-block sparsities come from block_profile + block_sparsities
 
     def block_profile(self, block_scores: list[list[torch.Tensor]], params: dict) -> list[float]:
@@ -80,6 +82,15 @@ class Method:
     def block_sparsities(self, profile: list[float], target: float, params: dict) -> list[float]:
         """Sparsity of each block for an unstructured target; uniform unless a method says otherwise."""
         return [target] * len(profile)
+
+    def matrix_artifacts(self, weight: torch.Tensor, stats: LayerStats | None, params: dict) -> dict[str, torch.Tensor]:
+        """What calibration keeps for one matrix: its "score" (drawn as the heatmap, cut by
+        default) and any extra tensors a method's own cut needs."""
+        return {"score": self.score(weight, stats, params)}
+
+    def cut_masks(self, artifact, sparsity: float, pattern: Pattern, names: list[str]) -> dict[str, torch.Tensor] | None:
+        """A method's own cut from an artifact (e.g. one global budget); None: the generic cut."""
+        return None
 
     def solve(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern,
               params: dict) -> tuple[torch.Tensor, torch.Tensor]:

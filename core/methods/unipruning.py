@@ -1,0 +1,75 @@
+from ..masks import cut_from_ranks, cut_nm
+from ..unipruning import SALIENCIES, first_step_scores, keep_mask_from_count, mirror_descent, prune_counts
+from . import register
+from .base import Method, Param
+
+
+@register
+class UniPruning(Method):
+    name = "unipruning"
+    title = "UniPruning (mirror descent, one global budget)"
+    description = (
+        "Ding et al., 2025. Per matrix, a local saliency (stochRIA by default) is fed window by window "
+        "into mirror descent (linearised Bregman) that learns a sparse importance Gamma; no weight is "
+        "updated (frozen variant: dense model, one block in memory). One threshold over the "
+        "normalised Gamma of all matrices then spends a single sparsity budget, so the per-layer "
+        "allocation is an output of the method. Any sparsity or N:M is cut from one calibration.")
+    params = (
+        Param("saliency", "choice", "stochria", "local saliency fed to mirror descent", choices=SALIENCIES,
+              recalibrate=True),
+        Param("kappa", "float", 0.01, "mirror-descent step size", 1e-5, 1.0, recalibrate=True),
+        Param("lam", "float", 1e-3, "soft-threshold quantile of |z| per step", 0.0, 0.5, recalibrate=True),
+        Param("exponent", "float", 0.35, "activation exponent on mean x^2 (RIA, stochRIA)", 0.0, 2.0,
+              recalibrate=True),
+        Param("tau_fraction", "float", 0.2, "stochRIA subset size, as a fraction of min(d_out, d_in)", 0.01, 1.0,
+              recalibrate=True),
+        Param("seed", "int", 0, "seed of stochRIA's subsets and the quantile samples", 0, 2**31 - 1,
+              recalibrate=True),
+        Param("controller", "choice", "global", "global: one threshold over all matrices; matrix / row: the "
+              "released code's uniform cut per matrix or per row", choices=("global", "matrix", "row")),
+        Param("max_shift", "float", 1.0, "global controller: each matrix's sparsity stays within target +- "
+              "this (1 = unbounded)", 0.0, 1.0),
+        Param("nm_score", "choice", "gamma", "N:M: keep the top N by |Gamma|, or by earliest activation "
+              "(first step, ties by |Gamma|)", choices=("gamma", "first_step")),
+    )
+    stats = frozenset({"window_x2"})
+    scope = "sorted"  # calibration sorts each matrix's scores: cuts are then counts, never a sort
+    sequential = False
+
+    def score(self, weight, stats, params):
+        return self.matrix_artifacts(weight, stats, params)["score"]
+
+    def matrix_artifacts(self, weight, stats, params):
+        gamma, first = mirror_descent(weight.abs(), stats.window_mean_x2(), params["saliency"], params["kappa"],
+                                      params["lam"], params["exponent"], params["tau_fraction"], params["seed"])
+        magnitude = gamma.abs_()
+        mean = magnitude.mean()
+        score = magnitude.div_(mean) if mean > 0 else magnitude
+        return {"score": score, "first_step": first}
+
+    def cut_masks(self, artifact, sparsity, pattern, names):
+        params = artifact.params
+        if pattern.is_nm:
+            out = {}
+            for name in names:
+                scores = artifact.score(name)
+                if params["nm_score"] == "first_step":
+                    scores = first_step_scores(scores, artifact.extras[name]["first_step"])
+                out[name] = cut_nm(scores, pattern.n, pattern.m)
+            return out
+        if params["controller"] == "row":
+            return {name: cut_from_ranks(artifact.ranks(name, "row"), sparsity, "row") for name in names}
+        sorted_scores = {name: artifact.sorted_scores(name) for name in names}
+        if params["controller"] == "matrix":
+            counts = {name: int(sparsity * s.numel()) for name, s in sorted_scores.items()}
+        else:
+            total = sum(s.numel() for s in sorted_scores.values())
+            shift = params["max_shift"]
+            bounds = None
+            if shift < 1.0:
+                bounds = {name: (int(max(0.0, sparsity - shift) * s.numel()),
+                                 min(s.numel(), -int(-min(1.0, sparsity + shift) * s.numel())))
+                          for name, s in sorted_scores.items()}
+            counts = prune_counts(sorted_scores, int(sparsity * total), bounds)
+        return {name: keep_mask_from_count(artifact.score(name), sorted_scores[name], counts[name])
+                for name in names}

@@ -1,0 +1,209 @@
+"""UniPruning: the mirror-descent maths by hand, the global controller's budget, N:M validity,
+artifacts on disk, and its cuts on tiny models of every family."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.artifacts import load_artifact, save_artifact
+from core.calibrate import run_layerwise
+from core.errors import MaskFileError
+from core.masks import Pattern
+from core.pruning import calibrate, cut
+from core.unipruning import (keep_mask_from_count, mirror_descent, mirror_descent_step, prune_counts,
+                             quantile_threshold, subset_size, window_saliency)
+from tiny import FAMILY_NAMES, build_tiny
+
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------- the maths, by hand
+
+def test_mirror_descent_steps_by_hand():
+    s = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    z, gamma = torch.zeros(2, 2), torch.zeros(2, 2)
+    # step 1: z = 0.5 S = [.5 1; 1.5 2]; t = 25% quantile of |z| = 0.5 (1st of 4); Gamma = z - t, >= 0
+    mirror_descent_step(z, gamma, s, kappa=0.5, lam=0.25)
+    assert torch.allclose(z, torch.tensor([[0.5, 1.0], [1.5, 2.0]]))
+    assert torch.allclose(gamma, torch.tensor([[0.0, 0.5], [1.0, 1.5]]))
+    # step 2: z += 0.5 (S - Gamma) = [1 1.75; 2.5 3.25]; t = 1; Gamma = [0 .75; 1.5 2.25]
+    mirror_descent_step(z, gamma, s, kappa=0.5, lam=0.25)
+    assert torch.allclose(z, torch.tensor([[1.0, 1.75], [2.5, 3.25]]))
+    assert torch.allclose(gamma, torch.tensor([[0.0, 0.75], [1.5, 2.25]]))
+
+
+def test_soft_threshold_zeroes_exactly_the_quantile():
+    z = torch.randperm(1000).float().reshape(40, 25) + 1  # distinct values
+    gamma = torch.zeros_like(z)
+    mirror_descent_step(torch.zeros_like(z), gamma, z, kappa=1.0, lam=0.1)
+    assert int((gamma == 0).sum()) == 100
+    kept = gamma != 0
+    assert z[~kept].max() < z[kept].min()  # the zeroed ones are the smallest
+
+
+def test_quantile_is_sampled_only_for_big_matrices():
+    values = torch.arange(1, 1001, dtype=torch.float32)
+    assert quantile_threshold(values, 0.01).item() == 10.0
+    big = torch.rand(400_000, generator=torch.Generator().manual_seed(0))
+    approx = quantile_threshold(big, 0.5, generator=torch.Generator().manual_seed(0)).item()
+    assert abs(approx - 0.5) < 0.01
+
+
+def test_saliencies_by_hand():
+    w = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
+    x2 = torch.tensor([4.0, 1.0])
+    wanda = window_saliency(w, x2, "wanda")
+    raw = torch.tensor([[2.0, 3.0], [4.0, 2.0]])
+    assert torch.allclose(wanda, raw / raw.mean())
+    ria = window_saliency(w, x2, "ria", exponent=0.5)
+    rel = w / w.sum(1, keepdim=True) + w / w.sum(0, keepdim=True)
+    raw = rel * torch.tensor([2.0, 1.0])
+    assert torch.allclose(ria, raw / raw.mean())
+    assert subset_size(10, 100) == 2 and subset_size(3, 3) == 1
+    # stochRIA with every row and column in its subsets is RIA
+    full = window_saliency(w, x2, "stochria", exponent=0.5, tau=2)
+    assert torch.allclose(full, ria)
+
+
+def test_first_step_records_activation():
+    abs_w = torch.tensor([[1.0, 0.001], [2.0, 3.0]])
+    gamma, first = mirror_descent(abs_w, torch.ones(5, 2), "wanda", kappa=0.5, lam=0.25)
+    assert first.dtype == torch.int16
+    assert first[1, 1] == 1 and first[0, 0] == 1  # big ones are active from the first step
+    assert first[0, 1] == 6  # the tiny one is always below the quantile: never active
+    assert gamma[0, 1] == 0
+
+
+# ---------------------------------------------------------------- global controller
+
+def _random_sorted(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = {f"m{i}": torch.rand(n, generator=g) * (i + 1) for i, n in enumerate([50, 120, 33, 400])}
+    scores["m1"][:30] = 0.0  # ties across matrices at the threshold
+    scores["m3"][:25] = 0.0
+    return scores, {k: v.sort().values for k, v in scores.items()}
+
+
+@pytest.mark.parametrize("n_prune", [0, 1, 30, 54, 55, 56, 301, 602, 603])
+def test_global_budget_is_exact_and_takes_the_lowest(n_prune):
+    scores, sorted_scores = _random_sorted()
+    counts = prune_counts(sorted_scores, n_prune)
+    assert sum(counts.values()) == n_prune
+    masks = {k: keep_mask_from_count(scores[k], sorted_scores[k], counts[k]) for k in scores}
+    assert sum(int((~m).sum()) for m in masks.values()) == n_prune
+    pruned = torch.cat([scores[k][~masks[k]] for k in scores])
+    kept = torch.cat([scores[k][masks[k]] for k in scores])
+    if len(pruned) and len(kept):
+        assert pruned.max() <= kept.min()
+
+
+def test_global_budget_respects_bounds():
+    scores, sorted_scores = _random_sorted(3)
+    bounds = {k: (int(0.3 * v.numel()), int(0.7 * v.numel())) for k, v in scores.items()}
+    counts = prune_counts(sorted_scores, 300, bounds)
+    assert sum(counts.values()) == 300
+    assert all(bounds[k][0] <= counts[k] <= bounds[k][1] for k in counts)
+    with pytest.raises(ValueError):
+        prune_counts(sorted_scores, 10, bounds)  # the lower bounds alone prune more
+
+
+# ---------------------------------------------------------------- on models
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_unipruning_on_every_family(family, windows):
+    lm = build_tiny(family)
+    artifact = calibrate(lm, "unipruning", windows, batch_size=BATCH)
+    total = sum(s.numel() for s in artifact.scores.values())
+    for sparsity in (0.3, 0.5, 0.8):
+        masks = cut(artifact, sparsity)
+        pruned = sum(int((~m).sum()) for m in masks.masks.values())
+        assert pruned == int(sparsity * total)  # one budget, exact to the weight
+    a, b = cut(artifact, 0.6), cut(artifact, 0.6)
+    assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+    assert set(artifact.extras[next(iter(artifact.scores))]) == {"first_step"}
+
+
+def test_global_allocation_follows_the_scores_and_bounds_hold(windows):
+    lm = build_tiny("llama")
+    skewed = "model.layers.0.self_attn.q_proj"  # 90% of its weights made tiny: few matter
+    with torch.no_grad():
+        weight = lm.family.weight_view(lm.prunable()[skewed])
+        weight[torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < 0.9] *= 0.01
+    artifact = calibrate(lm, "unipruning", windows, batch_size=BATCH)
+    spread = cut(artifact, 0.5).sparsity_per_matrix()
+    assert spread[skewed] > 0.8  # the allocation is an output: the budget goes where scores are low
+    assert all(s < 0.5 for name, s in spread.items() if name != skewed)
+    artifact.params["max_shift"] = 0.02
+    bounded = cut(artifact, 0.5).sparsity_per_matrix()
+    assert all(0.48 - 1e-3 <= s <= 0.52 + 1e-3 for s in bounded.values())
+    assert bounded[skewed] > 0.52 - 1e-3  # still pruned the most it may
+    artifact.params["controller"] = "row"
+    for mask in cut(artifact, 0.5).masks.values():
+        assert ((~mask).sum(dim=1) == mask.shape[1] // 2).all()
+    artifact.params["controller"] = "matrix"
+    for mask in cut(artifact, 0.5).masks.values():
+        assert int((~mask).sum()) == mask.numel() // 2
+
+
+@pytest.mark.parametrize("nm_score", ["gamma", "first_step"])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_unipruning_nm_valid(windows, nm_score, n, m):
+    lm = build_tiny("llama")
+    artifact = calibrate(lm, "unipruning", windows, params={"nm_score": nm_score}, batch_size=BATCH)
+    masks = cut(artifact, 0.0, Pattern(n, m))
+    for mask in masks.masks.values():
+        groups = mask.reshape(mask.shape[0], -1, m)
+        assert (groups.sum(dim=2) == n).all()
+
+
+def test_window_statistics_match_the_pooled_ones(windows):
+    lm = build_tiny("llama")
+    seen = {}
+
+    def on_block(ctx):
+        seen.update(ctx.stats)
+        return False
+
+    run_layerwise(lm, windows, frozenset({"sum_x2", "window_x2"}), on_block, batch_size=BATCH)
+    for stats in seen.values():
+        per_window = stats.window_mean_x2()
+        assert per_window.shape[0] == windows.shape[0]
+        assert torch.allclose(per_window.mean(0), stats.mean_x2(), rtol=1e-5, atol=1e-7)
+
+
+def test_artifact_round_trip(tmp_path, windows):
+    lm = build_tiny("llama")
+    artifact = calibrate(lm, "unipruning", windows, batch_size=BATCH)
+    path = save_artifact(tmp_path / "a.safetensors", artifact, lm)
+    again = load_artifact(path, lm)
+    assert again.method == "unipruning" and again.params == artifact.params
+    for name in artifact.scores:
+        assert torch.equal(again.scores[name], artifact.scores[name])
+        assert torch.equal(again.extras[name]["first_step"], artifact.extras[name]["first_step"])
+    for pattern, sparsity in ((Pattern(), 0.65), (Pattern(2, 4), 0.0)):
+        a, b = cut(artifact, sparsity, pattern), cut(again, sparsity, pattern)
+        assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+
+
+def test_artifact_of_a_weight_updating_method_round_trips(tmp_path, windows):
+    lm = build_tiny("llama")
+    artifact = calibrate(lm, "sparsegpt", windows, batch_size=BATCH)
+    again = load_artifact(save_artifact(tmp_path / "s.safetensors", artifact, lm), lm)
+    a, b = cut(artifact, 0.5), cut(again, 0.5)
+    assert all(torch.equal(a.weights[n], b.weights[n]) for n in a.weights)
+
+
+def test_artifact_refuses_other_model_and_corrupt_files(tmp_path, windows):
+    lm = build_tiny("llama")
+    path = save_artifact(tmp_path / "a.safetensors", calibrate(lm, "wanda", windows, batch_size=BATCH), lm)
+    with pytest.raises(MaskFileError, match="calibrated on"):
+        load_artifact(path, build_tiny("opt"))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(MaskFileError, match="not a readable"):
+        load_artifact(broken, lm)
