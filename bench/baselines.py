@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--only", default="", help="comma-separated methods to run (default: all rows)")
     ap.add_argument("--name", default="baselines")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only the speed targets (forward floor, one-shot calibration, cut+apply), saved as "
+                         "<name>_timing.json: run it on an otherwise idle machine")
     args = ap.parse_args()
     torch.manual_seed(0)
     calib_src, eval_src = wt2_sources()
@@ -51,10 +54,11 @@ def main() -> None:
     cw, cp = calibration_set(lm.tokenizer, calib_src, args.calib_windows, args.seqlen, seed=0)
     ew, ep = evaluation_set(lm.tokenizer, eval_src, args.seqlen, args.eval_windows)
     rows = []
-    with PeakRSS() as mem, Timer() as t:
-        ppl = perplexity(lm, ew, ep.as_dict()).value
-    rows.append({"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": ppl, "peak_gib": mem.gib})
-    print(f"dense ppl {ppl:.3f} ({t.seconds:.0f} s)", flush=True)
+    if not args.timing_only:
+        with PeakRSS() as mem, Timer() as t:
+            ppl = perplexity(lm, ew, ep.as_dict()).value
+        rows.append({"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": ppl, "peak_gib": mem.gib})
+        print(f"dense ppl {ppl:.3f} ({t.seconds:.0f} s)", flush=True)
 
     # The floor for calibration speed: one plain forward over the calibration tokens.
     with Timer() as floor, torch.no_grad():
@@ -74,6 +78,15 @@ def main() -> None:
               "cut_and_apply_all_s": recuts}
     print(timing, flush=True)
     del artifact
+    if args.timing_only:
+        timing.update(protocol=protocol_name, threads=torch.get_num_threads(), model=lm.model_id)
+        table = print_table([timing], [("forward_floor_s", "forward floor s", ".1f"),
+                                       ("wanda_one_shot_calibration_s", "Wanda one-shot calib s", ".1f"),
+                                       ("ratio_to_floor", "ratio", ".2f"),
+                                       ("calibration_peak_gib", "calib peak GiB", ".2f"),
+                                       ("cut_and_apply_new_sparsity_s", "cut+apply s (median of 5)", ".3f")])
+        save(args.name + "_timing", timing, table)
+        return
 
     only = set(filter(None, args.only.split(",")))
     for method, pattern_text, sparsity in ROWS:

@@ -114,7 +114,13 @@ def calibrate(lm: LoadedModel, method: str | Method, windows: torch.Tensor, prot
                     artifact.extras[name] = kept
         return False
 
-    if method.stats:
+    own = method.calibrate_model(lm, windows, params, dense, progress, should_stop)
+    if own is not None:  # a whole-model calibration (UniPruning's AdamW variant)
+        for name, kept in own.items():
+            artifact.set_scores(name, kept.pop("score"), _scope(method, params))
+            if kept:
+                artifact.extras[name] = kept
+    elif method.stats:
         run_layerwise(lm, windows, method.stats, on_block, batch_size, progress, should_stop)
     else:  # magnitude: no data needed
         for name in lm.prunable():
@@ -175,6 +181,24 @@ def cut(artifact: Artifact, sparsity: float, pattern: Pattern = Pattern(), skip_
             "target_sparsity": f"{sparsity:.6f}", "calibration": artifact.protocol,
             "skipped_layers": skipped, "cut_seconds": f"{time.perf_counter() - start:.4f}"}
     return MaskSet(masks=masks, weights=weights, meta=meta)
+
+
+def update_cut_params(artifact: Artifact, params: dict) -> list[str]:
+    """Apply new values of parameters that only change the cut (e.g. UniPruning's controller,
+    OWL's M and lambda) to an artifact. Returns the names of given parameters that differ but
+    need a new calibration (those are not applied)."""
+    method = artifact.method_obj
+    resolved = method.resolve_params({**artifact.params, **params})
+    needs = [p.name for p in method.params
+             if p.recalibrate and p.name in params and resolved[p.name] != artifact.params.get(p.name)]
+    changed = False
+    for p in method.params:
+        if not p.recalibrate and resolved[p.name] != artifact.params.get(p.name):
+            artifact.params[p.name] = resolved[p.name]
+            changed = True
+    if changed:
+        artifact._profile = None  # allocation inputs may depend on the changed parameters
+    return needs
 
 
 def _scope(method: Method, params: dict) -> str:

@@ -34,46 +34,85 @@ def window_saliency(abs_w: torch.Tensor, mean_x2: torch.Tensor, kind: str, expon
     - stochria: RIA whose row sums run over tau random columns and column sums over tau random
                 rows, redrawn every call (the released code's cheap, noisy relative term).
     """
-    d_out, d_in = abs_w.shape
-    if kind == "wanda":
-        s = abs_w * mean_x2.clamp_min(0).sqrt().unsqueeze(0)
-    elif kind in ("ria", "stochria"):
-        if kind == "ria":
-            row_sum, col_sum = abs_w.sum(dim=1), abs_w.sum(dim=0)
-        else:
-            tau = tau or subset_size(d_out, d_in)
-            cols = torch.randperm(d_in, generator=generator)[:tau]
-            rows = torch.randperm(d_out, generator=generator)[:tau]
-            row_sum, col_sum = abs_w[:, cols].sum(dim=1), abs_w[rows].sum(dim=0)
-        s = abs_w / row_sum.clamp_min(1e-12).unsqueeze(1)
-        s.addcdiv_(abs_w, col_sum.clamp_min(1e-12).unsqueeze(0))
-        s.mul_(mean_x2.clamp_min(0).pow(exponent).unsqueeze(0))
-    else:
-        raise ValueError(f"unknown saliency {kind!r}; known: {', '.join(SALIENCIES)}")
+    s = raw_window_saliency(abs_w, mean_x2, kind, exponent, tau, generator)
     mean = s.mean()
     return s.div_(mean) if mean > 0 else s
+
+
+def raw_window_saliency(abs_w: torch.Tensor, mean_x2: torch.Tensor, kind: str, exponent: float = 0.35,
+                        tau: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """window_saliency before its division by the mean (the mirror descent folds that into its
+    step size: one pass less over every matrix, every step)."""
+    d_out, d_in = abs_w.shape
+    x2 = mean_x2.clamp_min(0).float()
+    if kind == "wanda":
+        return abs_w * x2.sqrt().unsqueeze(0)
+    if kind not in ("ria", "stochria"):
+        raise ValueError(f"unknown saliency {kind!r}; known: {', '.join(SALIENCIES)}")
+    if kind == "ria":
+        row_sum, col_sum = abs_w.sum(dim=1), abs_w.sum(dim=0)
+    else:
+        tau = tau or subset_size(d_out, d_in)
+        cols = torch.randperm(d_in, generator=generator)[:tau]
+        rows = torch.randperm(d_out, generator=generator)[:tau]
+        row_sum = abs_w.index_select(1, cols).sum(dim=1)
+        col_sum = abs_w.index_select(0, rows).sum(dim=0)
+    act = x2.pow(exponent)
+    # |W| * (1/r_i + 1/c_j) * a_j = |W| * (outer(1/r, a) + (a/c)_j): two passes over the matrix
+    factor = torch.addr((act / col_sum.clamp_min(1e-12)).expand(d_out, d_in),
+                        1.0 / row_sum.clamp_min(1e-12), act)
+    return factor.mul_(abs_w)
 
 
 # ---------------------------------------------------------------- mirror descent
 
 def quantile_threshold(values: torch.Tensor, q: float, max_samples: int = 100_000,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, nonnegative: bool = False) -> torch.Tensor:
     """The q-quantile of |values| (exact up to max_samples entries, else from a random sample)."""
     flat = values.reshape(-1)
     if flat.numel() > max_samples:
-        flat = flat[torch.randint(flat.numel(), (max_samples,), generator=generator)]
+        flat = flat.index_select(0, torch.randint(flat.numel(), (max_samples,), generator=generator))
     k = min(flat.numel(), max(1, math.ceil(q * flat.numel())))
-    return flat.abs().kthvalue(k).values
+    if not nonnegative:
+        flat = flat.abs()
+    return flat.topk(k, largest=False, sorted=True).values[-1]
 
 
 def mirror_descent_step(z: torch.Tensor, gamma: torch.Tensor, saliency: torch.Tensor, kappa: float,
-                        lam: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One linearised-Bregman step, in place: z += kappa (S - Gamma); Gamma = soft(z, t) with t the
-    lam-quantile of |z|, so Gamma is exactly zero where |z| is in the lowest lam fraction."""
-    z.add_(saliency - gamma, alpha=kappa)
-    t = quantile_threshold(z, lam, generator=generator)
-    torch.sub(z.abs(), t, out=gamma).clamp_(min=0).mul_(z.sign())
+                        lam: float, generator: torch.Generator | None = None, scale: float = 1.0,
+                        nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One linearised-Bregman step, in place: z += kappa (scale * S - Gamma); Gamma = soft(z, t)
+    with t the lam-quantile of |z|, so Gamma is exactly zero where |z| is in the lowest lam
+    fraction. nonnegative: the caller knows S >= 0, hence z >= 0 (kappa <= 1): no sign/abs passes."""
+    z.add_(saliency, alpha=kappa * scale).sub_(gamma, alpha=kappa)
+    t = quantile_threshold(z, lam, generator=generator, nonnegative=nonnegative)
+    if nonnegative:
+        torch.sub(z, t, out=gamma).clamp_(min=0)
+    else:
+        torch.sub(z.abs(), t, out=gamma).clamp_(min=0).mul_(z.sign())
     return z, gamma
+
+
+class FirstStep:
+    """Per weight, the step at which Gamma first became non-zero (never: n_steps + 1). After
+    the first step almost every weight is active, so only the still-pending ones are checked."""
+
+    def __init__(self, shape, n_steps: int):
+        self.n_steps = n_steps
+        self.first = torch.full(shape, n_steps + 1, dtype=torch.int16 if n_steps < 32000 else torch.int32)
+        self.pending: torch.Tensor | None = None  # flat indices not yet active
+
+    def update(self, gamma: torch.Tensor, step: int) -> None:
+        flat_gamma, flat_first = gamma.reshape(-1), self.first.view(-1)
+        if self.pending is None:
+            active = flat_gamma != 0
+            flat_first.masked_fill_(active, step)
+            self.pending = (~active).nonzero().squeeze(1)
+            return
+        if self.pending.numel():
+            now = flat_gamma.index_select(0, self.pending) != 0
+            flat_first.index_fill_(0, self.pending[now], step)
+            self.pending = self.pending[~now]
 
 
 def mirror_descent(abs_w: torch.Tensor, window_mean_x2: torch.Tensor, kind: str = "stochria",
@@ -90,12 +129,14 @@ def mirror_descent(abs_w: torch.Tensor, window_mean_x2: torch.Tensor, kind: str 
     n_steps = window_mean_x2.shape[0]
     z = torch.zeros_like(abs_w)
     gamma = torch.zeros_like(abs_w)
-    first = torch.full(abs_w.shape, n_steps + 1, dtype=torch.int16 if n_steps < 32000 else torch.int32)
+    first = FirstStep(abs_w.shape, n_steps)
     for step in range(n_steps):
-        s = window_saliency(abs_w, window_mean_x2[step], kind, exponent, tau, generator)
-        mirror_descent_step(z, gamma, s, kappa, lam, generator)
-        first.masked_fill_((gamma != 0) & (first > n_steps), step + 1)
-    return gamma, first
+        s = raw_window_saliency(abs_w, window_mean_x2[step], kind, exponent, tau, generator)
+        mean = float(s.mean())
+        mirror_descent_step(z, gamma, s, kappa, lam, generator, scale=1.0 / mean if mean > 0 else 1.0,
+                            nonnegative=kappa <= 1.0)
+        first.update(gamma, step + 1)
+    return gamma, first.first
 
 
 def first_step_scores(gamma: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -178,3 +219,32 @@ def keep_mask_from_count(scores: torch.Tensor, sorted_flat: torch.Tensor, n_prun
         tied = (scores == thr).reshape(-1).nonzero().squeeze(1)
         keep.view(-1)[tied[-surplus:]] = True
     return keep
+
+
+# ---------------------------------------------------------------- released-code variant helpers
+
+def prox_nm(weight: torch.Tensor, n: int, m: int, step: float) -> torch.Tensor:
+    """Proximal step of an N:M-inducing penalty: in every group of M consecutive inputs of a row,
+    the M - N smallest |w| are shrunk toward zero by `step` (soft threshold); the N largest stay.
+    Returns a new tensor; weights whose width is not a multiple of M are returned unchanged."""
+    d_out, d_in = weight.shape
+    if d_in % m or step <= 0:
+        return weight.clone()
+    groups = weight.reshape(d_out, d_in // m, m)
+    small = torch.ones_like(groups, dtype=torch.bool)
+    small.scatter_(2, groups.abs().topk(n, dim=2).indices, False)
+    shrunk = groups.sign() * (groups.abs() - step).clamp_min(0)
+    return torch.where(small, shrunk, groups).reshape(d_out, d_in)
+
+
+def backprop_memory_bytes(n_trainable: int, n_layers: int, hidden: int, heads: int, seqlen: int,
+                          vocab: int, n_scored: int) -> int:
+    """A rough upper estimate of what transient AdamW calibration adds to the loaded model:
+    gradient + two Adam moments per trainable weight, fp32 activations kept for backward (the
+    usual s*h*(34 + 5*a*s/h) per layer, doubled for fp32), the logits and their gradient, and
+    the mirror-descent state (z, Gamma: fp32; first step: int16) per scored weight."""
+    optimiser = 3 * 4 * n_trainable
+    activations = 2 * n_layers * seqlen * hidden * (34 + 5 * heads * seqlen / max(hidden, 1))
+    logits = 3 * 4 * seqlen * vocab
+    mirror = (4 + 4 + 2) * n_scored
+    return int(optimiser + activations + logits + mirror)

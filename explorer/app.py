@@ -24,7 +24,7 @@ from core.export import export_pruned_model
 from core.masks import allocation_table, load_masks, parse_pattern, save_masks
 from core.methods import all_methods, get_method
 from core.models import BUNDLED, DEFAULT_MODEL
-from core.pruning import calibrate, cut
+from core.pruning import calibrate, cut, update_cut_params
 
 from . import figures
 from .state import MODEL_LOCK, ModelEntry, Session, get_model
@@ -173,11 +173,15 @@ def _views(session: Session, block, mtype) -> tuple:
     name = _matrix_name(session, rows, block or 0, mtype or "q")
     mask = session.masks.masks.get(name) if name else None
     scores = session.artifact.score(name) if session.artifact is not None and name else None
-    scope = "row"
+    scope, label = "row", "saliency"
     if session.artifact is not None:
-        scope = session.artifact.params.get("scope", session.artifact.method_obj.scope)
-    heat = figures.saliency_figure(scores, mask, name or "?")
-    hist = figures.histogram_figure(scores, mask, name or "?", scope)
+        method_obj = session.artifact.method_obj
+        scope = session.artifact.params.get("scope", method_obj.scope)
+        if session.artifact.params.get("controller") in ("row", "matrix"):
+            scope = session.artifact.params["controller"]
+        label = method_obj.score_label
+    heat = figures.saliency_figure(scores, mask, name or "?", label)
+    hist = figures.histogram_figure(scores, mask, name or "?", scope, score_label=label)
     summ = figures.summary(rows)
     summ.update(target=target, pattern=pattern, method=method)
     return alloc, heat, hist, summ
@@ -286,6 +290,24 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
                 session.sparsity, session.pattern = float(sparsity), str(pattern)
         except Cancelled as exc:
             gr.Warning(str(exc))
+        except Exception as exc:
+            raise _fail(exc) from exc
+        return (_status(session), *_views(session, block, mtype))
+
+    def on_params(session: Session, method_name, pool_for, sparsity, pattern, block, mtype, *pool_values):
+        """A parameter widget changed: re-cut at once when only the cut depends on it."""
+        artifact = session.artifact
+        if artifact is None or artifact.method != method_name or pool_for != method_name:
+            return (gr.update(), *[gr.update()] * 4)
+        try:
+            needs = update_cut_params(artifact, _collect_params(method_name, pool_values, pool_for))
+            if needs:
+                return (f"Changing {', '.join(needs)} needs a new calibration: press **Calibrate**. "
+                        + _status(session), *[gr.update()] * 4)
+            if artifact.method_obj.updates_weights:  # a re-solve takes minutes: only on request
+                return ("Parameters stored; move the sparsity slider to re-solve with them.", *[gr.update()] * 4)
+            session.masks = cut(artifact, float(sparsity), parse_pattern(pattern), skip_misfits=True)
+            session.sparsity, session.pattern = float(sparsity), str(pattern)
         except Exception as exc:
             raise _fail(exc) from exc
         return (_status(session), *_views(session, block, mtype))
@@ -515,6 +537,10 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
                             concurrency_limit=4, concurrency_id="cut", show_progress="minimal")
         pattern_rd.input(on_cut, cut_inputs, [status_md, *views], api_name="pattern", api_visibility="undocumented",
                          trigger_mode="always_last", concurrency_limit=4, concurrency_id="cut")
+        gr.on([w.input for w in pool_widgets], on_params,
+              [session, method_dd, pool_for, sparsity_sl, pattern_rd, block_sl, mtype_dd, *pool_widgets],
+              [status_md, *views], api_name="params", api_visibility="undocumented", trigger_mode="always_last",
+              concurrency_limit=4, concurrency_id="cut", show_progress="minimal")
         gr.on([block_sl.release, mtype_dd.input], on_view, [session, block_sl, mtype_dd], [heat_plot, hist_plot],
               api_name="view", trigger_mode="always_last", concurrency_limit=4, concurrency_id="cut",
               show_progress="minimal")

@@ -76,8 +76,12 @@ def downsample(matrix: torch.Tensor, max_side: int = MAX_SIDE, mode: str = "max"
     return pool(x[None, None], out)[0, 0].cpu().numpy(), True
 
 
-def saliency_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, name: str) -> go.Figure:
-    """Two panels: log10 saliency (max-pooled) and the kept fraction of the mask (mean-pooled)."""
+def saliency_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, name: str,
+                    score_label: str = "saliency") -> go.Figure:
+    """Two panels: log10 scores (max-pooled) and the kept fraction of the mask (mean-pooled).
+
+    Cells sit at the first original row / column they cover, so hovering shows where in the
+    full matrix a pooled cell comes from."""
     from plotly.subplots import make_subplots
 
     if mask is None:
@@ -88,17 +92,23 @@ def saliency_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, name
     if scores is not None:
         log_scores = torch.log10(scores.detach().float().abs() + 1e-12)
         score_img, _ = downsample(log_scores, mode="max")
-        titles.append("log10 saliency" + (" (max-pooled)" if pooled else ""))
+        titles.append(f"log10 {score_label}" + (" (max-pooled)" if pooled else ""))
     titles.append("kept fraction" + (" (mean-pooled)" if pooled else "") + ": 1 = kept, 0 = pruned")
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.08)
+    ys = [i * h // mask_img.shape[0] for i in range(mask_img.shape[0])]
+    xs = [j * w // mask_img.shape[1] for j in range(mask_img.shape[1])]
+    rows_per, cols_per = h / mask_img.shape[0], w / mask_img.shape[1]
+    where = (f"rows %{{y}}..+{rows_per:.3g}, cols %{{x}}..+{cols_per:.3g}" if pooled
+             else "row %{y}, col %{x}")
     col = 1
     if scores is not None:
-        fig.add_trace(go.Heatmap(z=score_img, colorscale="Viridis", colorbar=dict(x=0.45, len=0.9),
-                                 hovertemplate="row %{y} col %{x}: %{z:.2f}<extra></extra>"), 1, 1)
+        fig.add_trace(go.Heatmap(z=score_img, x=xs, y=ys, colorscale="Viridis", colorbar=dict(x=0.45, len=0.9),
+                                 hovertemplate=where + ": log10 " + ("max " if pooled else "")
+                                 + "%{z:.2f}<extra></extra>"), 1, 1)
         col = 2
-    fig.add_trace(go.Heatmap(z=mask_img, colorscale="Greys", reversescale=True, zmin=0, zmax=1,
+    fig.add_trace(go.Heatmap(z=mask_img, x=xs, y=ys, colorscale="Greys", reversescale=True, zmin=0, zmax=1,
                              colorbar=dict(x=1.0, len=0.9),
-                             hovertemplate="row %{y} col %{x}: %{z:.2f} kept<extra></extra>"), 1, col)
+                             hovertemplate=where + ": %{z:.2f} kept<extra></extra>"), 1, col)
     for c in range(1, len(titles) + 1):
         fig.update_yaxes(autorange="reversed", title="output row" if c == 1 else None, row=1, col=c)
         fig.update_xaxes(title="input column", row=1, col=c)
@@ -115,7 +125,7 @@ def threshold_of(scores: torch.Tensor, mask: torch.Tensor) -> float | None:
 
 
 def histogram_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, name: str, scope: str = "row",
-                     bins: int = 80, max_values: int = 200_000) -> go.Figure:
+                     bins: int = 80, max_values: int = 200_000, score_label: str = "saliency") -> go.Figure:
     """Histogram of log10 saliency, pruned and kept stacked, with the cut threshold as a line."""
     if scores is None or mask is None:
         return empty_figure("No scores for this matrix (imported masks carry none).")
@@ -135,8 +145,9 @@ def histogram_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, nam
     if thr is not None and thr > 0:
         fig.add_vline(x=math.log10(thr + 1e-12), line_dash="dash", line_color="#222",
                       annotation_text="threshold", annotation_position="top right")
-    note = " (per-row thresholds; line = largest pruned score)" if scope == "row" else ""
-    fig.update_xaxes(title="log10 saliency")
+    note = {"row": " (per-row thresholds; line = largest pruned score)",
+            "sorted": " (global budget: each matrix's own threshold)"}.get(scope, "")
+    fig.update_xaxes(title=f"log10 {score_label}")
     fig.update_yaxes(title="weights" + (" (sampled)" if scores.numel() > max_values else ""))
     return _layout(fig, f"Score histogram of {name}{note}", barmode="stack", height=340,
                    legend=dict(orientation="h", y=-0.25))

@@ -207,3 +207,39 @@ def test_artifact_refuses_other_model_and_corrupt_files(tmp_path, windows):
     broken.write_bytes(path.read_bytes()[:100])
     with pytest.raises(MaskFileError, match="not a readable"):
         load_artifact(broken, lm)
+
+
+# ---------------------------------------------------------------- released-code variant
+
+def test_prox_nm_by_hand():
+    from core.unipruning import prox_nm
+
+    w = torch.tensor([[0.5, -0.05, 2.0, 0.1, 1.0, 0.2, -0.3, 0.0]])
+    out = prox_nm(w, 2, 4, 0.08)
+    # group 1: keep 2.0 and 0.5; shrink -0.05 -> 0, 0.1 -> 0.02; group 2: keep 1.0, -0.3; 0.2 -> 0.12
+    assert torch.allclose(out, torch.tensor([[0.5, 0.0, 2.0, 0.02, 1.0, 0.12, -0.3, 0.0]]))
+    assert torch.equal(prox_nm(torch.ones(2, 6), 2, 4, 0.1), torch.ones(2, 6))  # width 6: not 2:4-able
+
+
+def test_adamw_variant_moves_weights_only_transiently(windows):
+    lm = build_tiny("llama")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    seen = []
+    artifact = calibrate(lm, "unipruning-adamw", windows, params={"lr": 1e-2, "prox_nm": "2:4"},
+                         progress=lambda done, total, what: seen.append(what))
+    assert len(seen) == windows.shape[0] and "loss" in seen[0]
+    for key, value in lm.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in lm.model.parameters())
+    masks = cut(artifact, 0.0, Pattern(2, 4))
+    assert all((m.reshape(m.shape[0], -1, 4).sum(2) == 2).all() for m in masks.masks.values())
+
+
+def test_adamw_variant_refuses_what_memory_cannot_hold():
+    from core.errors import PruneError
+    from core.unipruning_adamw import check_backprop_memory
+
+    lm = build_tiny("llama")
+    check_backprop_memory(lm, 32)  # a tiny model fits
+    with pytest.raises(PruneError, match="frozen variant"):
+        check_backprop_memory(lm, 4_000_000)  # activations of 4M-token windows do not

@@ -56,6 +56,7 @@ class Method:
     params: tuple[Param, ...] = ()
     stats: frozenset = frozenset({"sum_x2"})
     scope: str = "row"  # unstructured comparison group: "row" or "matrix"
+    score_label: str = "saliency"  # what the explorer's heatmap calls the scores
     updates_weights: bool = False
     needs_dense_prepass: bool = False  # allocation needs every block's dense scores first (OWL)
 
@@ -87,6 +88,12 @@ class Method:
         """What calibration keeps for one matrix: its "score" (drawn as the heatmap, cut by
         default) and any extra tensors a method's own cut needs."""
         return {"score": self.score(weight, stats, params)}
+
+    def calibrate_model(self, lm, windows: torch.Tensor, params: dict, dense, progress=None,
+                        should_stop=None) -> dict[str, dict[str, torch.Tensor]] | None:
+        """A method's own calibration over the whole model (e.g. with backprop), returning
+        matrix_artifacts-style dicts per matrix; None: the layer-wise engine runs instead."""
+        return None
 
     def cut_masks(self, artifact, sparsity: float, pattern: Pattern, names: list[str]) -> dict[str, torch.Tensor] | None:
         """A method's own cut from an artifact (e.g. one global budget); None: the generic cut."""

@@ -4,6 +4,13 @@ from . import register
 from .base import Method, Param
 
 
+def normalised_scores(gamma):
+    """|Gamma| over its matrix mean: the scale every matrix shares under one global threshold."""
+    magnitude = gamma.abs_()
+    mean = magnitude.mean()
+    return magnitude.div_(mean) if mean > 0 else magnitude
+
+
 @register
 class UniPruning(Method):
     name = "unipruning"
@@ -35,6 +42,7 @@ class UniPruning(Method):
     stats = frozenset({"window_x2"})
     scope = "sorted"  # calibration sorts each matrix's scores: cuts are then counts, never a sort
     sequential = False
+    score_label = "|Gamma| / mean (mirror descent)"
 
     def score(self, weight, stats, params):
         return self.matrix_artifacts(weight, stats, params)["score"]
@@ -42,10 +50,7 @@ class UniPruning(Method):
     def matrix_artifacts(self, weight, stats, params):
         gamma, first = mirror_descent(weight.abs(), stats.window_mean_x2(), params["saliency"], params["kappa"],
                                       params["lam"], params["exponent"], params["tau_fraction"], params["seed"])
-        magnitude = gamma.abs_()
-        mean = magnitude.mean()
-        score = magnitude.div_(mean) if mean > 0 else magnitude
-        return {"score": score, "first_step": first}
+        return {"score": normalised_scores(gamma), "first_step": first}
 
     def cut_masks(self, artifact, sparsity, pattern, names):
         params = artifact.params
