@@ -37,12 +37,14 @@ HOW_TO_READ = """
 **Allocation chart**: one group of bars per transformer block, one bar per matrix type
 (q, k, v, o attention projections; gate, up, down MLP projections). The height is the fraction
 of that matrix's weights pruned. The dashed line is the target sparsity; methods such as OWL give
-some blocks more and others less while keeping the total on target.
+some blocks more and others less while keeping the total on target, and UniPruning spends one
+budget over all matrices, so its bars show where the method itself put the sparsity.
 
 **Saliency heatmap**: the importance score of every weight of one matrix (rows = outputs,
-columns = inputs), on a log scale. Big matrices are shrunk to at most 256x256 by *max* pooling,
-so a bright pixel means at least one important weight in that tile. The second panel is the mask:
-the fraction of weights kept in each tile (white = all pruned).
+columns = inputs), on a log scale (for UniPruning: its learned |Gamma|). Big matrices are shrunk
+to at most 256x256 by *max* pooling, so a bright pixel means at least one important weight in
+that tile; hovering names the rows and columns a tile covers. The second panel is the mask: the
+percentage of weights kept in each tile (white = all pruned).
 
 **Score histogram**: how the scores spread. Red weights are pruned, blue kept; the dashed line is
 the largest pruned score. Row-wise methods (Wanda, RIA) cut each output row separately, so the
@@ -51,6 +53,9 @@ red and blue overlap a little.
 **Compare**: the same prompt, settings and seed on the dense and the pruned model. Greedy
 decoding makes the two directly comparable. Perplexity is exp(mean next-token loss) over the
 evaluation windows named beside it: lower is better; compare only numbers with the same protocol.
+
+**Perplexity vs sparsity**: every perplexity measured in this session, one line per method; a
+sweep cuts several sparsities from the one calibration and measures each.
 """
 
 
@@ -159,7 +164,7 @@ def _matrix_name(session: Session, rows: list[dict], block: int, mtype: str) -> 
 def _views(session: Session, block, mtype) -> tuple:
     """(allocation, heatmap, histogram, summary) for the session's current masks."""
     if session.masks is None or session.model is None:
-        empty = figures.empty_figure("Calibrate (or import a mask file) to see the masks.")
+        empty = figures.to_plot(figures.empty_figure("Calibrate (or import a mask file) to see the masks."))
         return empty, empty, empty, {}
     rows = allocation_table(session.masks.masks, session.model.lm)
     target = None
@@ -180,11 +185,18 @@ def _views(session: Session, block, mtype) -> tuple:
         if session.artifact.params.get("controller") in ("row", "matrix"):
             scope = session.artifact.params["controller"]
         label = method_obj.score_label
-    heat = figures.saliency_figure(scores, mask, name or "?", label)
-    hist = figures.histogram_figure(scores, mask, name or "?", scope, score_label=label)
+    prepared = None
+    if scores is not None:
+        key = (id(session.artifact), name)
+        if key not in session.prepared:  # once per matrix and calibration, not per slider move
+            session.prepared = {k: v for k, v in session.prepared.items() if k[0] == key[0]}
+            session.prepared[key] = figures.PreparedScores(scores)
+        prepared = session.prepared[key]
+    heat = figures.saliency_figure(scores, mask, name or "?", label, prepared)
+    hist = figures.histogram_figure(scores, mask, name or "?", scope, label, prepared)
     summ = figures.summary(rows)
     summ.update(target=target, pattern=pattern, method=method)
-    return alloc, heat, hist, summ
+    return figures.to_plot(alloc), figures.to_plot(heat), figures.to_plot(hist), summ
 
 
 def _status(session: Session) -> str:
@@ -220,7 +232,7 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
             session.reset_pruning()
         lm = entry.lm
         types = list(dict.fromkeys(lm.family.linears.values()))
-        empty = figures.empty_figure("Calibrate (or import a mask file) to see the masks.")
+        empty = figures.to_plot(figures.empty_figure("Calibrate (or import a mask file) to see the masks."))
         status = f"Loaded **{lm.model_id}** ({lm.family.name}, {len(lm.blocks)} blocks)."
         return (lm.facts(), status, gr.update(maximum=max(len(lm.blocks) - 1, 0), value=0),
                 gr.update(choices=types, value=types[0]), empty, empty, empty, {})
@@ -254,6 +266,7 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
                                      progress=_progress_fn(progress, "calibrating: "),
                                      should_stop=session.cancel.is_set)
             session.artifact = artifact
+            session.prepared.clear()
             session.masks = None
             pat = parse_pattern(pattern)
             if pat.is_nm and "nm" not in method.patterns:
@@ -340,6 +353,34 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
             raise _fail(exc) from exc
         yield texts["dense"], texts["pruned"], _rates_md(rates, masks)
 
+    def _measure(session: Session, entry: ModelEntry, windows, protocol, masks_list, progress) -> dict:
+        """Perplexity of the dense model (once per protocol) and of each mask set, under the lock."""
+        results = {}
+        with MODEL_LOCK:
+            try:
+                key = protocol.describe()
+                if key not in session.ppl_dense:
+                    entry.dense.restore()
+                    session.ppl_dense[key] = perplexity(entry.lm, windows, protocol.as_dict(),
+                                                        progress=_progress_fn(progress, "dense "),
+                                                        should_stop=session.cancel.is_set).value
+                for i, masks in enumerate(masks_list):
+                    entry.dense.apply(masks)
+                    label = f"pruned {i + 1}/{len(masks_list)} ({masks.total_sparsity():.0%}) "
+                    value = perplexity(entry.lm, windows, protocol.as_dict(),
+                                       progress=_progress_fn(progress, label), should_stop=session.cancel.is_set).value
+                    results[i] = value
+                    session.ppl_runs.append({"method": masks.meta.get("method", "imported"),
+                                             "pattern": masks.meta.get("pattern", "?"),
+                                             "sparsity": round(masks.total_sparsity(), 4), "ppl": value,
+                                             "protocol": key})
+            finally:
+                entry.dense.restore()
+        return results
+
+    def _comparison(session: Session):
+        return figures.to_plot(figures.perplexity_figure(session.ppl_runs, session.ppl_dense)), session.ppl_runs
+
     def on_perplexity(session: Session, source, seqlen, max_windows, progress=gr.Progress()):
         entry = _model(session, default_spec)
         if session.masks is None:
@@ -349,26 +390,45 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
             progress(0, desc="tokenizing the evaluation text")
             windows, protocol = evaluation_set(entry.lm.tokenizer, (source or DEFAULT_SOURCE).strip(),
                                                int(seqlen), int(max_windows))
-            results = {}
-            with MODEL_LOCK:
-                try:
-                    for which in ("dense", "pruned"):
-                        if which == "pruned":
-                            entry.dense.apply(session.masks)
-                        else:
-                            entry.dense.restore()
-                        results[which] = perplexity(entry.lm, windows, protocol.as_dict(),
-                                                    progress=_progress_fn(progress, f"{which} "),
-                                                    should_stop=session.cancel.is_set)
-                finally:
-                    entry.dense.restore()
+            p = _measure(session, entry, windows, protocol, [session.masks], progress)[0]
         except Exception as exc:
             raise _fail(exc) from exc
-        d, p = results["dense"].value, results["pruned"].value
+        d = session.ppl_dense[protocol.describe()]
         md = (f"| model | perplexity |\n|---|---|\n| dense | {d:.3f} |\n"
               f"| pruned ({session.masks.total_sparsity():.1%} sparse) | {p:.3f} |\n\n"
               f"Protocol: {protocol.describe()}; exp(mean window NLL), fp32 logits.")
-        return md, {"dense": d, "pruned": p, "protocol": results["pruned"].protocol}
+        return (md, {"dense": d, "pruned": p, "protocol": protocol.as_dict()}, *_comparison(session))
+
+    def on_sweep(session: Session, sparsities_text, source, seqlen, max_windows, progress=gr.Progress()):
+        """Perplexity at several sparsities cut from the session's one calibration."""
+        entry = _model(session, default_spec)
+        if session.artifact is None:
+            raise gr.Error("A sweep cuts from a calibration: calibrate first (imported masks have none).")
+        session.cancel.clear()
+        try:
+            values = [float(v) for v in str(sparsities_text).replace(";", ",").split(",") if v.strip()]
+            if not values:
+                raise ValueError("Give sparsities separated by commas, e.g. 0.3, 0.5, 0.7.")
+            pattern = parse_pattern(session.pattern)
+            if pattern.is_nm:
+                pattern = parse_pattern("unstructured")  # a sweep varies the unstructured sparsity
+            progress(0, desc="cutting the masks")
+            masks_list = [cut(session.artifact, v, pattern, skip_misfits=True,
+                              progress=_progress_fn(progress, f"re-solving {v:.0%}: "),
+                              should_stop=session.cancel.is_set) for v in values]
+            windows, protocol = evaluation_set(entry.lm.tokenizer, (source or DEFAULT_SOURCE).strip(),
+                                               int(seqlen), int(max_windows))
+            results = _measure(session, entry, windows, protocol, masks_list, progress)
+        except Cancelled as exc:
+            gr.Warning(str(exc))
+            return (f"Cancelled: {exc}", *_comparison(session))
+        except Exception as exc:
+            raise _fail(exc) from exc
+        rows = "".join(f"| {masks_list[i].total_sparsity():.1%} | {results[i]:.3f} |\n" for i in sorted(results))
+        md = (f"**{session.artifact.method}**, one calibration, {len(values)} cuts. Dense "
+              f"{session.ppl_dense[protocol.describe()]:.3f}.\n\n| sparsity | perplexity |\n|---|---|\n{rows}\n"
+              f"Protocol: {protocol.describe()}.")
+        return (md, *_comparison(session))
 
     def _need_masks(session: Session):
         if session.masks is None or session.model is None:
@@ -502,6 +562,18 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
                         ppl_btn = gr.Button("Perplexity: dense vs pruned")
                         ppl_md = gr.Markdown()
                         ppl_js = gr.JSON(label="Perplexity", visible=False)
+                    with gr.Tab("Perplexity vs sparsity"):
+                        gr.Markdown("Every perplexity measured in this session (the Compare tab's button or a "
+                                    "sweep) lands here, one line per method and pattern, on the evaluation text "
+                                    "set in the Compare tab. Calibrate another method and sweep again to compare.")
+                        with gr.Row():
+                            sweep_tb = gr.Textbox("0.3, 0.4, 0.5, 0.6, 0.7", label="sparsities to cut and measure",
+                                                  scale=3)
+                            sweep_btn = gr.Button("Sweep from this calibration", variant="primary", scale=1)
+                        sweep_md = gr.Markdown()
+                        compare_plot = gr.Plot(figures.to_plot(figures.perplexity_figure([])),
+                                               label="Perplexity against sparsity")
+                        runs_js = gr.JSON(label="Runs", value=[])
                     with gr.Tab("Export"):
                         with gr.Row():
                             exp_masks_btn = gr.Button("Mask file (.safetensors)")
@@ -546,8 +618,10 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
               show_progress="minimal")
         gen_btn.click(on_generate, [session, prompt_tb, max_new_nb, sample_cb, temp_nb, seed_nb, chat_cb],
                       [dense_out, pruned_out, rates_md], api_name="generate", concurrency_id=HEAVY)
-        ppl_btn.click(on_perplexity, [session, eval_src_tb, eval_seqlen_nb, eval_windows_nb], [ppl_md, ppl_js],
-                      api_name="perplexity", concurrency_id=HEAVY)
+        ppl_btn.click(on_perplexity, [session, eval_src_tb, eval_seqlen_nb, eval_windows_nb],
+                      [ppl_md, ppl_js, compare_plot, runs_js], api_name="perplexity", concurrency_id=HEAVY)
+        sweep_btn.click(on_sweep, [session, sweep_tb, eval_src_tb, eval_seqlen_nb, eval_windows_nb],
+                        [sweep_md, compare_plot, runs_js], api_name="sweep", concurrency_id=HEAVY)
         exp_masks_btn.click(on_export_masks, [session], [masks_file], api_name="export_masks")
         exp_alloc_btn.click(on_export_allocation, [session], [alloc_files], api_name="export_allocation")
         exp_model_btn.click(on_export_model, [session], [model_file], api_name="export_model",

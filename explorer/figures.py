@@ -1,33 +1,76 @@
-"""Pure data -> plotly Figure functions for the explorer. No gradio, no model: easy to test."""
+"""Pure data -> Plotly figure functions for the explorer. No gradio, no model: easy to test.
+
+Figures are plain Plotly JSON dicts, not plotly.graph_objects: building a go.Figure validates
+every property in Python (~100-200 ms per figure on this 2-core machine), which alone would blow
+the slider's budget. Arrays go out as Plotly's base64 typed arrays (what plotly.py itself emits),
+so a 256 x 256 heatmap is ~350 kB of JSON rather than ~1.5 MB of decimal text.
+`to_plot(spec)` wraps a dict for gr.Plot.
+"""
 from __future__ import annotations
 
+import base64
+import json
 import math
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 
 MATRIX_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "fc1", "fc2", "in", "out")
 MAX_SIDE = 256
-_TEMPLATE = "plotly_white"
+PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#ff9da6",
+           "#9d755d", "#bab0ac", "#1f77b4", "#17becf")
+_AXIS = {"gridcolor": "rgba(128,128,128,0.25)", "zerolinecolor": "rgba(128,128,128,0.4)"}
 
 
-def _layout(fig: go.Figure, title: str, **extra) -> go.Figure:
-    # Transparent backgrounds so the figure reads in the light and the dark theme alike.
-    fig.update_layout(title=title, template=_TEMPLATE, paper_bgcolor="rgba(0,0,0,0)",
-                      plot_bgcolor="rgba(0,0,0,0)", margin=dict(l=50, r=20, t=60, b=40),
-                      font=dict(color="#888"), **extra)
-    return fig
+def typed_array(values) -> dict:
+    """A numpy array as Plotly's base64 typed array (uint8 kept as is, else float32 or int32)."""
+    a = np.ascontiguousarray(values)
+    if a.dtype != np.uint8:
+        a = a.astype(np.float32 if a.dtype.kind == "f" or a.dtype == bool else np.int32, copy=False)
+    code = {np.dtype(np.uint8): "u1", np.dtype(np.float32): "f4", np.dtype(np.int32): "i4"}[a.dtype]
+    out = {"dtype": code, "bdata": base64.b64encode(a.tobytes()).decode()}
+    if a.ndim > 1:
+        out["shape"] = ", ".join(str(s) for s in a.shape)
+    return out
 
 
-def empty_figure(message: str) -> go.Figure:
-    fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                       font=dict(size=14))
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return _layout(fig, "", height=320)
+def to_plot(spec: dict):
+    """A figure dict as gradio's plot payload (no plotly.py round trip)."""
+    from gradio.components.plot import PlotData
+
+    return PlotData(type="plotly", plot=json.dumps(spec))
+
+
+def _figure(data: list, title: str, height: int, **layout) -> dict:
+    # Transparent backgrounds and grey text so the figure reads in the light and the dark theme.
+    base = {"title": {"text": title, "font": {"size": 14}}, "paper_bgcolor": "rgba(0,0,0,0)",
+            "plot_bgcolor": "rgba(0,0,0,0)", "margin": {"l": 55, "r": 20, "t": 60, "b": 45},
+            "font": {"color": "#888"}, "height": height, "xaxis": dict(_AXIS), "yaxis": dict(_AXIS)}
+    for key, value in layout.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return {"data": data, "layout": base}
+
+
+def title_of(spec: dict) -> str:
+    return spec["layout"]["title"]["text"]
+
+
+def empty_figure(message: str) -> dict:
+    return _figure([], "", 320, xaxis={"visible": False}, yaxis={"visible": False},
+                   annotations=[{"text": message, "showarrow": False, "x": 0.5, "y": 0.5, "xref": "paper",
+                                 "yref": "paper", "font": {"size": 14}}])
+
+
+def _hline(y: float, text: str) -> tuple[dict, dict]:
+    shape = {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": y, "y1": y,
+             "line": {"dash": "dash", "color": "#e45756"}}
+    note = {"text": text, "xref": "paper", "x": 0, "y": y, "yanchor": "bottom", "xanchor": "left",
+            "showarrow": False, "font": {"color": "#e45756"}}
+    return shape, note
 
 
 def _type_order(types) -> list[str]:
@@ -36,7 +79,7 @@ def _type_order(types) -> list[str]:
     return known + [t for t in present if t not in known]
 
 
-def allocation_figure(rows: list[dict], target: float | None = None, title_extra: str = "") -> go.Figure:
+def allocation_figure(rows: list[dict], target: float | None = None, title_extra: str = "") -> dict:
     """Grouped bars: sparsity of each block, one bar per matrix type, with the target as a line.
 
     `rows` is core.masks.allocation_table output (block, type, params, pruned, sparsity)."""
@@ -45,24 +88,27 @@ def allocation_figure(rows: list[dict], target: float | None = None, title_extra
     pruned = sum(r["pruned"] for r in rows)
     total = sum(r["params"] for r in rows)
     blocks = sorted({r["block"] for r in rows})
-    fig = go.Figure()
-    for kind in _type_order(r["type"] for r in rows):
+    data = []
+    for i, kind in enumerate(_type_order(r["type"] for r in rows)):
         by_block = {}
         for r in rows:
             if r["type"] == kind:
                 p, n = by_block.get(r["block"], (0, 0))
                 by_block[r["block"]] = (p + r["pruned"], n + r["params"])
-        fig.add_bar(name=kind, x=blocks, y=[by_block[b][0] / by_block[b][1] if b in by_block else None for b in blocks],
-                    hovertemplate=f"block %{{x}} {kind}: %{{y:.1%}}<extra></extra>")
+        data.append({"type": "bar", "name": kind, "x": blocks, "marker": {"color": PALETTE[i % len(PALETTE)]},
+                     "y": [by_block[b][0] / by_block[b][1] if b in by_block else None for b in blocks],
+                     "hovertemplate": f"block %{{x}} {kind}: %{{y:.1%}}<extra></extra>"})
+    shapes, notes = [], []
     if target is not None:
-        fig.add_hline(y=target, line_dash="dash", line_color="#e45756",
-                      annotation_text=f"target {target:.0%}", annotation_position="top left")
+        shape, note = _hline(target, f"target {target:.0%}")
+        shapes, notes = [shape], [note]
     title = f"Sparsity per block and matrix type: total {pruned / max(total, 1):.1%} of {total:,} weights"
     if title_extra:
         title += f" ({title_extra})"
-    fig.update_yaxes(title="sparsity (pruned fraction)", range=[0, 1], tickformat=".0%")
-    fig.update_xaxes(title="block", dtick=1 if len(blocks) <= 32 else None)
-    return _layout(fig, title, barmode="group", height=380, legend=dict(orientation="h", y=-0.2))
+    return _figure(data, title, 380, barmode="group", shapes=shapes, annotations=notes,
+                   legend={"orientation": "h", "y": -0.2},
+                   yaxis={"title": {"text": "sparsity (pruned fraction)"}, "range": [0, 1], "tickformat": ".0%"},
+                   xaxis={"title": {"text": "block"}, "dtick": 1 if len(blocks) <= 32 else None})
 
 
 def downsample(matrix: torch.Tensor, max_side: int = MAX_SIDE, mode: str = "max") -> tuple[np.ndarray, bool]:
@@ -76,81 +122,142 @@ def downsample(matrix: torch.Tensor, max_side: int = MAX_SIDE, mode: str = "max"
     return pool(x[None, None], out)[0, 0].cpu().numpy(), True
 
 
+class PreparedScores:
+    """What the heatmap and histogram need from one matrix's scores, computed once per
+    calibration: scores do not change when the slider moves, only the mask does."""
+
+    def __init__(self, scores: torch.Tensor, max_values: int = 200_000, bins: int = 80):
+        log = torch.log10(scores.detach().float().abs() + 1e-12)
+        self.shape = tuple(scores.shape)
+        self.image, self.pooled = downsample(log, mode="max")
+        flat = log.reshape(-1)
+        self.sampled = flat.numel() > max_values
+        # a fixed, evenly spread sample: the same weights are drawn after every cut
+        self.index = (torch.arange(max_values) * (flat.numel() // max_values) if self.sampled else None)
+        self.values = flat.index_select(0, self.index) if self.sampled else flat
+        lo, hi = float(self.values.min()), float(self.values.max())
+        hi = hi if hi > lo else lo + 1e-6
+        self.lo, self.hi, self.bins = lo, hi, bins
+        self.edges = np.linspace(lo, hi, bins + 1)
+        # each sampled weight's bin, and all bins' totals: a cut then only counts the kept ones
+        self.bin_of = ((self.values - lo) / (hi - lo) * bins).long().clamp_(0, bins - 1)
+        self.totals = torch.bincount(self.bin_of, minlength=bins).double()
+        self.abs_scores = scores.detach().float().abs()
+
+    def mask_sample(self, mask: torch.Tensor) -> torch.Tensor:
+        flat = mask.reshape(-1)
+        return flat.index_select(0, self.index) if self.sampled else flat
+
+
 def saliency_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, name: str,
-                    score_label: str = "saliency") -> go.Figure:
+                    score_label: str = "saliency", prepared: PreparedScores | None = None) -> dict:
     """Two panels: log10 scores (max-pooled) and the kept fraction of the mask (mean-pooled).
 
     Cells sit at the first original row / column they cover, so hovering shows where in the
     full matrix a pooled cell comes from."""
-    from plotly.subplots import make_subplots
-
     if mask is None:
         return empty_figure("No mask for this matrix.")
     h, w = mask.shape
     mask_img, pooled = downsample(mask.float(), mode="mean")
-    titles = []
-    if scores is not None:
-        log_scores = torch.log10(scores.detach().float().abs() + 1e-12)
-        score_img, _ = downsample(log_scores, mode="max")
-        titles.append(f"log10 {score_label}" + (" (max-pooled)" if pooled else ""))
-    titles.append("kept fraction" + (" (mean-pooled)" if pooled else "") + ": 1 = kept, 0 = pruned")
-    fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.08)
+    mask_img = np.rint(mask_img * 100).astype(np.uint8)  # percent kept: one byte per cell in the JSON
     ys = [i * h // mask_img.shape[0] for i in range(mask_img.shape[0])]
     xs = [j * w // mask_img.shape[1] for j in range(mask_img.shape[1])]
-    rows_per, cols_per = h / mask_img.shape[0], w / mask_img.shape[1]
-    where = (f"rows %{{y}}..+{rows_per:.3g}, cols %{{x}}..+{cols_per:.3g}" if pooled
+    where = (f"rows %{{y}}..+{h / mask_img.shape[0]:.3g}, cols %{{x}}..+{w / mask_img.shape[1]:.3g}" if pooled
              else "row %{y}, col %{x}")
-    col = 1
+    panels = []  # (title, trace)
     if scores is not None:
-        fig.add_trace(go.Heatmap(z=score_img, x=xs, y=ys, colorscale="Viridis", colorbar=dict(x=0.45, len=0.9),
-                                 hovertemplate=where + ": log10 " + ("max " if pooled else "")
-                                 + "%{z:.2f}<extra></extra>"), 1, 1)
-        col = 2
-    fig.add_trace(go.Heatmap(z=mask_img, x=xs, y=ys, colorscale="Greys", reversescale=True, zmin=0, zmax=1,
-                             colorbar=dict(x=1.0, len=0.9),
-                             hovertemplate=where + ": %{z:.2f} kept<extra></extra>"), 1, col)
-    for c in range(1, len(titles) + 1):
-        fig.update_yaxes(autorange="reversed", title="output row" if c == 1 else None, row=1, col=c)
-        fig.update_xaxes(title="input column", row=1, col=c)
-    size = f"{h}x{w}"
+        score_img = (prepared or PreparedScores(scores)).image
+        panels.append((f"log10 {score_label}" + (" (max-pooled)" if pooled else ""),
+                       {"type": "heatmap", "z": typed_array(score_img), "x": xs, "y": ys, "colorscale": "Viridis",
+                        "hovertemplate": where + ": log10 " + ("max " if pooled else "") + "%{z:.2f}<extra></extra>"}))
+    panels.append(("kept %" + (" (mean-pooled)" if pooled else "") + ": 100 = kept, 0 = pruned",
+                   {"type": "heatmap", "z": typed_array(mask_img), "x": xs, "y": ys, "colorscale": "Greys",
+                    "reversescale": True, "zmin": 0, "zmax": 100,
+                    "hovertemplate": where + ": %{z}% kept<extra></extra>"}))
+    gap = 0.1
+    width = (1 - gap * (len(panels) - 1)) / len(panels)
+    data, layout, notes = [], {}, []
+    for i, (title, trace) in enumerate(panels):
+        suffix = "" if i == 0 else str(i + 1)
+        x0 = i * (width + gap)
+        trace.update(xaxis=f"x{suffix}", yaxis=f"y{suffix}",
+                     colorbar={"x": x0 + width + 0.005, "len": 0.9, "thickness": 12})
+        data.append(trace)
+        layout[f"xaxis{suffix}"] = {**_AXIS, "domain": [x0, x0 + width], "anchor": f"y{suffix}",
+                                    "title": {"text": "input column"}}
+        layout[f"yaxis{suffix}"] = {**_AXIS, "anchor": f"x{suffix}", "autorange": "reversed",
+                                    "title": {"text": "output row" if i == 0 else ""}}
+        notes.append({"text": title, "x": x0 + width / 2, "y": 1.0, "xref": "paper", "yref": "paper",
+                      "xanchor": "center", "yanchor": "bottom", "showarrow": False})
     shown = f"{mask_img.shape[0]}x{mask_img.shape[1]}"
-    title = f"{name}: {size}" + (f", downsampled to {shown} by pooling" if pooled else "")
-    return _layout(fig, title, height=420)
+    title = f"{name}: {h}x{w}" + (f", downsampled to {shown} by pooling" if pooled else "")
+    return _figure(data, title, 420, annotations=notes, **layout)
 
 
 def threshold_of(scores: torch.Tensor, mask: torch.Tensor) -> float | None:
     """The largest pruned score (a matrix-wide view of the cut; row-scoped methods cut per row)."""
-    pruned = scores[~mask]
-    return float(pruned.max()) if pruned.numel() else None
+    if bool(mask.all()):
+        return None
+    return float(scores.masked_fill(mask, float("-inf")).max())  # no boolean gather: two quick passes
 
 
 def histogram_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, name: str, scope: str = "row",
-                     bins: int = 80, max_values: int = 200_000, score_label: str = "saliency") -> go.Figure:
-    """Histogram of log10 saliency, pruned and kept stacked, with the cut threshold as a line."""
+                     score_label: str = "saliency", prepared: PreparedScores | None = None) -> dict:
+    """Histogram of log10 scores, pruned and kept stacked, with the cut threshold as a line."""
     if scores is None or mask is None:
         return empty_figure("No scores for this matrix (imported masks carry none).")
-    s = torch.log10(scores.detach().float().abs().flatten() + 1e-12)
-    m = mask.flatten()
-    if s.numel() > max_values:
-        idx = torch.randperm(s.numel(), generator=torch.Generator().manual_seed(0))[:max_values]
-        s, m = s[idx], m[idx]
-    s_np, m_np = s.numpy(), m.numpy()
-    edges = np.histogram_bin_edges(s_np, bins=bins)
-    centers = (edges[:-1] + edges[1:]) / 2
-    fig = go.Figure()
-    for label, sel, color in (("pruned", ~m_np, "#e45756"), ("kept", m_np, "#4c78a8")):
-        counts, _ = np.histogram(s_np[sel], bins=edges)
-        fig.add_bar(x=centers, y=counts, name=label, marker_color=color, width=(edges[1] - edges[0]))
-    thr = threshold_of(scores.detach().float().abs(), mask)
+    prep = prepared or PreparedScores(scores)
+    keep = prep.mask_sample(mask)
+    centers = (prep.edges[:-1] + prep.edges[1:]) / 2
+    kept = torch.bincount(prep.bin_of, weights=keep.double(), minlength=prep.bins)
+    data = []
+    for label, counts, color in (("pruned", prep.totals - kept, "#e45756"), ("kept", kept, "#4c78a8")):
+        counts = counts.round().to(torch.int32).numpy()
+        data.append({"type": "bar", "name": label, "x": typed_array(centers), "y": typed_array(counts),
+                     "marker": {"color": color}, "width": float(prep.edges[1] - prep.edges[0])})
+    shapes, notes = [], []
+    thr = threshold_of(prep.abs_scores, mask)
     if thr is not None and thr > 0:
-        fig.add_vline(x=math.log10(thr + 1e-12), line_dash="dash", line_color="#222",
-                      annotation_text="threshold", annotation_position="top right")
+        x = math.log10(thr + 1e-12)
+        shapes.append({"type": "line", "yref": "paper", "y0": 0, "y1": 1, "x0": x, "x1": x,
+                       "line": {"dash": "dash", "color": "#888"}})
+        notes.append({"text": "threshold", "x": x, "y": 1, "yref": "paper", "xanchor": "left",
+                      "showarrow": False})
     note = {"row": " (per-row thresholds; line = largest pruned score)",
             "sorted": " (global budget: each matrix's own threshold)"}.get(scope, "")
-    fig.update_xaxes(title=f"log10 {score_label}")
-    fig.update_yaxes(title="weights" + (" (sampled)" if scores.numel() > max_values else ""))
-    return _layout(fig, f"Score histogram of {name}{note}", barmode="stack", height=340,
-                   legend=dict(orientation="h", y=-0.25))
+    return _figure(data, f"Score histogram of {name}{note}", 340, barmode="stack", shapes=shapes,
+                   annotations=notes, legend={"orientation": "h", "y": -0.25},
+                   xaxis={"title": {"text": f"log10 {score_label}"}},
+                   yaxis={"title": {"text": "weights" + (" (evenly sampled)" if prep.sampled else "")}})
+
+
+def perplexity_figure(runs: list[dict], dense: dict[str, float] | None = None) -> dict:
+    """Perplexity against sparsity, one line per method and pattern run in this session.
+
+    runs: {"method", "pattern", "sparsity", "ppl", "protocol"}; only runs that share the latest
+    run's protocol are drawn (numbers from different texts do not compare)."""
+    if not runs:
+        return empty_figure("Measure perplexity (or run a sweep) to compare methods here.")
+    protocol = runs[-1]["protocol"]
+    same = [r for r in runs if r["protocol"] == protocol]
+    data = []
+    for i, key in enumerate(dict.fromkeys((r["method"], r["pattern"]) for r in same)):
+        points = sorted({r["sparsity"]: r["ppl"] for r in same if (r["method"], r["pattern"]) == key}.items())
+        data.append({"type": "scatter", "mode": "lines+markers", "name": f"{key[0]} ({key[1]})",
+                     "x": [p[0] for p in points], "y": [p[1] for p in points],
+                     "line": {"color": PALETTE[i % len(PALETTE)]},
+                     "hovertemplate": f"{key[0]}: %{{x:.1%}} sparse, ppl %{{y:.2f}}<extra></extra>"})
+    shapes, notes = [], []
+    if dense and protocol in dense:
+        shape, note = _hline(dense[protocol], f"dense {dense[protocol]:.2f}")
+        shape["line"] = {"dash": "dot", "color": "#888"}
+        note["font"] = {"color": "#888"}
+        shapes, notes = [shape], [note]
+    hidden = len(runs) - len(same)
+    title = "Perplexity against sparsity" + (f" ({hidden} runs on other texts hidden)" if hidden else "")
+    return _figure(data, title, 400, shapes=shapes, annotations=notes, legend={"orientation": "h", "y": -0.25},
+                   xaxis={"title": {"text": "achieved sparsity"}, "tickformat": ".0%"},
+                   yaxis={"title": {"text": "perplexity (log scale)"}, "type": "log"})
 
 
 def summary(rows: list[dict]) -> dict:

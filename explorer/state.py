@@ -66,6 +66,9 @@ class Session:
     sparsity: float = 0.5
     pattern: str = "unstructured"
     cancel: threading.Event = field(default_factory=threading.Event)
+    prepared: dict = field(default_factory=dict)  # (id(artifact), matrix) -> figures.PreparedScores
+    ppl_runs: list = field(default_factory=list)  # {"method", "pattern", "sparsity", "ppl", "protocol"}
+    ppl_dense: dict = field(default_factory=dict)  # protocol text -> dense perplexity
     _tmp: str | None = None
 
     def __deepcopy__(self, memo):  # gr.State deep-copies its initial value; an Event cannot be
@@ -74,6 +77,7 @@ class Session:
     def reset_pruning(self) -> None:
         self.artifact = None
         self.masks = None
+        self.prepared.clear()
 
     def tmpdir(self) -> Path:
         if self._tmp is None or not Path(self._tmp).is_dir():

@@ -71,16 +71,34 @@ def test_figures_are_pure_and_downsample():
 
     scores = torch.rand(600, 300)
     mask = scores > 0.5
+    import base64
+    import json
+
+    import numpy as np
+
     fig = figures.saliency_figure(scores, mask, "m")
-    assert "downsampled to 256x256" in fig.layout.title.text
-    assert all(max(len(t.z), len(t.z[0])) <= 256 for t in fig.data)
+    assert "downsampled to 256x256" in figures.title_of(fig)
+    assert all(t["z"]["shape"] == "256, 256" for t in fig["data"])
+    kept = np.frombuffer(base64.b64decode(fig["data"][1]["z"]["bdata"]), dtype=np.uint8)
+    assert abs(kept.mean() - 50) < 2  # percent kept per tile, about half
+    assert fig["data"][0]["y"][1] == 600 // 256 and fig["data"][0]["x"][-1] == 255 * 300 // 256  # original rows/cols
     rows = [{"block": b, "type": t, "params": 100, "pruned": 30 + b, "sparsity": (30 + b) / 100, "name": f"{b}{t}"}
             for b in range(3) for t in ("q", "down")]
     alloc = figures.allocation_figure(rows, 0.3)
-    assert [tr.name for tr in alloc.data] == ["q", "down"]
-    assert "total 31.0%" in alloc.layout.title.text
+    assert [tr["name"] for tr in alloc["data"]] == ["q", "down"]
+    assert "total 31.0%" in figures.title_of(alloc)
     hist = figures.histogram_figure(scores, mask, "m")
-    assert len(hist.data) == 2
+    counts = [np.frombuffer(base64.b64decode(t["y"]["bdata"]), dtype=np.int32).sum() for t in hist["data"]]
+    assert counts == [int((~mask).sum()), int(mask.sum())]  # 180k weights: no sampling, every one counted
+    big = torch.rand(1000, 400)
+    sampled = figures.histogram_figure(big, big > 0.3, "big")
+    assert sum(np.frombuffer(base64.b64decode(t["y"]["bdata"]), dtype=np.int32).sum() for t in sampled["data"]) == 200_000
+    runs = [{"method": "wanda", "pattern": "unstructured", "sparsity": s, "ppl": 10 + s, "protocol": "p"}
+            for s in (0.5, 0.3)] + [{"method": "magnitude", "pattern": "unstructured", "sparsity": 0.5, "ppl": 99,
+                                     "protocol": "p"}]
+    comparison = figures.perplexity_figure(runs, {"p": 9.0})
+    assert [t["x"] for t in comparison["data"]] == [[0.3, 0.5], [0.5]]
+    json.loads(figures.to_plot(comparison).plot)  # what gradio sends is plain JSON
 
 
 # ---------------------------------------------------------------- the running app
@@ -118,8 +136,13 @@ def test_full_flow(app_url, tiny_llama_dir, tmp_path):
     dense, pruned, rates = client.predict(**GEN, api_name="/generate")
     assert dense and pruned and "tokens/s" in rates
 
-    md, ppl = client.predict(source="python-docs", seqlen=32, max_windows=2, api_name="/perplexity")
+    md, ppl, _plot, runs = client.predict(source="python-docs", seqlen=32, max_windows=2, api_name="/perplexity")
     assert ppl["dense"] > 0 and ppl["pruned"] > 0 and "Protocol" in md
+    assert len(runs) == 1 and runs[0]["ppl"] == ppl["pruned"]
+    md, _plot, runs = client.predict(sparsities_text="0.2, 0.8", source="python-docs", seqlen=32, max_windows=2,
+                                     api_name="/sweep")
+    assert [round(r["sparsity"], 1) for r in runs[1:]] == [0.2, 0.8] and runs[2]["ppl"] > runs[1]["ppl"]
+    assert md.count("| 1") + md.count("| 7") + md.count("| 8") >= 2 and "Protocol" in md
 
     mask_path = _path(client.predict(api_name="/export_masks"))
     assert os.path.isfile(mask_path)
@@ -192,7 +215,7 @@ def test_slider_before_calibration_is_clear(app_url, tiny_llama_dir):
         client.predict(**GEN, api_name="/generate")
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "owl", "ria", "magnitude"])
+@pytest.mark.parametrize("method", ["sparsegpt", "owl", "ria", "magnitude", "unipruning", "unipruning-adamw"])
 def test_every_method_calibrates_and_cuts(app_url, tiny_llama_dir, method):
     client = _client(app_url)
     client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/load_model")
@@ -205,6 +228,48 @@ def test_every_method_calibrates_and_cuts(app_url, tiny_llama_dir, method):
         assert "alpha=1.0, scope=matrix" in status
     if method != "owl":  # OWL is unstructured only
         assert abs(_cut(client, 0.7, "4:8")["total_sparsity"] - 0.5) < 1e-6
+
+
+def test_cancel_mid_calibration_keeps_the_app_working(app_url, tiny_llama_dir):
+    import time
+
+    client = _client(app_url)
+    client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/load_model")
+    # the AdamW variant reports progress per window: hundreds of steps give time to cancel
+    job = client.submit(method_name="unipruning-adamw", windows=400, seqlen=32, sparsity=0.5, api_name="/calibrate")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        status = job.status()
+        if status.progress_data:
+            break
+        time.sleep(0.05)
+    assert status.progress_data, "no progress was reported"
+    assert "Cancelling" in client.predict(api_name="/cancel")
+    message, *_views, summary = job.result(timeout=60)
+    assert message.startswith("Cancelled") and summary == {}
+    # the app keeps working: a calibration afterwards goes through
+    status, *_views, summary = client.predict(**CALIB, sparsity=0.5, api_name="/calibrate")
+    assert "Calibrated" in status
+
+
+def test_changing_a_cut_parameter_recuts_without_calibrating(app_url, tiny_llama_dir):
+    client = _client(app_url)
+    client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/load_model")
+    status, *_views, summary = client.predict(**{**CALIB, "method_name": "unipruning"}, sparsity=0.5,
+                                              api_name="/calibrate")
+    info, pool_for, *widgets = client.predict("unipruning", api_name="/method")  # the page shows its widgets
+    assert abs(summary["total_sparsity"] - 0.5) < 1e-3
+    names = [p.name for p in __import__("core.methods", fromlist=["x"]).get_method("unipruning").params]
+    # (number, choice, flag) per parameter slot, as the page holds them after choosing the method
+    values = [w.get("value") if isinstance(w, dict) else w for w in widgets]
+    values[3 * names.index("controller") + 1] = "row"
+    status, *_views, summary = client.predict("unipruning", "unipruning", 0.5, "unstructured", 0, "q", *values,
+                                              api_name="/params")
+    assert "Masks" in status and abs(summary["total_sparsity"] - 0.5) < 0.02
+    values[3 * names.index("kappa")] = 0.5
+    status, *_rest = client.predict("unipruning", "unipruning", 0.5, "unstructured", 0, "q", *values,
+                                    api_name="/params")
+    assert "needs a new calibration" in status
 
 
 def test_ui_only_events(app_url, tiny_llama_dir):
