@@ -205,6 +205,15 @@ def _from_key(key: int) -> np.float32:
     return np.int32(bits).view(np.float32)
 
 
+def cut_rows_by_count(row_ranks: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Keep-mask pruning n_prune weights of a matrix spread evenly over its rows (the first
+    n_prune mod d_out rows lose one more), each row losing its lowest-ranked entries."""
+    d_out = row_ranks.shape[0]
+    per_row = torch.full((d_out, 1), n_prune // d_out, dtype=row_ranks.dtype)
+    per_row[: n_prune % d_out] += 1
+    return row_ranks >= per_row
+
+
 def keep_mask_from_count(scores: torch.Tensor, sorted_flat: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Keep-mask pruning exactly the n_prune lowest scores of a matrix (ties split by position)."""
     if n_prune <= 0:

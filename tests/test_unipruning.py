@@ -243,3 +243,20 @@ def test_adamw_variant_refuses_what_memory_cannot_hold():
     check_backprop_memory(lm, 32)  # a tiny model fits
     with pytest.raises(PruneError, match="frozen variant"):
         check_backprop_memory(lm, 4_000_000)  # activations of 4M-token windows do not
+
+
+def test_global_row_controller_is_exact_and_even_per_row(windows):
+    from core.unipruning import cut_rows_by_count
+
+    ranks = torch.stack([torch.randperm(10) for _ in range(4)])
+    mask = cut_rows_by_count(ranks, 13)  # 13 over 4 rows: 4, 3, 3, 3
+    assert (~mask).sum(dim=1).tolist() == [4, 3, 3, 3]
+    assert all(set(ranks[i][~mask[i]].tolist()) == set(range(int((~mask[i]).sum()))) for i in range(4))
+    lm = build_tiny("llama")
+    artifact = calibrate(lm, "unipruning", windows, params={"controller": "global-row"}, batch_size=BATCH)
+    total = sum(s.numel() for s in artifact.scores.values())
+    masks = cut(artifact, 0.6)
+    assert sum(int((~m).sum()) for m in masks.masks.values()) == int(0.6 * total)
+    for mask in masks.masks.values():
+        per_row = (~mask).sum(dim=1)
+        assert int(per_row.max() - per_row.min()) <= 1

@@ -1,5 +1,6 @@
 from ..masks import cut_from_ranks, cut_nm
-from ..unipruning import SALIENCIES, first_step_scores, keep_mask_from_count, mirror_descent, prune_counts
+from ..unipruning import (SALIENCIES, cut_rows_by_count, first_step_scores, keep_mask_from_count, mirror_descent,
+                          prune_counts)
 from . import register
 from .base import Method, Param
 
@@ -32,8 +33,10 @@ class UniPruning(Method):
               recalibrate=True),
         Param("seed", "int", 0, "seed of stochRIA's subsets and the quantile samples", 0, 2**31 - 1,
               recalibrate=True),
-        Param("controller", "choice", "global", "global: one threshold over all matrices; matrix / row: the "
-              "released code's uniform cut per matrix or per row", choices=("global", "matrix", "row")),
+        Param("controller", "choice", "global", "global: one threshold over all matrices; global-row: the "
+              "global budget sets each matrix's sparsity, its rows are then cut evenly; matrix / row: the "
+              "released code's uniform cut per matrix or per row",
+              choices=("global", "global-row", "matrix", "row")),
         Param("max_shift", "float", 1.0, "global controller: each matrix's sparsity stays within target +- "
               "this (1 = unbounded)", 0.0, 1.0),
         Param("nm_score", "choice", "gamma", "N:M: keep the top N by |Gamma|, or by earliest activation "
@@ -76,5 +79,7 @@ class UniPruning(Method):
                                  min(s.numel(), -int(-min(1.0, sparsity + shift) * s.numel())))
                           for name, s in sorted_scores.items()}
             counts = prune_counts(sorted_scores, int(sparsity * total), bounds)
+        if params["controller"] == "global-row":
+            return {name: cut_rows_by_count(artifact.ranks(name, "row"), counts[name]) for name in names}
         return {name: keep_mask_from_count(artifact.score(name), sorted_scores[name], counts[name])
                 for name in names}
