@@ -2,10 +2,13 @@
 
     python bench/explorer_latency.py                      # a tiny random Llama (seconds)
     python bench/explorer_latency.py --model smollm2-135m --windows 16 --seqlen 256
+    python bench/explorer_latency.py --model smollm2-135m --windows 16 --seqlen 256 --browser
 
 Starts the app in-process on a free port, loads the model, calibrates once, then times N cuts
 at alternating sparsities (each a real re-cut) and N redraws of the matrix view. Prints a
-table and writes bench/results/explorer_latency.json.
+table and writes bench/results/explorer_latency.json. With --browser it also opens the app in
+Debian chromium (Playwright), calibrates through the page, and times slider release -> the
+allocation chart and the heatmap redrawn in the page (end to end, what a user sees).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ def main(argv=None) -> None:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=64)
     parser.add_argument("-n", type=int, default=20, help="timed calls per handler")
+    parser.add_argument("--browser", action="store_true", help="also time the slider end to end in chromium")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "explorer_latency.json"))
     args = parser.parse_args(argv)
 
@@ -82,6 +86,9 @@ def main(argv=None) -> None:
             t = time.perf_counter()
             client.predict(block=i % facts["layers"], mtype="down", api_name="/view")
             timings["view (heatmap + histogram)"].append(time.perf_counter() - t)
+        if args.browser:
+            timings["browser: slider -> allocation + heatmap redrawn"] = _browser_timings(
+                f"http://127.0.0.1:{port}/", spec, args)
     finally:
         demo.close()
 
@@ -101,6 +108,59 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+
+
+def _browser_timings(url: str, spec: str, args) -> list[float]:
+    import shutil
+
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("--browser needs Debian chromium on PATH (scripts/setup.sh --browser)")
+    status = "[data-testid=markdown].status"
+    out = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(600_000)
+            page.goto(url)
+            chooser = page.get_by_label("Model", exact=True)
+            chooser.click()
+            chooser.fill(spec)
+            chooser.press("Enter")
+            page.get_by_role("button", name="Load", exact=True).click()
+            expect(page.locator(status)).to_contain_text("Loaded")
+            page.get_by_label("windows", exact=True).fill(str(args.windows))
+            page.get_by_label("seqlen", exact=True).first.fill(str(args.seqlen))
+            page.get_by_role("button", name="Calibrate").click()
+            expect(page.locator(status)).to_contain_text("Calibrated")
+            number = page.get_by_label("number input for Target sparsity")
+            heat_sum = ("() => { const el = document.querySelectorAll('.js-plotly-plot')[1];"
+                        " const z = el && el.data && el.data[el.data.length - 1].z; if (!z) return null;"
+                        " let s = 0; for (const row of z) for (const v of row) s += v; return s; }")
+            for i in range(args.n):
+                sparsity = 0.3 if i % 2 else 0.6
+                before_heat = page.evaluate(heat_sum)
+                t = time.perf_counter()
+                number.fill(str(sparsity))
+                number.press("Tab")  # leaving the box releases the slider
+                page.wait_for_function(
+                    """([target, before]) => {
+                        const plots = document.querySelectorAll('.js-plotly-plot');
+                        const title = plots[0]?.layout?.title?.text || '';
+                        if (!title.includes('total ' + target)) return false;
+                        const z = plots[1]?.data?.[plots[1].data.length - 1]?.z; if (!z) return false;
+                        let s = 0; for (const row of z) for (const v of row) s += v;
+                        return s !== before; }""",
+                    arg=[f"{sparsity * 100:.1f}%", before_heat], polling="raf")
+                out.append(time.perf_counter() - t)
+        finally:
+            browser.close()
+    return out
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The command line: python -m core {methods,prune,sweep,eval,export} ...
+"""The command line: python -m core {methods,prune,calibrate,cut,sweep,eval,export} ...
 
 Examples
   python -m core methods
   python -m core prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50
+  python -m core calibrate --method unipruning --out runs/uni.artifact.safetensors
+  python -m core cut --artifact runs/uni.artifact.safetensors --sparsity 0.7 --out runs/uni70
   python -m core sweep --method wanda --sparsities 0.3,0.5,0.7 --patterns unstructured,2:4
   python -m core eval --model smollm2-135m --masks runs/wanda50/masks.safetensors
   python -m core export --masks runs/wanda50/masks.safetensors --out runs/wanda50/model
@@ -154,16 +156,74 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def cmd_sweep(args) -> int:
+def _calibrate_or_load(args, lm, dense):
+    """The sweep's / cut's artifact: read from --artifact, else calibrated now (and saved with
+    --save-artifact)."""
+    from .artifacts import load_artifact, save_artifact
     from .data import calibration_set
-    from .masks import DenseWeights, parse_pattern
-    from .pruning import calibrate, cut
+    from .pruning import calibrate
 
-    lm = _load(args)
-    dense = DenseWeights(lm)
+    if getattr(args, "artifact", None):
+        artifact = load_artifact(args.artifact, lm, dense)
+        print(f"Loaded the {artifact.method} artifact {args.artifact} (calibrated on "
+              f"{artifact.protocol.get('source', '?')}).", file=sys.stderr)
+        return artifact
     windows, protocol = calibration_set(lm.tokenizer, args.calib_text, args.calib_windows, args.seqlen, args.seed)
     artifact = calibrate(lm, args.method, windows, protocol.as_dict(), _params(args.param), dense,
                          args.batch_size, _progress_bar("calibrating"))
+    if getattr(args, "save_artifact", None):
+        save_artifact(args.save_artifact, artifact, lm)
+        print(f"Artifact saved to {args.save_artifact}", file=sys.stderr)
+    return artifact
+
+
+def cmd_calibrate(args) -> int:
+    from .masks import DenseWeights
+
+    args.save_artifact = args.out
+    lm = _load(args)
+    artifact = _calibrate_or_load(args, lm, DenseWeights(lm))
+    print(json.dumps({"method": artifact.method, "params": artifact.params, "artifact": args.out,
+                      "calibration_seconds": round(artifact.calibration_seconds, 2)}, indent=2, default=str))
+    return 0
+
+
+def cmd_cut(args) -> int:
+    from .masks import DenseWeights, parse_pattern, save_masks
+    from .pruning import cut, update_cut_params
+
+    lm = _load(args)
+    dense = DenseWeights(lm)
+    artifact = _calibrate_or_load(args, lm, dense)
+    needs = update_cut_params(artifact, _params(args.param))
+    if needs:
+        raise PruneError(f"Changing {', '.join(needs)} needs a new calibration (python -m core calibrate ...); "
+                         "a cut can only change the cut-time parameters.")
+    masks = cut(artifact, args.sparsity, parse_pattern(args.pattern), args.skip_misfit_layers,
+                _progress_bar("cutting"))
+    results = {"model": lm.model_id, "method": artifact.method, "pattern": args.pattern,
+               "sparsity": args.sparsity, "achieved_sparsity": round(masks.total_sparsity(), 6),
+               "cut_seconds": float(masks.meta["cut_seconds"])}
+    if not args.no_eval:
+        dense.apply(masks)
+        ppl = _eval(lm, args, "pruned")
+        results["ppl"], results["eval_protocol"] = ppl.value, ppl.protocol
+    out = Path(args.out)
+    save_masks(out / "masks.safetensors", masks, lm)
+    (out / "result.json").write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps({k: v for k, v in results.items() if k != "eval_protocol"}, indent=2))
+    print(f"Masks saved to {out / 'masks.safetensors'}", file=sys.stderr)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .masks import DenseWeights, parse_pattern
+    from .pruning import cut
+
+    lm = _load(args)
+    dense = DenseWeights(lm)
+    artifact = _calibrate_or_load(args, lm, dense)
+    protocol_text = artifact.protocol.get("source", "?")
     rows = [{"pattern": "dense", "target": 0.0, "achieved": 0.0, "cut_s": 0.0,
              "ppl": None if args.no_eval else _eval(lm, args, "dense").value}]
     plans = []
@@ -180,15 +240,15 @@ def cmd_sweep(args) -> int:
         dense.restore()
         rows.append({"pattern": str(pattern), "target": sparsity, "achieved": masks.total_sparsity(),
                      "cut_s": cut_s, "ppl": ppl})
-    print(f"{args.method} on {lm.model_id}; calibration {artifact.calibration_seconds:.1f} s "
-          f"({protocol.describe()})")
+    print(f"{artifact.method} on {lm.model_id}; calibration {artifact.calibration_seconds:.1f} s "
+          f"(on {protocol_text})")
     print(f"{'pattern':<14}{'target':>8}{'achieved':>10}{'cut s':>8}{'ppl':>12}")
     for r in rows:
         ppl = "-" if r["ppl"] is None else f"{r['ppl']:.3f}"
         print(f"{r['pattern']:<14}{r['target']:>8.3f}{r['achieved']:>10.4f}{r['cut_s']:>8.3f}{ppl:>12}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"method": args.method, "calibration": protocol.as_dict(),
+        Path(args.out).write_text(json.dumps({"method": artifact.method, "calibration": artifact.protocol,
                                               "calibration_seconds": artifact.calibration_seconds,
                                               "rows": rows}, indent=2))
     return 0
@@ -239,10 +299,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/latest", help="folder for masks.safetensors and result.json")
     p.set_defaults(func=cmd_prune)
 
+    p = sub.add_parser("calibrate", help="calibrate once and save the artifact every later cut is made from")
+    _add_model_args(p)
+    _add_method_args(p)
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="artifact file to write (.safetensors)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("cut", help="masks at any sparsity / pattern from a saved artifact (no calibration)")
+    _add_model_args(p)
+    _add_method_args(p)
+    _add_data_args(p)
+    p.add_argument("--artifact", required=True, help="an artifact written by `calibrate` (or --save-artifact)")
+    p.add_argument("--sparsity", default=0.5, help="fraction of weights to prune, in [0, 1) (default 0.5)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M such as 2:4")
+    p.add_argument("--out", default="runs/latest", help="folder for masks.safetensors and result.json")
+    p.set_defaults(func=cmd_cut)
+
     p = sub.add_parser("sweep", help="one calibration, many sparsities and patterns, one table")
     _add_model_args(p)
     _add_method_args(p)
     _add_data_args(p)
+    p.add_argument("--artifact", default=None, help="cut from this saved artifact instead of calibrating")
+    p.add_argument("--save-artifact", default=None, help="save the calibration artifact here for later cuts")
     p.add_argument("--sparsities", default="0.3,0.5,0.6,0.7", help="comma-separated unstructured sparsities")
     p.add_argument("--patterns", default="unstructured", help="comma-separated: unstructured,2:4,4:8")
     p.add_argument("--out", default=None, help="write the table as JSON here")

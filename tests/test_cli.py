@@ -100,3 +100,32 @@ def test_prune_then_export_tiny_model(tiny_llama_dir, tmp_path):
         w = modules[name].weight.data
         assert torch.equal(w == 0, ~mask), name  # zero exactly where pruned
     assert json.loads((tmp_path / "model" / "PRUNING.json").read_text())["source_fingerprint"] == lm.fingerprint
+
+
+def test_calibrate_once_then_cut_from_the_saved_artifact(tiny_llama_dir, tmp_path):
+    from core.masks import load_masks
+    from core.models import load_model
+
+    artifact = tmp_path / "uni.artifact.safetensors"
+    data = ["--calib-windows", "4", "--seqlen", "32", "--eval-windows", "2"]
+    result = run_cli("calibrate", "--model", str(tiny_llama_dir), "--method", "unipruning", *data,
+                     "--out", str(artifact))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["method"] == "unipruning" and artifact.is_file()
+    lm = load_model(str(tiny_llama_dir))
+    for sparsity in ("0.3", "0.7"):
+        out = tmp_path / f"cut{sparsity}"
+        result = run_cli("cut", "--model", str(tiny_llama_dir), "--artifact", str(artifact), "--sparsity", sparsity,
+                         "--param", "controller=global-row", *data, "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        assert "calibrating" not in result.stderr  # no new calibration
+        report = json.loads((out / "result.json").read_text())
+        assert abs(report["achieved_sparsity"] - float(sparsity)) < 1e-4 and report["ppl"] > 0
+        assert abs(load_masks(out / "masks.safetensors", lm).total_sparsity() - float(sparsity)) < 1e-4
+    refused = run_cli("cut", "--model", str(tiny_llama_dir), "--artifact", str(artifact), "--param", "kappa=0.5",
+                      *data, "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "needs a new calibration" in refused.stderr
+    sweep = run_cli("sweep", "--model", str(tiny_llama_dir), "--artifact", str(artifact), "--sparsities", "0.2,0.6",
+                    *data)
+    assert sweep.returncode == 0, sweep.stderr
+    assert "unipruning on" in sweep.stdout and "0.600" in sweep.stdout

@@ -1,0 +1,147 @@
+"""UniPruning on smollm2-135m under protocol wt2-512 (../shared/data/README.md), one run.
+
+Rows: UniPruning frozen (global controller, global-row controller, the released code's per-row
+cut) and its AdamW variant, each calibrated ONCE and cut at 50/60/70/80% unstructured, 2:4 and
+4:8; RIA (one-shot, per row) the same way. Magnitude, Wanda, SparseGPT and OWL rows are read from
+bench/results/baselines.json (same protocol, same evaluator: run bench/baselines.py first) and
+marked as such. Per row: perplexity, calibration seconds, cut seconds, calibration peak memory.
+Then a sweep: 10 sparsities cut from the frozen artifact, time per cut.
+
+    python bench/unipruning.py                   # the full protocol (about an hour on 2 CPU cores)
+    python bench/unipruning.py --calib-windows 16 --eval-windows 16 --skip-adamw   # quicker, labelled
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import RESULTS, PeakRSS, Timer, print_table, save, wt2_sources  # noqa: E402
+from core.data import calibration_set, evaluation_set  # noqa: E402
+from core.evaluate import perplexity  # noqa: E402
+from core.masks import DenseWeights, parse_pattern  # noqa: E402
+from core.models import load_model  # noqa: E402
+from core.pruning import calibrate, cut, update_cut_params  # noqa: E402
+
+TARGETS = [("unstructured", s) for s in (0.5, 0.6, 0.7, 0.8)] + [("2:4", None), ("4:8", None)]
+# (label, method, calibration params, cut-time variants: label suffix -> params)
+CONFIGS = [
+    ("unipruning", "unipruning", {}, {"global": {"controller": "global"}, "global-row": {"controller": "global-row"},
+                                      "row (released cut)": {"controller": "row"}}),
+    ("unipruning-adamw", "unipruning-adamw", {}, {"global": {"controller": "global"},
+                                                  "global-row": {"controller": "global-row"}}),
+    ("ria", "ria", {}, {"row": {}}),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib-windows", type=int, default=64)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--skip-adamw", action="store_true", help="leave out the backprop variant (slowest)")
+    ap.add_argument("--name", default="unipruning")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    calib_src, eval_src = wt2_sources()
+    full = (args.calib_windows, args.eval_windows, args.seqlen) == (64, 64, 512)
+    protocol_name = "wt2-512" if full else (f"wt2-{args.seqlen} with {args.calib_windows} calibration / "
+                                            f"{args.eval_windows} eval windows")
+    lm = load_model(args.model)
+    dense = DenseWeights(lm)
+    cw, cp = calibration_set(lm.tokenizer, calib_src, args.calib_windows, args.seqlen, seed=0)
+    ew, ep = evaluation_set(lm.tokenizer, eval_src, args.seqlen, args.eval_windows)
+    rows = _baseline_rows(protocol_name)
+    if not any(r["method"] == "dense" for r in rows):
+        rows.insert(0, {"method": "dense", "variant": "-", "pattern": "-", "sparsity": 0.0,
+                        "ppl": perplexity(lm, ew, ep.as_dict()).value})
+    sweep = {}
+    for label, method, params, variants in CONFIGS:
+        if args.skip_adamw and method == "unipruning-adamw":
+            continue
+        dense.restore()
+        with PeakRSS() as mem, Timer() as t:
+            artifact = calibrate(lm, method, cw, cp.as_dict(), params, dense=dense,
+                                 progress=lambda d, n, what: print(f"  {label}: {what}", end="\r", flush=True))
+        print(f"\n{label}: calibrated in {t.seconds:.0f} s, peak {mem.gib:.2f} GiB", flush=True)
+        for variant, cut_params in variants.items():
+            update_cut_params(artifact, cut_params)
+            for pattern_text, sparsity in TARGETS:
+                pattern = parse_pattern(pattern_text)
+                if pattern.is_nm and variant not in ("global", "row"):
+                    continue  # N:M masks do not depend on the controller: measured once
+                with Timer() as c:
+                    masks = cut(artifact, sparsity or 0.0, pattern)
+                dense.apply(masks)
+                ppl = perplexity(lm, ew, ep.as_dict()).value
+                dense.restore()
+                row = {"method": label, "variant": variant, "pattern": str(pattern),
+                       "sparsity": pattern.sparsity or sparsity, "achieved": masks.total_sparsity(), "ppl": ppl,
+                       "calib_s": t.seconds, "cut_s": c.seconds, "peak_gib": mem.gib}
+                rows.append(row)
+                print(row, flush=True)
+                save(args.name + ".partial", {"rows": rows}, "")
+        if method == "unipruning":
+            update_cut_params(artifact, {"controller": "global"})
+            for sparsity in [0.1 * i for i in range(1, 10)] + [0.55]:
+                with Timer() as c:
+                    cut(artifact, sparsity)
+                sweep[f"{sparsity:.2f}"] = c.seconds
+            print("sweep (s per cut):", sweep, flush=True)
+        del artifact
+
+    columns = [("method", "method", ""), ("variant", "variant", ""), ("pattern", "pattern", ""),
+               ("sparsity", "target", ".2f"), ("ppl", "ppl", ".2f"), ("calib_s", "calib s", ".0f"),
+               ("cut_s", "cut s", ".2f"), ("peak_gib", "peak GiB", ".2f")]
+    print(f"\nProtocol: {protocol_name}; model {lm.model_id}; fp32; torch threads {torch.get_num_threads()}")
+    table = print_table(rows, columns)
+    sweep_table = print_table([{"sparsity": k, "cut_s": v} for k, v in sweep.items()],
+                              [("sparsity", "sparsity", ""), ("cut_s", "cut s (global controller)", ".3f")])
+    model_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    path = save(args.name, {"protocol": protocol_name, "calibration": cp.as_dict(), "evaluation": ep.as_dict(),
+                            "model": lm.facts(), "model_gib": model_bytes / 2**30, "rows": rows,
+                            "sweep_cut_seconds": sweep}, table + "\n\n" + sweep_table)
+    _plot(rows, path.with_suffix(".html"), protocol_name)
+    print(f"saved {path}")
+
+
+def _baseline_rows(protocol_name: str) -> list[dict]:
+    """Rows of bench/baselines.py's last full run, when it used the same protocol."""
+    path = RESULTS / "baselines.json"
+    if not path.exists():
+        print("no bench/results/baselines.json: baseline rows left out (run bench/baselines.py)")
+        return []
+    data = json.loads(path.read_text())
+    if data.get("protocol") != protocol_name:
+        print(f"baselines.json is for {data.get('protocol')!r}, not {protocol_name!r}: left out")
+        return []
+    return [{**r, "variant": "sequential (baselines.json)" if r["method"] != "dense" else "-"} for r in data["rows"]]
+
+
+def _plot(rows: list[dict], path: Path, protocol: str) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    keys = dict.fromkeys((r["method"], r["variant"]) for r in rows if r["method"] != "dense")
+    for method, variant in keys:
+        pts = sorted((r["sparsity"], r["ppl"]) for r in rows
+                     if (r["method"], r["variant"]) == (method, variant) and r["pattern"] == "unstructured")
+        if pts:
+            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
+                                     name=f"{method} ({variant})"))
+    dense = [r["ppl"] for r in rows if r["method"] == "dense"]
+    if dense:
+        fig.add_hline(y=dense[0], line_dash="dot", annotation_text="dense")
+    fig.update_layout(title=f"UniPruning vs baselines, perplexity against sparsity ({protocol})",
+                      xaxis_title="sparsity", yaxis_title="perplexity", yaxis_type="log")
+    fig.write_html(path, include_plotlyjs="cdn")
+
+
+if __name__ == "__main__":
+    main()
