@@ -58,6 +58,8 @@ class Artifact:
             self._sorted[name] = scores.reshape(-1).sort().values
         else:
             self._ranks[(name, scope)] = ascending_ranks(scores, scope)
+        for extra in self.method_obj.also_rank_by:
+            self._ranks[(name, extra)] = ascending_ranks(scores, extra)
 
     def sorted_scores(self, name: str) -> torch.Tensor:
         """A matrix's scores sorted ascending, flat (for cuts by count, e.g. a global budget)."""

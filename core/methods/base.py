@@ -57,6 +57,7 @@ class Method:
     stats: frozenset = frozenset({"sum_x2"})
     scope: str = "row"  # unstructured comparison group: "row" or "matrix"
     score_label: str = "saliency"  # what the explorer's heatmap calls the scores
+    also_rank_by: tuple[str, ...] = ()  # extra rank scopes to compute at calibration (cuts stay fast)
     updates_weights: bool = False
     needs_dense_prepass: bool = False  # allocation needs every block's dense scores first (OWL)
 

@@ -21,7 +21,9 @@ class UniPruning(Method):
         "into mirror descent (linearised Bregman) that learns a sparse importance Gamma; no weight is "
         "updated (frozen variant: dense model, one block in memory). One threshold over the "
         "normalised Gamma of all matrices then spends a single sparsity budget, so the per-layer "
-        "allocation is an output of the method. Any sparsity or N:M is cut from one calibration.")
+        "allocation is an output of the method (default global-row: that budget sets each matrix's "
+        "sparsity and its rows are cut evenly; global: the threshold cuts directly). Any sparsity or "
+        "N:M is cut from one calibration.")
     params = (
         Param("saliency", "choice", "stochria", "local saliency fed to mirror descent", choices=SALIENCIES,
               recalibrate=True),
@@ -33,7 +35,7 @@ class UniPruning(Method):
               recalibrate=True),
         Param("seed", "int", 0, "seed of stochRIA's subsets and the quantile samples", 0, 2**31 - 1,
               recalibrate=True),
-        Param("controller", "choice", "global", "global: one threshold over all matrices; global-row: the "
+        Param("controller", "choice", "global-row", "global: one threshold over all matrices; global-row: the "
               "global budget sets each matrix's sparsity, its rows are then cut evenly; matrix / row: the "
               "released code's uniform cut per matrix or per row",
               choices=("global", "global-row", "matrix", "row")),
@@ -44,6 +46,7 @@ class UniPruning(Method):
     )
     stats = frozenset({"window_x2"})
     scope = "sorted"  # calibration sorts each matrix's scores: cuts are then counts, never a sort
+    also_rank_by = ("row",)  # and ranks them per row, for the global-row and row controllers
     sequential = False
     score_label = "|Gamma| / mean (mirror descent)"
 
