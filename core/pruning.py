@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -39,6 +40,9 @@ class Artifact:
     _profile: list | None = field(default=None, repr=False)
     extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # method-specific, per matrix
     _sorted: dict = field(default_factory=dict, repr=False)
+    # N:M masks do not depend on the sparsity: the last pattern's masks are kept, so moving the
+    # slider (or switching back) at N:M costs nothing after the first cut (~3 s of top-k).
+    _nm_cache: tuple | None = field(default=None, repr=False)
 
     @property
     def method_obj(self) -> Method:
@@ -162,7 +166,12 @@ def cut(artifact: Artifact, sparsity: float, pattern: Pattern = Pattern(), skip_
     start = time.perf_counter()
     masks, weights = {}, {}
     names = [n for n in artifact.block_of if n not in skipped]
-    own = method.cut_masks(artifact, sparsity, pattern, names)
+    nm_key = (str(pattern), json.dumps(artifact.params, sort_keys=True, default=str), tuple(skipped))
+    if pattern.is_nm and not method.updates_weights and artifact._nm_cache and artifact._nm_cache[0] == nm_key:
+        masks, names = dict(artifact._nm_cache[1]), []
+        own = None
+    else:
+        own = method.cut_masks(artifact, sparsity, pattern, names)
     if own is not None:
         masks, names = own, []
     targets = matrix_sparsities(artifact, sparsity) if names and not pattern.is_nm else {n: sparsity for n in names}
@@ -179,7 +188,9 @@ def cut(artifact: Artifact, sparsity: float, pattern: Pattern = Pattern(), skip_
             ranks = None if pattern.is_nm else artifact.ranks(name, _scope(method, artifact.params))
             masks[name] = cut_mask(artifact.score(name), targets[name], pattern,
                                    _scope(method, artifact.params), ranks)
-    meta = {"method": method.name, "params": artifact.params, "pattern": str(pattern),
+    if pattern.is_nm and not method.updates_weights:
+        artifact._nm_cache = (nm_key, dict(masks))
+    meta = {"method": method.name, "params": dict(artifact.params), "pattern": str(pattern),
             "target_sparsity": f"{sparsity:.6f}", "calibration": artifact.protocol,
             "skipped_layers": skipped, "cut_seconds": f"{time.perf_counter() - start:.4f}"}
     return MaskSet(masks=masks, weights=weights, meta=meta)

@@ -260,3 +260,17 @@ def test_global_row_controller_is_exact_and_even_per_row(windows):
     for mask in masks.masks.values():
         per_row = (~mask).sum(dim=1)
         assert int(per_row.max() - per_row.min()) <= 1
+
+
+def test_nm_masks_are_reused_until_a_cut_parameter_changes(windows):
+    from core.pruning import update_cut_params
+
+    lm = build_tiny("llama")
+    artifact = calibrate(lm, "unipruning", windows, batch_size=BATCH)
+    first = cut(artifact, 0.3, Pattern(2, 4))
+    again = cut(artifact, 0.7, Pattern(2, 4))  # the sparsity does not matter at N:M
+    assert all(again.masks[n] is first.masks[n] for n in first.masks)  # served from the cache
+    update_cut_params(artifact, {"nm_score": "first_step"})
+    other = cut(artifact, 0.3, Pattern(2, 4))
+    assert any(other.masks[n] is not first.masks[n] for n in first.masks)
+    assert all((m.reshape(m.shape[0], -1, 4).sum(2) == 2).all() for m in other.masks.values())
