@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from .calibrate import BlockContext, LayerStats, ProgressFn, run_layerwise
-from .masks import DenseWeights, MaskSet, Pattern, check_nm_fits, check_sparsity, cut_mask, ascending_ranks
+from .masks import (DenseWeights, MaskSet, Pattern, ascending_ranks, check_nm_fits, check_sparsity, cut_mask,
+                    pruned_count)
 from .methods import Method, get_method
 from .models import LoadedModel
 
@@ -164,7 +165,7 @@ def cut(artifact: Artifact, sparsity: float, pattern: Pattern = Pattern(), skip_
     method = artifact.method_obj
     sparsity, skipped = _validate(artifact.dense.shapes(), method, sparsity, pattern, skip_misfits)
     start = time.perf_counter()
-    masks, weights = {}, {}
+    masks, weights, pruned = {}, {}, {}
     names = [n for n in artifact.block_of if n not in skipped]
     nm_key = (str(pattern), json.dumps(artifact.params, sort_keys=True, default=str), tuple(skipped))
     if pattern.is_nm and not method.updates_weights and artifact._nm_cache and artifact._nm_cache[0] == nm_key:
@@ -185,15 +186,20 @@ def cut(artifact: Artifact, sparsity: float, pattern: Pattern = Pattern(), skip_
             if progress:
                 progress(i + 1, len(names), name)
         else:
-            ranks = None if pattern.is_nm else artifact.ranks(name, _scope(method, artifact.params))
-            masks[name] = cut_mask(artifact.score(name), targets[name], pattern,
-                                   _scope(method, artifact.params), ranks)
+            scope = _scope(method, artifact.params)
+            ranks = None if pattern.is_nm else artifact.ranks(name, scope)
+            masks[name] = cut_mask(artifact.score(name), targets[name], pattern, scope, ranks)
+            d_out, d_in = masks[name].shape
+            # known without counting: k per row (or per matrix), or M - N per group
+            pruned[name] = (d_out * d_in // pattern.m * (pattern.m - pattern.n) if pattern.is_nm else
+                            pruned_count(targets[name], d_in) * d_out if scope == "row" else
+                            pruned_count(targets[name], d_out * d_in))
     if pattern.is_nm and not method.updates_weights:
         artifact._nm_cache = (nm_key, dict(masks))
     meta = {"method": method.name, "params": dict(artifact.params), "pattern": str(pattern),
             "target_sparsity": f"{sparsity:.6f}", "calibration": artifact.protocol,
             "skipped_layers": skipped, "cut_seconds": f"{time.perf_counter() - start:.4f}"}
-    return MaskSet(masks=masks, weights=weights, meta=meta)
+    return MaskSet(masks=masks, weights=weights, meta=meta, pruned=pruned if pruned.keys() == masks.keys() else None)
 
 
 def update_cut_params(artifact: Artifact, params: dict) -> list[str]:

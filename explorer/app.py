@@ -166,7 +166,7 @@ def _views(session: Session, block, mtype) -> tuple:
     if session.masks is None or session.model is None:
         empty = figures.to_plot(figures.empty_figure("Calibrate (or import a mask file) to see the masks."))
         return empty, empty, empty, {}
-    rows = allocation_table(session.masks.masks, session.model.lm)
+    rows = allocation_table(session.masks, session.model.lm)
     target = None
     try:
         target = float(session.masks.meta.get("target_sparsity"))
@@ -444,7 +444,7 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
 
     def on_export_allocation(session: Session):
         _need_masks(session)
-        rows = allocation_table(session.masks.masks, session.model.lm)
+        rows = allocation_table(session.masks, session.model.lm)
         folder = session.tmpdir()
         jpath, cpath = folder / "allocation.json", folder / "allocation.csv"
         jpath.write_text(json.dumps({"meta": session.masks.meta, "total_sparsity": session.masks.total_sparsity(),

@@ -359,3 +359,18 @@ def test_save_is_atomic(llama, saved, monkeypatch):
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # the temp file is gone
     monkeypatch.undo()
     assert torch.equal(load_masks(path, llama).masks[next(iter(ms.masks))], next(iter(ms.masks.values())))
+
+
+def test_known_pruned_counts_match_the_masks():
+    """cut() fills MaskSet.pruned without counting; it must equal a real count."""
+    from core.pruning import calibrate, cut
+    from tiny import build_tiny
+
+    lm = build_tiny("llama")
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    for method in ("wanda", "magnitude"):
+        artifact = calibrate(lm, method, windows)
+        for sparsity, pattern in ((0.37, Pattern()), (0.0, Pattern(2, 4))):
+            masks = cut(artifact, sparsity, pattern)
+            assert masks.pruned is not None
+            assert masks.pruned == {n: m.numel() - int(m.count_nonzero()) for n, m in masks.masks.items()}
