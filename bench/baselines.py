@@ -14,6 +14,7 @@ Wanda calibration over the same tokens, and the time to cut+apply a new sparsity
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import PeakRSS, Timer, print_table, save, wt2_sources  # noqa: E402
+from bench.common import RESULTS, PeakRSS, Timer, print_table, save, wt2_sources  # noqa: E402
 from core.data import calibration_set, evaluation_set  # noqa: E402
 from core.evaluate import perplexity  # noqa: E402
 from core.masks import DenseWeights, parse_pattern  # noqa: E402
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--only", default="", help="comma-separated methods to run (default: all rows)")
     ap.add_argument("--name", default="baselines")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no runs: write the table, JSON and plot from <name>.partial.json (a run cut short)")
     ap.add_argument("--timing-only", action="store_true",
                     help="only the speed targets (forward floor, one-shot calibration, cut+apply), saved as "
                          "<name>_timing.json: run it on an otherwise idle machine")
@@ -50,6 +53,10 @@ def main() -> None:
     protocol_name = ("wt2-512" if (args.calib_windows, args.eval_windows, args.seqlen) == (64, 64, 512)
                      else f"wt2-{args.seqlen} with {args.calib_windows} calibration / {args.eval_windows} eval windows")
     lm = load_model(args.model)
+    if args.report_only:
+        partial = json.loads((RESULTS / f"{args.name}.partial.json").read_text())
+        _report(args, partial["rows"], partial.get("timing", {}), protocol_name, lm, None, None)
+        return
     dense = DenseWeights(lm)
     cw, cp = calibration_set(lm.tokenizer, calib_src, args.calib_windows, args.seqlen, seed=0)
     ew, ep = evaluation_set(lm.tokenizer, eval_src, args.seqlen, args.eval_windows)
@@ -108,12 +115,17 @@ def main() -> None:
         save(args.name + ".partial", {"rows": rows, "timing": timing}, "")  # survive an interrupted run
         del artifact, masks
 
+    _report(args, rows, timing, protocol_name, lm, cp, ep)
+
+
+def _report(args, rows, timing, protocol_name, lm, cp, ep) -> None:
     print(f"\nProtocol: {protocol_name}; model {lm.model_id}; fp32 on {lm.device}; "
           f"torch threads {torch.get_num_threads()}")
     table = print_table(rows, [("method", "method", ""), ("pattern", "pattern", ""), ("sparsity", "target", ".2f"),
                                ("achieved", "achieved", ".4f"), ("ppl", "ppl", ".3f"), ("calib_s", "calib s", ".1f"),
                                ("cut_s", "re-cut s", ".2f"), ("peak_gib", "peak GiB", ".2f")])
-    path = save(args.name, {"protocol": protocol_name, "calibration": cp.as_dict(), "evaluation": ep.as_dict(),
+    path = save(args.name, {"protocol": protocol_name, "calibration": cp.as_dict() if cp else None,
+                            "evaluation": ep.as_dict() if ep else None,
                             "model": lm.facts(), "timing": timing, "rows": rows}, table)
     _plot(rows, path.with_suffix(".html"), protocol_name)
     print(f"saved {path}")

@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--skip-adamw", action="store_true", help="leave out the backprop variant (slowest)")
     ap.add_argument("--name", default="unipruning")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no runs: write the table, JSON and plot from <name>.partial.json (a run cut short)")
     args = ap.parse_args()
     torch.manual_seed(0)
     calib_src, eval_src = wt2_sources()
@@ -63,7 +65,10 @@ def main() -> None:
     ew, ep = evaluation_set(lm.tokenizer, eval_src, args.seqlen, args.eval_windows)
     rows = []
     sweep = {}
-    for label, method, params, variants in CONFIGS:
+    if args.report_only:
+        partial = json.loads((RESULTS / f"{args.name}.partial.json").read_text())
+        rows, sweep = partial["rows"], partial.get("sweep", {})
+    for label, method, params, variants in ([] if args.report_only else CONFIGS):
         if args.skip_adamw and method == "unipruning-adamw":
             continue
         dense.restore()
@@ -85,7 +90,7 @@ def main() -> None:
                        "calib_s": t.seconds, "cut_s": c.seconds, "peak_gib": mem.gib}
                 rows.append(row)
                 print(row, flush=True)
-                save(args.name + ".partial", {"rows": rows}, "")
+                save(args.name + ".partial", {"rows": rows, "sweep": sweep}, "")
         if label == "unipruning":
             update_cut_params(artifact, {"controller": "global-row"})
             for sparsity in [0.1 * i for i in range(1, 10)] + [0.55]:
@@ -93,6 +98,7 @@ def main() -> None:
                     cut(artifact, sparsity)
                 sweep[f"{sparsity:.2f}"] = c.seconds
             print("sweep (s per cut):", sweep, flush=True)
+            save(args.name + ".partial", {"rows": rows, "sweep": sweep}, "")
         del artifact
 
     baselines = _baseline_rows(protocol_name)  # read at the end: bench/baselines.py may run alongside
