@@ -44,6 +44,10 @@ def main() -> None:
     ap.add_argument("--name", default="baselines")
     ap.add_argument("--report-only", action="store_true",
                     help="no runs: write the table, JSON and plot from <name>.partial.json (a run cut short)")
+    ap.add_argument("--merge", default="", help="with --report-only: also take the rows of these other runs' "
+                    "partial results (comma-separated names, e.g. runs made with --only)")
+    ap.add_argument("--rows-only", action="store_true",
+                    help="skip the dense row and the speed measurements (for --only runs merged later)")
     ap.add_argument("--timing-only", action="store_true",
                     help="only the speed targets (forward floor, one-shot calibration, cut+apply), saved as "
                          "<name>_timing.json: run it on an otherwise idle machine")
@@ -55,45 +59,35 @@ def main() -> None:
     lm = load_model(args.model)
     if args.report_only:
         partial = json.loads((RESULTS / f"{args.name}.partial.json").read_text())
-        _report(args, partial["rows"], partial.get("timing", {}), protocol_name, lm, None, None)
+        rows = partial["rows"]
+        for other in filter(None, args.merge.split(",")):
+            rows += json.loads((RESULTS / f"{other}.partial.json").read_text())["rows"]
+        order = {(m, p if p == "unstructured" else str(parse_pattern(p)), s): i for i, (m, p, s) in enumerate(ROWS)}
+        rows.sort(key=lambda r: -1 if r["method"] == "dense" else
+                  order.get((r["method"], r["pattern"], None if r["pattern"] != "unstructured" else r["sparsity"]), 99))
+        _report(args, rows, partial.get("timing", {}), protocol_name, lm, None, None)
         return
     dense = DenseWeights(lm)
     cw, cp = calibration_set(lm.tokenizer, calib_src, args.calib_windows, args.seqlen, seed=0)
     ew, ep = evaluation_set(lm.tokenizer, eval_src, args.seqlen, args.eval_windows)
-    rows = []
-    if not args.timing_only:
+    rows, timing = [], {}
+    if not args.timing_only and not args.rows_only:
         with PeakRSS() as mem, Timer() as t:
             ppl = perplexity(lm, ew, ep.as_dict()).value
         rows.append({"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": ppl, "peak_gib": mem.gib})
         print(f"dense ppl {ppl:.3f} ({t.seconds:.0f} s)", flush=True)
 
-    # The floor for calibration speed: one plain forward over the calibration tokens.
-    with Timer() as floor, torch.no_grad():
-        for start in range(0, cw.shape[0], 8):
-            lm.model.model(cw[start:start + 8], use_cache=False)
-    with PeakRSS() as mem, Timer() as oneshot:
-        artifact = calibrate(lm, "wanda", cw, cp.as_dict(), dense=dense)
-    recuts = []
-    for sparsity in (0.5, 0.6, 0.7, 0.55, 0.65):  # ranks were computed during calibration
-        with Timer() as recut:
-            dense.apply(cut(artifact, sparsity))
-        recuts.append(recut.seconds)
-    dense.restore()
-    timing = {"forward_floor_s": floor.seconds, "wanda_one_shot_calibration_s": oneshot.seconds,
-              "ratio_to_floor": oneshot.seconds / floor.seconds, "calibration_peak_gib": mem.gib,
-              "cut_and_apply_new_sparsity_s": sorted(recuts)[len(recuts) // 2],
-              "cut_and_apply_all_s": recuts}
-    print(timing, flush=True)
-    del artifact
-    if args.timing_only:
-        timing.update(protocol=protocol_name, threads=torch.get_num_threads(), model=lm.model_id)
-        table = print_table([timing], [("forward_floor_s", "forward floor s", ".1f"),
-                                       ("wanda_one_shot_calibration_s", "Wanda one-shot calib s", ".1f"),
-                                       ("ratio_to_floor", "ratio", ".2f"),
-                                       ("calibration_peak_gib", "calib peak GiB", ".2f"),
-                                       ("cut_and_apply_new_sparsity_s", "cut+apply s (median of 5)", ".3f")])
-        save(args.name + "_timing", timing, table)
-        return
+    if not args.rows_only:
+        timing = _timing(lm, dense, cw, cp)
+        if args.timing_only:
+            timing.update(protocol=protocol_name, threads=torch.get_num_threads(), model=lm.model_id)
+            table = print_table([timing], [("forward_floor_s", "forward floor s", ".1f"),
+                                           ("wanda_one_shot_calibration_s", "Wanda one-shot calib s", ".1f"),
+                                           ("ratio_to_floor", "ratio", ".2f"),
+                                           ("calibration_peak_gib", "calib peak GiB", ".2f"),
+                                           ("cut_and_apply_new_sparsity_s", "cut+apply s (median of 5)", ".3f")])
+            save(args.name + "_timing", timing, table)
+            return
 
     only = set(filter(None, args.only.split(",")))
     for method, pattern_text, sparsity in ROWS:
@@ -116,6 +110,28 @@ def main() -> None:
         del artifact, masks
 
     _report(args, rows, timing, protocol_name, lm, cp, ep)
+
+
+def _timing(lm, dense, cw, cp) -> dict:
+    """The speed targets: one plain forward over the calibration tokens (the floor), a one-shot
+    Wanda calibration over the same tokens, and cut + apply of new sparsities from it."""
+    with Timer() as floor, torch.no_grad():
+        for start in range(0, cw.shape[0], 8):
+            lm.model.model(cw[start:start + 8], use_cache=False)
+    with PeakRSS() as mem, Timer() as oneshot:
+        artifact = calibrate(lm, "wanda", cw, cp.as_dict(), dense=dense)
+    recuts = []
+    for sparsity in (0.5, 0.6, 0.7, 0.55, 0.65):  # ranks were computed during calibration
+        with Timer() as recut:
+            dense.apply(cut(artifact, sparsity))
+        recuts.append(recut.seconds)
+    dense.restore()
+    timing = {"forward_floor_s": floor.seconds, "wanda_one_shot_calibration_s": oneshot.seconds,
+              "ratio_to_floor": oneshot.seconds / floor.seconds, "calibration_peak_gib": mem.gib,
+              "cut_and_apply_new_sparsity_s": sorted(recuts)[len(recuts) // 2],
+              "cut_and_apply_all_s": recuts}
+    print(timing, flush=True)
+    return timing
 
 
 def _report(args, rows, timing, protocol_name, lm, cp, ep) -> None:
