@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=64)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--only", default="", help="comma-separated methods to run (default: all rows)")
+    ap.add_argument("--only", default="", help="comma-separated methods (or method@pattern, e.g. wanda@4:8) to "
+                    "run, in the order given (default: all rows)")
     ap.add_argument("--name", default="baselines")
     ap.add_argument("--report-only", action="store_true",
                     help="no runs: write the table, JSON and plot from <name>.partial.json (a run cut short)")
@@ -89,10 +90,11 @@ def main() -> None:
             save(args.name + "_timing", timing, table)
             return
 
-    only = set(filter(None, args.only.split(",")))
-    for method, pattern_text, sparsity in ROWS:
-        if only and method not in only:
-            continue
+    selected = ROWS
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        selected = [r for w in wanted for r in ROWS if w in (r[0], f"{r[0]}@{r[1]}")]
+    for method, pattern_text, sparsity in selected:
         pattern = parse_pattern(pattern_text)
         with PeakRSS() as mem, Timer() as t:
             masks, artifact = prune_sequential(lm, method, cw, sparsity or 0.0, pattern, protocol=cp.as_dict(),
