@@ -182,8 +182,9 @@ def _views(session: Session, block, mtype) -> tuple:
     if session.artifact is not None:
         method_obj = session.artifact.method_obj
         scope = session.artifact.params.get("scope", method_obj.scope)
-        if session.artifact.params.get("controller") in ("row", "matrix"):
-            scope = session.artifact.params["controller"]
+        controller = session.artifact.params.get("controller")
+        if controller in ("row", "matrix", "global-row"):  # what the histogram's threshold line means
+            scope = "row" if controller == "global-row" else controller
         label = method_obj.score_label
     prepared = None
     if scores is not None:
