@@ -280,3 +280,23 @@ def test_ui_only_events(app_url, tiny_llama_dir):
     for method in ("ria", "sparsegpt", "owl", "magnitude", "wanda"):
         info, pool_for, *_widgets = client.predict(method, api_name="/method")
         assert pool_for == method and method in info.lower()
+
+
+def test_mask_file_for_another_model_is_refused_and_the_app_keeps_working(app_url, tiny_llama_dir, tmp_path):
+    import torch
+    from tiny import build_tiny_module, tiny_tokenizer
+
+    other_dir = tmp_path / "other-llama"
+    other = build_tiny_module("llama")
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)  # same shapes, other weights: another model
+    other.save_pretrained(other_dir)
+    tiny_tokenizer().save_pretrained(other_dir)
+
+    client = _calibrated(app_url, tiny_llama_dir, 0.5)
+    mask_path = _path(client.predict(api_name="/export_masks"))
+    client.predict(str(other_dir), "float32", "cpu", api_name="/load_model")
+    with pytest.raises(AppError, match="was made for model"):
+        client.predict(file=handle_file(mask_path), api_name="/import_masks")
+    status, *_views, summary = client.predict(**CALIB, sparsity=0.4, api_name="/calibrate")
+    assert "Calibrated" in status and abs(summary["total_sparsity"] - 0.4) < 0.03
