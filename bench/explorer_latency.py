@@ -133,15 +133,18 @@ def _browser_timings(url: str, spec: str, args) -> list[float]:
             chooser.fill(spec)
             chooser.press("Enter")
             page.get_by_role("button", name="Load", exact=True).click()
-            expect(page.locator(status)).to_contain_text("Loaded")
+            expect(page.locator(status)).to_contain_text("Loaded", timeout=300_000)
             page.get_by_label("windows", exact=True).fill(str(args.windows))
             page.get_by_label("seqlen", exact=True).first.fill(str(args.seqlen))
             page.get_by_role("button", name="Calibrate").click()
-            expect(page.locator(status)).to_contain_text("Calibrated")
+            expect(page.locator(status)).to_contain_text("Calibrated", timeout=600_000)
             number = page.get_by_label("number input for Target sparsity")
-            heat_sum = ("() => { const el = document.querySelectorAll('.js-plotly-plot')[1];"
-                        " const z = el && el.data && el.data[el.data.length - 1].z; if (!z) return null;"
-                        " let s = 0; for (const row of z) for (const v of row) s += v; return s; }")
+            # plotly.js keeps typed arrays as given in el.data; the decoded grid is in _fullData
+            total = ("const sumZ = (el) => { const d = el && el._fullData; const z = d && d[d.length - 1].z;"
+                     " if (!z) return null; let s = 0; for (let i = 0; i < z.length; i++) { const r = z[i];"
+                     " if (r && r.length !== undefined) { for (let j = 0; j < r.length; j++) s += r[j]; }"
+                     " else s += r; } return s; };")
+            heat_sum = "() => { " + total + " return sumZ(document.querySelectorAll('.js-plotly-plot')[1]); }"
             for i in range(args.n):
                 sparsity = 0.3 if i % 2 else 0.6
                 before_heat = page.evaluate(heat_sum)
@@ -149,13 +152,11 @@ def _browser_timings(url: str, spec: str, args) -> list[float]:
                 number.fill(str(sparsity))
                 number.press("Tab")  # leaving the box releases the slider
                 page.wait_for_function(
-                    """([target, before]) => {
+                    "([target, before]) => { " + total + """
                         const plots = document.querySelectorAll('.js-plotly-plot');
                         const title = plots[0]?.layout?.title?.text || '';
                         if (!title.includes('total ' + target)) return false;
-                        const z = plots[1]?.data?.[plots[1].data.length - 1]?.z; if (!z) return false;
-                        let s = 0; for (const row of z) for (const v of row) s += v;
-                        return s !== before; }""",
+                        const s = sumZ(plots[1]); return s !== null && s !== before; }""",
                     arg=[f"{sparsity * 100:.1f}%", before_heat], polling="raf")
                 out.append(time.perf_counter() - t)
         finally:
