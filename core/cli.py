@@ -119,9 +119,27 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _save_run(folder: str, masks, lm, results: dict) -> int:
+    """What prune and cut leave behind: masks.safetensors and result.json, a summary printed."""
+    from .masks import save_masks
+
+    out = Path(folder)
+    save_masks(out / "masks.safetensors", masks, lm)
+    (out / "result.json").write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps({k: v for k, v in results.items() if k != "eval_protocol"}, indent=2))
+    print(f"Masks saved to {out / 'masks.safetensors'}", file=sys.stderr)
+    return 0
+
+
+def _add_cut_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity", default=0.5, help="fraction of weights to prune, in [0, 1) (default 0.5)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M such as 2:4")
+    p.add_argument("--out", default="runs/latest", help="folder for masks.safetensors and result.json")
+
+
 def cmd_prune(args) -> int:
     from .data import calibration_set
-    from .masks import DenseWeights, parse_pattern, save_masks
+    from .masks import DenseWeights, parse_pattern
     from .pruning import calibrate, cut, prune_sequential
 
     pattern = parse_pattern(args.pattern)
@@ -148,12 +166,7 @@ def cmd_prune(args) -> int:
         results["ppl"] = ppl.value
         results["eval_protocol"] = ppl.protocol
         masks.meta["perplexity"] = json.dumps({"value": ppl.value, "protocol": ppl.protocol})
-    out = Path(args.out)
-    save_masks(out / "masks.safetensors", masks, lm)
-    (out / "result.json").write_text(json.dumps(results, indent=2, default=str))
-    print(json.dumps({k: v for k, v in results.items() if k != "eval_protocol"}, indent=2))
-    print(f"Masks saved to {out / 'masks.safetensors'}", file=sys.stderr)
-    return 0
+    return _save_run(args.out, masks, lm, results)
 
 
 def _calibrate_or_load(args, lm, dense):
@@ -189,7 +202,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_cut(args) -> int:
-    from .masks import DenseWeights, parse_pattern, save_masks
+    from .masks import DenseWeights, parse_pattern
     from .pruning import cut, update_cut_params
 
     lm = _load(args)
@@ -208,12 +221,7 @@ def cmd_cut(args) -> int:
         dense.apply(masks)
         ppl = _eval(lm, args, "pruned")
         results["ppl"], results["eval_protocol"] = ppl.value, ppl.protocol
-    out = Path(args.out)
-    save_masks(out / "masks.safetensors", masks, lm)
-    (out / "result.json").write_text(json.dumps(results, indent=2, default=str))
-    print(json.dumps({k: v for k, v in results.items() if k != "eval_protocol"}, indent=2))
-    print(f"Masks saved to {out / 'masks.safetensors'}", file=sys.stderr)
-    return 0
+    return _save_run(args.out, masks, lm, results)
 
 
 def cmd_sweep(args) -> int:
@@ -291,12 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_method_args(p)
     _add_data_args(p)
-    p.add_argument("--sparsity", default=0.5, help="fraction of weights to prune, in [0, 1) (default 0.5)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M such as 2:4")
+    _add_cut_args(p)
     p.add_argument("--one-shot", action="store_true",
                    help="statistics from the dense model (as the explorer does) instead of block by block")
     p.add_argument("--eval-dense", action="store_true", help="also measure the dense model's perplexity")
-    p.add_argument("--out", default="runs/latest", help="folder for masks.safetensors and result.json")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("calibrate", help="calibrate once and save the artifact every later cut is made from")
@@ -311,9 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(p)
     _add_data_args(p)
     p.add_argument("--artifact", required=True, help="an artifact written by `calibrate` (or --save-artifact)")
-    p.add_argument("--sparsity", default=0.5, help="fraction of weights to prune, in [0, 1) (default 0.5)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M such as 2:4")
-    p.add_argument("--out", default="runs/latest", help="folder for masks.safetensors and result.json")
+    _add_cut_args(p)
     p.set_defaults(func=cmd_cut)
 
     p = sub.add_parser("sweep", help="one calibration, many sparsities and patterns, one table")
