@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, PeakRSS, Timer, print_table, save, wt2_sources  # noqa: E402
+from bench.common import RESULTS, PeakRSS, Timer, add_protocol_args, print_table, protocol_label, save, wt2_sources  # noqa: E402
 from core.data import calibration_set, evaluation_set  # noqa: E402
 from core.evaluate import perplexity  # noqa: E402
 from core.masks import DenseWeights, parse_pattern  # noqa: E402
@@ -36,10 +36,7 @@ ROWS += [("wanda", "4:8", None), ("owl", "unstructured", 0.6), ("owl", "unstruct
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib-windows", type=int, default=64)
-    ap.add_argument("--eval-windows", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
+    add_protocol_args(ap)
     ap.add_argument("--only", default="", help="comma-separated methods (or method@pattern, e.g. wanda@4:8) to "
                     "run, in the order given (default: all rows)")
     ap.add_argument("--name", default="baselines")
@@ -55,8 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     calib_src, eval_src = wt2_sources()
-    protocol_name = ("wt2-512" if (args.calib_windows, args.eval_windows, args.seqlen) == (64, 64, 512)
-                     else f"wt2-{args.seqlen} with {args.calib_windows} calibration / {args.eval_windows} eval windows")
+    protocol_name = protocol_label(args)
     lm = load_model(args.model)
     if args.report_only:
         partial = json.loads((RESULTS / f"{args.name}.partial.json").read_text())

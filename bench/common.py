@@ -20,6 +20,21 @@ def wt2_sources() -> tuple[str, str]:
     return str(calib), str(evaluation)
 
 
+def add_protocol_args(ap) -> None:
+    """The model and the wt2-512 sizes every protocol benchmark takes (smaller = a labelled variant)."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib-windows", type=int, default=64)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+
+
+def protocol_label(args) -> str:
+    """'wt2-512' at the protocol's sizes, else a name that says what differs."""
+    if (args.calib_windows, args.eval_windows, args.seqlen) == (64, 64, 512):
+        return "wt2-512"
+    return f"wt2-{args.seqlen} with {args.calib_windows} calibration / {args.eval_windows} eval windows"
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as fh:
         for line in fh:

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, PeakRSS, Timer, print_table, save, wt2_sources  # noqa: E402
+from bench.common import RESULTS, PeakRSS, Timer, add_protocol_args, print_table, protocol_label, save, wt2_sources  # noqa: E402
 from core.data import calibration_set, evaluation_set  # noqa: E402
 from core.evaluate import perplexity  # noqa: E402
 from core.masks import DenseWeights, parse_pattern  # noqa: E402
@@ -45,10 +45,7 @@ CONFIGS = [  # in order of importance: a run cut short keeps the rows that matte
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib-windows", type=int, default=64)
-    ap.add_argument("--eval-windows", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
+    add_protocol_args(ap)
     ap.add_argument("--skip-adamw", action="store_true", help="leave out the backprop variant (slowest)")
     ap.add_argument("--name", default="unipruning")
     ap.add_argument("--report-only", action="store_true",
@@ -56,9 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     calib_src, eval_src = wt2_sources()
-    full = (args.calib_windows, args.eval_windows, args.seqlen) == (64, 64, 512)
-    protocol_name = "wt2-512" if full else (f"wt2-{args.seqlen} with {args.calib_windows} calibration / "
-                                            f"{args.eval_windows} eval windows")
+    protocol_name = protocol_label(args)
     lm = load_model(args.model)
     dense = DenseWeights(lm)
     cw, cp = calibration_set(lm.tokenizer, calib_src, args.calib_windows, args.seqlen, seed=0)
