@@ -146,6 +146,8 @@ class MaskSet:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     pruned: dict[str, int] | None = None  # pruned weights per matrix; counted once, on demand
+    # output biases to set (structured bias compensation, FLAP); a module without a bias gets one
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def pruned_counts(self) -> dict[str, int]:
         """Pruned weights per matrix. Counted once per mask set (a pass over ~100M mask entries
@@ -188,6 +190,10 @@ class DenseWeights:
         self.lm = lm
         self.modules = lm.prunable()
         self.dense = {name: lm.family.weight_view(m).clone() for name, m in self.modules.items()}
+        # biases as loaded (None: the module had none, and a compensation bias is removed again)
+        self.dense_bias = {name: None if getattr(m, "bias", None) is None else m.bias.data.clone()
+                           for name, m in self.modules.items()}
+        self._biased: set[str] = set()  # modules whose bias a mask set changed
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {name: tuple(w.shape) for name, w in self.dense.items()}
@@ -203,11 +209,33 @@ class DenseWeights:
                 view.copy_(source)
             else:
                 torch.mul(source, mask, out=view)  # one pass: no copy-then-multiply
+        self._restore_biases(keep=set(mask_set.biases))
+        for name, bias in mask_set.biases.items():
+            self._set_bias(name, bias)
 
     @torch.no_grad()
     def restore(self) -> None:
         for name, module in self.modules.items():
             self.lm.family.weight_view(module).copy_(self.dense[name])
+        self._restore_biases()
+
+    def _set_bias(self, name: str, bias: torch.Tensor) -> None:
+        module = self.modules[name]
+        weight = module.weight
+        if getattr(module, "bias", None) is None:
+            module.bias = torch.nn.Parameter(torch.zeros(bias.shape, dtype=weight.dtype, device=weight.device),
+                                             requires_grad=False)
+        module.bias.data.copy_(bias)
+        self._biased.add(name)
+
+    def _restore_biases(self, keep: set | frozenset = frozenset()) -> None:
+        for name in list(self._biased - set(keep)):
+            module, original = self.modules[name], self.dense_bias[name]
+            if original is None:
+                module.bias = None
+            else:
+                module.bias.data.copy_(original)
+            self._biased.discard(name)
 
 
 # ---------------------------------------------------------------- files
@@ -232,6 +260,7 @@ def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
     path = Path(path)
     tensors = {f"mask/{name}": mask.to(torch.uint8).contiguous() for name, mask in mask_set.masks.items()}
     tensors.update({f"weight/{name}": w.contiguous() for name, w in mask_set.weights.items()})
+    tensors.update({f"bias/{name}": b.contiguous() for name, b in mask_set.biases.items()})
     # The mask set's own metadata first: the keys below describe this file and this model and
     # must win over stale copies carried in by a mask set that was itself loaded from a file.
     meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in mask_set.meta.items()}
@@ -275,14 +304,18 @@ def load_masks(path: str | Path, lm: LoadedModel, allow_other_model: bool = Fals
             f"{meta.get('model_fingerprint')}), not for the loaded {lm.model_id!r} (fingerprint "
             f"{lm.fingerprint}). Load the model it was made for.")
     shapes = {name: tuple(lm.family.weight_view(m).shape) for name, m in lm.prunable().items()}
-    masks, weights = {}, {}
+    masks, weights, biases = {}, {}, {}
     for key, tensor in tensors.items():
         kind, name = key.split("/", 1)
         if name not in shapes:
             raise MaskFileError(f"{path} has a mask for {name!r}, which the loaded model does not have.")
-        if tuple(tensor.shape) != shapes[name]:
+        expected = shapes[name][:1] if kind == "bias" else shapes[name]
+        if tuple(tensor.shape) != expected:
             raise MaskFileError(f"{path}: {name} has shape {tuple(tensor.shape)} but the model's is "
-                                f"{shapes[name]}; the file belongs to another model.")
-        (masks if kind == "mask" else weights)[name] = tensor.bool() if kind == "mask" else tensor
+                                f"{expected}; the file belongs to another model.")
+        if kind == "mask":
+            masks[name] = tensor.bool()
+        else:
+            (biases if kind == "bias" else weights)[name] = tensor
     keep = {k: v for k, v in meta.items() if k not in ("allocation",)}
-    return MaskSet(masks=masks, weights=weights, meta=keep)
+    return MaskSet(masks=masks, weights=weights, meta=keep, biases=biases)

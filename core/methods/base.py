@@ -59,6 +59,7 @@ class Method:
     score_label: str = "saliency"  # what the explorer's heatmap calls the scores
     also_rank_by: tuple[str, ...] = ()  # extra rank scopes to compute at calibration (cuts stay fast)
     updates_weights: bool = False
+    structured: bool = False  # removes whole heads/channels (StructuredMethod)
     needs_dense_prepass: bool = False  # allocation needs every block's dense scores first (OWL)
 
     def resolve_params(self, given: dict | None = None) -> dict:
@@ -108,3 +109,26 @@ class Method:
         return {"name": self.name, "title": self.title, "description": self.description,
                 "patterns": list(self.patterns), "updates_weights": self.updates_weights,
                 "params": [p.as_dict() for p in self.params]}
+
+
+class StructuredMethod(Method):
+    """A method that removes whole attention units and MLP channels (see core.structured).
+
+    It returns a StructuredPlan (kept units per block, refitted weights, compensation biases);
+    the pipeline turns it into masks (apply/restore/evaluate as usual) and, on export, into a
+    physically smaller model. The sparsity is the fraction of the decoder's attention + MLP
+    parameters removed.
+    """
+
+    patterns = ("structured",)
+    structured = True
+    stats = frozenset({"sum_x2", "sum_x"})
+    sequential = True
+
+    def prune_structured(self, lm, windows: torch.Tensor, sparsity: float, params: dict,
+                         progress=None, should_stop=None):
+        """Decide what to remove and return the StructuredPlan. The method may change the
+        model's weights while it runs (sequential methods prune block by block); the pipeline
+        (core.structured.pipeline) then sets the model to dense-weights-with-the-plan, or back
+        to dense on an error. `progress(done, total, what)`; `should_stop()` -> Cancelled."""
+        raise NotImplementedError
