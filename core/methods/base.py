@@ -126,9 +126,11 @@ class StructuredMethod(Method):
     sequential = True
 
     def prune_structured(self, lm, windows: torch.Tensor, sparsity: float, params: dict,
-                         progress=None, should_stop=None):
+                         progress=None, should_stop=None, on_plan=None):
         """Decide what to remove and return the StructuredPlan. The method may change the
         model's weights while it runs (sequential methods prune block by block); the pipeline
         (core.structured.pipeline) then sets the model to dense-weights-with-the-plan, or back
-        to dense on an error. `progress(done, total, what)`; `should_stop()` -> Cancelled."""
+        to dense on an error. `progress(done, total, what)`; `should_stop()` -> Cancelled;
+        `on_plan(plan, info)` (optional) receives intermediate plans, e.g. a search's best
+        candidate so far, so the explorer can draw the allocation while the method runs."""
         raise NotImplementedError

@@ -16,7 +16,7 @@ from .units import all_block_units
 
 def prune_structured(lm: LoadedModel, method: str | StructuredMethod, windows: torch.Tensor, sparsity: float,
                      params: dict | None = None, protocol: dict | None = None, dense: DenseWeights | None = None,
-                     progress=None, should_stop=None) -> tuple[MaskSet, StructuredPlan]:
+                     progress=None, should_stop=None, on_plan=None) -> tuple[MaskSet, StructuredPlan]:
     """Prune `lm` structurally to `sparsity` (fraction of decoder attention + MLP parameters).
 
     The model is left with the plan applied (dense weights kept in `dense` for restore); on any
@@ -30,7 +30,7 @@ def prune_structured(lm: LoadedModel, method: str | StructuredMethod, windows: t
     dense = dense or DenseWeights(lm)
     start = time.perf_counter()
     try:
-        plan = method.prune_structured(lm, windows, sparsity, params, progress, should_stop)
+        plan = method.prune_structured(lm, windows, sparsity, params, progress, should_stop, on_plan)
         units = all_block_units(lm)
         plan.meta.update({"method": method.name, "params": params, "target_sparsity": f"{sparsity:.6f}",
                           "calibration": {**(protocol or {}), "mode": "structured"},
