@@ -133,7 +133,8 @@ def _save_run(folder: str, masks, lm, results: dict) -> int:
 
 def _add_cut_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", default=0.5, help="fraction of weights to prune, in [0, 1) (default 0.5)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M such as 2:4")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M such as 2:4; "
+                   "structured methods (wanda-sp, flap, spap, structprune, tyr) always prune whole units")
     p.add_argument("--out", default="runs/latest", help="folder for masks.safetensors and result.json")
 
 
@@ -142,15 +143,25 @@ def cmd_prune(args) -> int:
     from .masks import DenseWeights, parse_pattern
     from .pruning import calibrate, cut, prune_sequential
 
-    pattern = parse_pattern(args.pattern)
+    structured = _is_structured(args.method)
+    pattern = None if structured else parse_pattern(args.pattern)
     lm = _load(args)
     dense = DenseWeights(lm)
-    results = {"model": lm.model_id, "method": args.method, "pattern": str(pattern), "sparsity": args.sparsity}
+    results = {"model": lm.model_id, "method": args.method, "pattern": "structured" if structured else str(pattern),
+               "sparsity": args.sparsity}
     if not args.no_eval and args.eval_dense:
         results["dense_ppl"] = _eval(lm, args, "dense").value
     windows, protocol = calibration_set(lm.tokenizer, args.calib_text, args.calib_windows, args.seqlen, args.seed)
     start = time.perf_counter()
-    if args.one_shot:
+    if structured:
+        from .structured.pipeline import prune_structured
+        from .structured.units import all_block_units
+
+        masks, plan = prune_structured(lm, args.method, windows, args.sparsity, _params(args.param),
+                                       protocol.as_dict(), dense, _progress_bar(f"{args.method} (structured)"))
+        results["structured_sparsity"] = round(plan.structured_sparsity(all_block_units(lm)), 6)
+        results["allocation"] = plan.allocation(all_block_units(lm))
+    elif args.one_shot:
         artifact = calibrate(lm, args.method, windows, protocol.as_dict(), _params(args.param), dense,
                              args.batch_size, _progress_bar("calibrating"))
         masks = cut(artifact, args.sparsity, pattern, args.skip_misfit_layers, _progress_bar("cutting"))
@@ -193,6 +204,7 @@ def _calibrate_or_load(args, lm, dense):
 def cmd_calibrate(args) -> int:
     from .masks import DenseWeights
 
+    _refuse_structured(args, "calibrate")
     args.save_artifact = args.out
     lm = _load(args)
     artifact = _calibrate_or_load(args, lm, DenseWeights(lm))
@@ -205,6 +217,7 @@ def cmd_cut(args) -> int:
     from .masks import DenseWeights, parse_pattern
     from .pruning import cut, update_cut_params
 
+    _refuse_structured(args, "cut")
     lm = _load(args)
     dense = DenseWeights(lm)
     artifact = _calibrate_or_load(args, lm, dense)
@@ -224,10 +237,59 @@ def cmd_cut(args) -> int:
     return _save_run(args.out, masks, lm, results)
 
 
+def _is_structured(method_name: str) -> bool:
+    from .methods import get_method
+
+    return bool(getattr(get_method(method_name), "structured", False))
+
+
+def _refuse_structured(args, command: str) -> None:
+    if _is_structured(args.method):
+        raise PruneError(f"{args.method} is structured: its units and refitted weights are solved for one "
+                         f"sparsity, so there is no artifact to `{command}` from. Use `python -m core prune "
+                         f"--method {args.method} --sparsity S` (or `sweep`, which prunes once per sparsity).")
+
+
+def _sweep_structured(args) -> int:
+    """Structured methods solve per sparsity: one prune per row, same calibration windows."""
+    from .data import calibration_set
+    from .masks import DenseWeights
+    from .structured.pipeline import prune_structured
+    from .structured.units import all_block_units
+
+    lm = _load(args)
+    dense = DenseWeights(lm)
+    units = all_block_units(lm)
+    windows, protocol = calibration_set(lm.tokenizer, args.calib_text, args.calib_windows, args.seqlen, args.seed)
+    rows = [{"pattern": "dense", "target": 0.0, "achieved": 0.0, "prune_s": 0.0,
+             "ppl": None if args.no_eval else _eval(lm, args, "dense").value}]
+    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        start = time.perf_counter()
+        _, plan = prune_structured(lm, args.method, windows, sparsity, _params(args.param), protocol.as_dict(),
+                                   dense, _progress_bar(f"{args.method} at {sparsity:.3f}"))
+        prune_s = time.perf_counter() - start
+        ppl = None if args.no_eval else _eval(lm, args, f"structured {sparsity:.3f}").value
+        dense.restore()
+        rows.append({"pattern": "structured", "target": sparsity, "achieved": plan.structured_sparsity(units),
+                     "prune_s": prune_s, "ppl": ppl})
+    print(f"{args.method} on {lm.model_id} (structured: one prune per sparsity, calibration {protocol.source})")
+    print(f"{'pattern':<14}{'target':>8}{'achieved':>10}{'prune s':>9}{'ppl':>12}")
+    for r in rows:
+        ppl = "-" if r["ppl"] is None else f"{r['ppl']:.3f}"
+        print(f"{r['pattern']:<14}{r['target']:>8.3f}{r['achieved']:>10.4f}{r['prune_s']:>9.1f}{ppl:>12}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"method": args.method, "calibration": protocol.as_dict(),
+                                              "rows": rows}, indent=2))
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from .masks import DenseWeights, parse_pattern
     from .pruning import cut
 
+    if _is_structured(args.method):
+        return _sweep_structured(args)
     lm = _load(args)
     dense = DenseWeights(lm)
     artifact = _calibrate_or_load(args, lm, dense)
@@ -280,6 +342,14 @@ def cmd_export(args) -> int:
 
     lm = _load(args)
     masks = load_masks(args.masks, lm)
+    if masks.meta.get("pattern") == "structured" and not args.masked:
+        from .export import export_sliced_model
+        from .structured.plan import plan_from_maskset
+
+        path = export_sliced_model(lm, plan_from_maskset(lm, masks), args.out, masks.meta)
+        print(f"Sliced (physically smaller) model written to {path}; load it with "
+              f"core.models.load_model({str(path)!r}) or core.structured.slicing.load_sliced({str(path)!r})")
+        return 0
     DenseWeights(lm).apply(masks)
     path = export_pruned_model(lm, args.out, masks.meta)
     print(f"Pruned model written to {path}; load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
@@ -341,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--masks", required=True, help="a mask file written by prune / the explorer")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--masked", action="store_true",
+                   help="structured masks: write the full-size model with zeroed units instead of slicing")
     p.set_defaults(func=cmd_export)
     return parser
 
