@@ -314,7 +314,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
         )
     _check_fits(config, torch_dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        if getattr(config, "pruning_explorer_structure", None):  # a sliced (smaller) model folder
+            from .structured.slicing import load_sliced
+            model = load_sliced(source, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load the weights of {spec!r}: {exc}") from exc
