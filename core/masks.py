@@ -9,6 +9,8 @@ import json
 import math
 import os
 import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,46 +140,120 @@ def cut_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, scope: str
 
 # ---------------------------------------------------------------- a set of masks
 
+class LazyMasks(Mapping):
+    """Masks cut on first read, each once: a read-only dict to every reader.
+
+    A cut knows every matrix's name, shape and pruned count without making a mask, and the
+    explorer's live view needs only those and the one matrix it draws. Making all masks of a
+    135M model costs ~100 ms and ~100 MB per slider move, so a cut returns this mapping and
+    the other masks are made only when something reads them (apply for generation or
+    perplexity, save, export), by the same function an eager cut would call.
+
+    `done` may be shared between mappings whose masks are the same (N:M cuts of one
+    calibration): a mask made by one is then found by the others."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], make: Callable[[str], torch.Tensor],
+                 done: dict[str, torch.Tensor] | None = None):
+        self._shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        self._make = make
+        self._done = {} if done is None else done
+        self._lock = threading.Lock()  # two readers of one missing mask make it once
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        mask = self._done.get(name)
+        if mask is not None:
+            return mask
+        if name not in self._shapes:
+            raise KeyError(name)
+        with self._lock:
+            mask = self._done.get(name)
+            if mask is None:
+                mask = self._make(name)
+                if tuple(mask.shape) != self._shapes[name]:
+                    raise ValueError(f"{name}: made a mask of shape {tuple(mask.shape)}, expected "
+                                     f"{self._shapes[name]}")
+                self._done[name] = mask
+        return mask
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __contains__(self, name) -> bool:
+        return name in self._shapes
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self._shapes)
+
+    def made(self) -> list[str]:
+        """Names whose masks exist already (the rest are made on first read)."""
+        return [name for name in self._shapes if name in self._done]
+
+    def make_all(self) -> dict[str, torch.Tensor]:
+        """Every mask, made now where not made yet: a plain dict."""
+        return {name: self[name] for name in self._shapes}
+
+    def __repr__(self) -> str:
+        return f"LazyMasks({len(self._shapes)} matrices, {len(self.made())} made)"
+
+
+def mask_shapes(masks: Mapping) -> dict[str, tuple[int, int]]:
+    """Every mask's shape, without making lazy masks."""
+    if isinstance(masks, LazyMasks):
+        return masks.shapes()
+    return {name: tuple(mask.shape) for name, mask in masks.items()}
+
+
 @dataclass
 class MaskSet:
     """Masks for one model, optional updated weights (methods that update weights), metadata."""
 
-    masks: dict[str, torch.Tensor]
+    masks: Mapping[str, torch.Tensor]  # a dict, or LazyMasks (made on first read)
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     pruned: dict[str, int] | None = None  # pruned weights per matrix; counted once, on demand
     # output biases to set (structured bias compensation, FLAP); a module without a bias gets one
     biases: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Each mask's shape (no lazy mask is made)."""
+        return mask_shapes(self.masks)
+
     def pruned_counts(self) -> dict[str, int]:
         """Pruned weights per matrix. Counted once per mask set (a pass over ~100M mask entries
-        costs tens of ms, and the explorer needs the counts three times per slider move)."""
-        if self.pruned is None or self.pruned.keys() != self.masks.keys():
+        costs tens of ms, and the explorer needs the counts three times per slider move); a cut
+        knows them without counting, and then no lazy mask is made for them."""
+        if self.pruned is None or set(self.pruned) != set(self.masks):
             # count_nonzero, not (~mask).sum(): no temporary tensor, ~30x faster on big masks
             self.pruned = {name: mask.numel() - int(mask.count_nonzero()) for name, mask in self.masks.items()}
         return self.pruned
 
     def sparsity_per_matrix(self) -> dict[str, float]:
         counts = self.pruned_counts()
-        return {name: counts[name] / mask.numel() for name, mask in self.masks.items()}
+        return {name: counts[name] / math.prod(shape) for name, shape in self.shapes().items()}
 
     def total_sparsity(self) -> float:
         pruned = sum(self.pruned_counts().values())
-        total = sum(mask.numel() for mask in self.masks.values())
+        total = sum(math.prod(shape) for shape in self.shapes().values())
         return pruned / max(total, 1)
 
 
 def allocation_table(masks: "dict[str, torch.Tensor] | MaskSet", lm: LoadedModel) -> list[dict]:
     """One row per matrix: block, matrix type, size, achieved sparsity."""
-    counts = masks.pruned_counts() if isinstance(masks, MaskSet) else None
-    masks = masks.masks if isinstance(masks, MaskSet) else masks
+    if isinstance(masks, MaskSet):
+        counts, shapes = masks.pruned_counts(), masks.shapes()  # no lazy mask is made
+    else:
+        counts = {name: mask.numel() - int(mask.count_nonzero()) for name, mask in masks.items()}
+        shapes = mask_shapes(masks)
     rows = []
     prefix = lm.family.blocks_path + "."
-    for name, mask in masks.items():
+    for name, shape in shapes.items():
         block_text, rel = name[len(prefix):].split(".", 1)
-        pruned = counts[name] if counts is not None else mask.numel() - int(mask.count_nonzero())
+        pruned, params = counts[name], math.prod(shape)
         rows.append({"name": name, "block": int(block_text), "type": lm.family.matrix_type(rel),
-                     "params": mask.numel(), "pruned": pruned, "sparsity": pruned / mask.numel()})
+                     "params": params, "pruned": pruned, "sparsity": pruned / params})
     return rows
 
 

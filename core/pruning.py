@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 from .calibrate import BlockContext, LayerStats, ProgressFn, run_layerwise
-from .masks import (DenseWeights, MaskSet, Pattern, ascending_ranks, check_nm_fits, check_sparsity, cut_mask,
-                    pruned_count)
+from .masks import (DenseWeights, LazyMasks, MaskSet, Pattern, ascending_ranks, check_nm_fits, check_sparsity,
+                    cut_mask, pruned_count)
 from .methods import Method, get_method
 from .models import LoadedModel
 
@@ -163,19 +163,24 @@ def cut(artifact: Artifact, sparsity: float, pattern: Pattern = Pattern(), skip_
         progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> MaskSet:
     """Masks (and, for weight-updating methods, the re-solved weights) at a new sparsity."""
     method = artifact.method_obj
-    sparsity, skipped = _validate(artifact.dense.shapes(), method, sparsity, pattern, skip_misfits)
+    shapes = artifact.dense.shapes()
+    sparsity, skipped = _validate(shapes, method, sparsity, pattern, skip_misfits)
     start = time.perf_counter()
     masks, weights, pruned = {}, {}, {}
     names = [n for n in artifact.block_of if n not in skipped]
     nm_key = (str(pattern), json.dumps(artifact.params, sort_keys=True, default=str), tuple(skipped))
-    if pattern.is_nm and not method.updates_weights and artifact._nm_cache and artifact._nm_cache[0] == nm_key:
-        masks, names = dict(artifact._nm_cache[1]), []
-        own = None
-    else:
+    cached = (artifact._nm_cache[1] if pattern.is_nm and not method.updates_weights and artifact._nm_cache
+              and artifact._nm_cache[0] == nm_key else None)  # ("made", masks) or ("lazy", masks made so far)
+    own = None
+    if cached is not None and cached[0] == "made":
+        masks, names = dict(cached[1]), []
+    elif cached is None:
         own = method.cut_masks(artifact, sparsity, pattern, names)
     if own is not None:
         masks, names = own, []
     targets = matrix_sparsities(artifact, sparsity) if names and not pattern.is_nm else {n: sparsity for n in names}
+    scope = _scope(method, artifact.params)
+    lazy = []  # score methods: masks made on first read (LazyMasks); their counts are known now
     for i, name in enumerate(names):
         if method.updates_weights:
             if should_stop is not None and should_stop():
@@ -186,20 +191,29 @@ def cut(artifact: Artifact, sparsity: float, pattern: Pattern = Pattern(), skip_
             if progress:
                 progress(i + 1, len(names), name)
         else:
-            scope = _scope(method, artifact.params)
-            ranks = None if pattern.is_nm else artifact.ranks(name, scope)
-            masks[name] = cut_mask(artifact.score(name), targets[name], pattern, scope, ranks)
-            d_out, d_in = masks[name].shape
+            lazy.append(name)
+            d_out, d_in = shapes[name]
             # known without counting: k per row (or per matrix), or M - N per group
             pruned[name] = (d_out * d_in // pattern.m * (pattern.m - pattern.n) if pattern.is_nm else
                             pruned_count(targets[name], d_in) * d_out if scope == "row" else
                             pruned_count(targets[name], d_out * d_in))
+    if lazy:
+        # One comparison of ranks per matrix (~100 ms for all 135M weights), or N:M top-k, made
+        # when a reader first needs the mask: the explorer draws one matrix per slider move.
+        def make(name: str) -> torch.Tensor:
+            ranks = None if pattern.is_nm else artifact.ranks(name, scope)
+            scores = artifact.score(name) if ranks is None else None  # ranks alone cut (scores may be recomputed)
+            return cut_mask(scores, targets[name], pattern, scope, ranks)
+
+        # N:M masks do not depend on the sparsity: share what earlier cuts at this pattern made
+        done = cached[1] if cached is not None else {}
+        masks = LazyMasks({name: shapes[name] for name in lazy}, make, done)
     if pattern.is_nm and not method.updates_weights:
-        artifact._nm_cache = (nm_key, dict(masks))
+        artifact._nm_cache = (nm_key, ("lazy", done) if lazy else ("made", dict(masks)))
     meta = {"method": method.name, "params": dict(artifact.params), "pattern": str(pattern),
             "target_sparsity": f"{sparsity:.6f}", "calibration": artifact.protocol,
             "skipped_layers": skipped, "cut_seconds": f"{time.perf_counter() - start:.4f}"}
-    return MaskSet(masks=masks, weights=weights, meta=meta, pruned=pruned if pruned.keys() == masks.keys() else None)
+    return MaskSet(masks=masks, weights=weights, meta=meta, pruned=pruned if set(pruned) == set(masks) else None)
 
 
 def update_cut_params(artifact: Artifact, params: dict) -> list[str]:
