@@ -129,3 +129,39 @@ def test_calibrate_once_then_cut_from_the_saved_artifact(tiny_llama_dir, tmp_pat
                     *data)
     assert sweep.returncode == 0, sweep.stderr
     assert "unipruning on" in sweep.stdout and "0.600" in sweep.stdout
+
+
+def test_structured_prune_then_export_a_smaller_model(tiny_llama_dir, tmp_path):
+    """FLAP from the command line: the mask file says structured, the export is physically
+    smaller, loads through core.models.load_model, and computes what the masked model computes."""
+    import torch
+
+    from core.masks import DenseWeights, load_masks
+    from core.models import load_model
+
+    out = tmp_path / "flap"
+    result = run_cli("prune", "--model", str(tiny_llama_dir), "--method", "flap", "--sparsity", "0.3",
+                     "--calib-windows", "4", "--seqlen", "32", "--eval-windows", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["pattern"] == "structured" and abs(summary["structured_sparsity"] - 0.3) < 0.1
+    assert len(summary["allocation"]) == 2 and summary["ppl"] > 0
+
+    result = run_cli("export", "--model", str(tiny_llama_dir), "--masks", str(out / "masks.safetensors"),
+                     "--out", str(tmp_path / "small"))
+    assert result.returncode == 0, result.stderr
+    assert "Sliced" in result.stdout
+    lm = load_model(str(tiny_llama_dir))
+    masks = load_masks(out / "masks.safetensors", lm)
+    small = load_model(str(tmp_path / "small"))
+    n_dense = sum(p.numel() for p in lm.model.parameters())
+    n_small = sum(p.numel() for p in small.model.parameters())
+    assert n_small < 0.85 * n_dense
+    DenseWeights(lm).apply(masks)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids).logits, small.model(ids).logits, atol=1e-4)
+
+    refused = run_cli("cut", "--model", str(tiny_llama_dir), "--method", "flap", "--artifact", "x.safetensors",
+                      "--out", str(tmp_path / "no"))
+    assert refused.returncode == 2 and "structured" in refused.stderr
