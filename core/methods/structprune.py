@@ -24,8 +24,8 @@ class StructPrune(StructuredMethod):
         Param("temperature", "float", 1.0, "softmax temperature T over standardised energies (large: uniform)",
               0.01, 1e6),
         Param("max_layer_sparsity", "float", 0.9, "no block loses more than this fraction", 0.05, 0.99),
-        Param("iterations", "int", 20, "ADMM iterations per module", 1, 200),
-        Param("rho", "float", 0.01, "initial ADMM penalty, relative to mean(diag H) (grows 1.3x per step)", 1e-6, 100.0),
+        Param("iterations", "int", 10, "ADMM iterations per module", 1, 200),
+        Param("rho", "float", 0.01, "initial ADMM penalty, relative to mean(diag H) (grows 1.5x per step)", 1e-6, 100.0),
         Param("percdamp", "float", 0.01, "dampening of H, as a fraction of mean(diag H)", 0.0, 1.0),
     )
 
