@@ -1,31 +1,43 @@
-"""Latency of the explorer's slider (the /cut handler) through gradio_client.
+"""Latency of the explorer's slider (the /cut handler) through gradio_client, and in a browser.
 
     python bench/explorer_latency.py                      # a tiny random Llama (seconds)
     python bench/explorer_latency.py --model smollm2-135m --windows 16 --seqlen 256
     python bench/explorer_latency.py --model smollm2-135m --windows 16 --seqlen 256 --browser
 
-Starts the app in-process on a free port, loads the model, calibrates once, then times N cuts
-at alternating sparsities (each a real re-cut) and N redraws of the matrix view. Prints a
-table and writes bench/results/explorer_latency.json. With --browser it also opens the app in
-Debian chromium (Playwright), calibrates through the page, and times slider release -> the
-allocation chart and the heatmap redrawn in the page (end to end, what a user sees).
+Starts the app in a separate server process on a free port (as a user runs it: the client
+does not share the server's interpreter), loads the model, calibrates once, then times N cuts
+at alternating sparsities (each a real re-cut), N switches between unstructured and 2:4, and N
+redraws of the matrix view. For every call it records the round trip, the server process's
+CPU time (robust on a busy machine, where wall time mostly measures the neighbours) and,
+inside the server, each part: gradio's processing of the event, the cut, the allocation
+table and each figure. With --browser it also opens the app in Debian chromium (Playwright),
+calibrates through the page, and times slider release -> the allocation chart and the
+heatmap both redrawn with the new cut (in-page clock, a timeout per sample). Prints a table
+and writes bench/results/explorer_latency.json.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]
 
 
 def _free_port() -> int:
@@ -43,6 +55,107 @@ def _tiny_folder() -> str:
     return folder
 
 
+# ---------------------------------------------------------------- the server process
+
+class _Parts:
+    """perf_counter time of named parts of the server's work, per API call (sequential calls)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.calls: list[dict] = []  # {"api": name, part: seconds, ...}
+
+    def wrap_sync(self, fn, part: str):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._add(part, time.perf_counter() - start)
+        return timed
+
+    def wrap_async(self, fn, part: str):
+        @functools.wraps(fn)
+        async def timed(self_, block_fn, *args, **kwargs):
+            api = getattr(block_fn, "api_name", None) or getattr(block_fn, "name", "?")
+            with self.lock:
+                self.calls.append({"api": str(api)})
+            start = time.perf_counter()
+            try:
+                return await fn(self_, block_fn, *args, **kwargs)
+            finally:
+                self._add(part, time.perf_counter() - start)
+        return timed
+
+    def _add(self, part: str, seconds: float) -> None:
+        with self.lock:
+            if self.calls:
+                self.calls[-1][part] = self.calls[-1].get(part, 0.0) + seconds
+
+
+def serve(port: int, spec: str, parts_path: str) -> None:
+    """Run the app (in this process) with its parts timed; write the timings on SIGTERM."""
+    import signal
+
+    import gradio as gr
+
+    import core.masks
+    import explorer.app as app
+    from explorer import figures
+
+    parts = _Parts()
+    gr.Blocks.process_api = parts.wrap_async(gr.Blocks.process_api, "gradio process_api")
+    app.cut = parts.wrap_sync(app.cut, "cut()")
+    app.allocation_table = parts.wrap_sync(core.masks.allocation_table, "allocation table")
+    for name in ("allocation_figure", "saliency_figure", "histogram_figure", "to_plot"):
+        setattr(figures, name, parts.wrap_sync(getattr(figures, name), name))
+    app._views = parts.wrap_sync(app._views, "views (all figures)")
+
+    demo = app.build_app(model=spec, autoload=False)
+    demo.queue(default_concurrency_limit=1)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app.launch_kwargs())
+    done.wait()
+    Path(parts_path).write_text(json.dumps(parts.calls))
+    demo.close()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _start_server(spec: str, parts_path: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--model", spec,
+                             "--parts", parts_path], env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the app's server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("the app's server did not start within 300 s")
+
+
+# ---------------------------------------------------------------- the client
+
+def _stats(values: list[float]) -> dict:
+    ms = sorted(1000 * v for v in values)
+    return {"median_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * (len(ms) - 1))], "n": len(ms)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model spec (default: a tiny random Llama)")
@@ -51,82 +164,191 @@ def main(argv=None) -> None:
     parser.add_argument("--seqlen", type=int, default=64)
     parser.add_argument("-n", type=int, default=20, help="timed calls per handler")
     parser.add_argument("--browser", action="store_true", help="also time the slider end to end in chromium")
+    parser.add_argument("--browser-only", action="store_true", help="only the browser timing")
+    parser.add_argument("--sample-timeout", type=float, default=30.0,
+                        help="seconds one browser sample may take before it counts as timed out")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "explorer_latency.json"))
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the server here
+    parser.add_argument("--parts", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve:
+        return serve(args.serve, args.model, args.parts)
 
     from gradio_client import Client
 
-    from explorer.app import build_app
-
     spec = args.model or _tiny_folder()
-    demo = build_app(model=spec, autoload=False)
-    demo.queue(default_concurrency_limit=1)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    parts_path = tempfile.mktemp(prefix="explorer-parts-", suffix=".json")
+    proc, url = _start_server(spec, parts_path)
+    timings: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    order: list[tuple[str, str]] = []  # (api name, timed label or "") of every call the server sees
+    facts, load_s, calib_s = {}, 0.0, 0.0
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        client = Client(url, verbose=False, download_files=False)
         start = time.perf_counter()
         facts = client.predict(spec, "float32", "cpu", api_name="/load_model")[0]
         load_s = time.perf_counter() - start
-        start = time.perf_counter()
-        client.predict(method_name=args.method, windows=args.windows, seqlen=args.seqlen, sparsity=0.5,
-                       api_name="/calibrate")
-        calib_s = time.perf_counter() - start
-        timings = {"cut (unstructured)": [], "cut (2:4)": [], "view (heatmap + histogram)": []}
-        for i in range(args.n):
-            sparsity = 0.3 if i % 2 else 0.6  # alternate so every call really re-cuts
-            t = time.perf_counter()
-            client.predict(sparsity=sparsity, pattern="unstructured", api_name="/cut")
-            timings["cut (unstructured)"].append(time.perf_counter() - t)
-        for i in range(args.n):
-            t = time.perf_counter()
-            client.predict(sparsity=0.5 + 0.01 * (i % 2), pattern="2:4", api_name="/cut")
-            timings["cut (2:4)"].append(time.perf_counter() - t)
-        for i in range(args.n):
-            t = time.perf_counter()
-            client.predict(block=i % facts["layers"], mtype="down", api_name="/view")
-            timings["view (heatmap + histogram)"].append(time.perf_counter() - t)
-        if args.browser:
-            timings["browser: slider -> allocation + heatmap redrawn"] = _browser_timings(
-                f"http://127.0.0.1:{port}/", spec, args)
-    finally:
-        demo.close()
+        order.append(("load_model", ""))
+        if not args.browser_only:
+            start = time.perf_counter()
+            client.predict(method_name=args.method, windows=args.windows, seqlen=args.seqlen, sparsity=0.5,
+                           api_name="/calibrate")
+            calib_s = time.perf_counter() - start
+            order.append(("calibrate", ""))
 
-    rows = {name: {"median_ms": 1000 * statistics.median(v), "p90_ms": 1000 * sorted(v)[int(0.9 * (len(v) - 1))],
-                   "n": len(v)} for name, v in timings.items()}
-    print(f"model {facts['model']} ({facts['parameters']:,} params), load {load_s:.1f} s, "
-          f"calibrate ({args.method}, {args.windows}x{args.seqlen}) {calib_s:.1f} s")
-    print(f"{'handler':32} {'median ms':>10} {'p90 ms':>10} {'n':>4}")
+            def timed(label: str, **kwargs) -> None:
+                before, t = _cpu_seconds(proc.pid), time.perf_counter()
+                client.predict(**kwargs)
+                timings.setdefault(label, []).append(time.perf_counter() - t)
+                after = _cpu_seconds(proc.pid)
+                if before is not None and after is not None:
+                    cpu.setdefault(label, []).append(after - before)
+                order.append((kwargs["api_name"].strip("/"), label))
+
+            for i in range(args.n):  # alternate so every call really re-cuts
+                timed("cut (unstructured)", sparsity=0.3 if i % 2 else 0.6, pattern="unstructured", api_name="/cut")
+            for i in range(2 * args.n):  # unstructured <-> 2:4: the 2:4 calls are timed
+                pattern = "2:4" if i % 2 else "unstructured"
+                if pattern == "2:4":
+                    timed("cut (2:4, from unstructured)", sparsity=0.5, pattern=pattern, api_name="/cut")
+                else:
+                    client.predict(sparsity=0.5, pattern=pattern, api_name="/cut")
+                    order.append(("cut", ""))
+            for i in range(args.n):
+                timed("view (heatmap + histogram)", block=i % facts["layers"], mtype="down", api_name="/view")
+        if args.browser or args.browser_only:
+            browser = _browser_timings(url, spec, args)
+            timings["browser: slider -> allocation + heatmap redrawn"] = browser["samples"]
+            if browser["cpu"]:
+                cpu["browser: slider -> allocation + heatmap redrawn"] = browser["cpu"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    parts = {}
+    try:
+        calls = json.loads(Path(parts_path).read_text())
+        os.remove(parts_path)
+    except (OSError, ValueError):
+        calls = []
+    if [c["api"] for c in calls[:len(order)]] != [api for api, _ in order]:
+        print("the server's calls do not match the client's: no per-part timings", file=sys.stderr)
+    else:  # the browser's calls come after the timed ones
+        for (_, label), call in zip(order, calls):
+            if label:
+                for part, seconds in call.items():
+                    if part != "api":
+                        parts.setdefault(label, {}).setdefault(part, []).append(seconds)
+
+    rows = {name: _stats(v) for name, v in timings.items() if v}
+    for name, v in cpu.items():
+        rows[name]["cpu_median_ms"] = 1000 * statistics.median(v)
+    if "browser: slider -> allocation + heatmap redrawn" in timings:
+        rows.setdefault("browser: slider -> allocation + heatmap redrawn", {"n": 0})
+        rows["browser: slider -> allocation + heatmap redrawn"]["timeouts"] = browser["timeouts"]
+    if facts:
+        print(f"model {facts['model']} ({facts['parameters']:,} params), load {load_s:.1f} s, "
+              f"calibrate ({args.method}, {args.windows}x{args.seqlen}) {calib_s:.1f} s")
+    print(f"{'handler':48} {'median ms':>10} {'p90 ms':>8} {'CPU ms':>8} {'n':>4}")
     for name, r in rows.items():
-        print(f"{name:32} {r['median_ms']:10.1f} {r['p90_ms']:10.1f} {r['n']:4d}")
-    result = {"model": facts["model"], "parameters": facts["parameters"], "method": args.method,
+        cpu_ms = r.get("cpu_median_ms")
+        print(f"{name:48} {r.get('median_ms', float('nan')):10.1f} {r.get('p90_ms', float('nan')):8.1f} "
+              f"{'' if cpu_ms is None else f'{cpu_ms:.1f}':>8} {r['n']:4d}"
+              + (f"  ({r['timeouts']} timed out)" if r.get("timeouts") else ""))
+    part_rows = {label: {part: 1000 * statistics.median(v) for part, v in by_part.items()}
+                 for label, by_part in parts.items()}
+    for label, by_part in part_rows.items():
+        print(f"  server parts of {label} (median ms): "
+              + ", ".join(f"{part} {ms:.1f}" for part, ms in by_part.items()))
+    result = {"model": facts.get("model"), "parameters": facts.get("parameters"), "method": args.method,
               "calibration": {"windows": args.windows, "seqlen": args.seqlen, "seconds": calib_s},
-              "load_seconds": load_s, "handlers": rows, "note": "round trip through gradio_client, "
-              "including plotly figure serialisation", "machine": {"python": platform.python_version(),
-              "cpus": os.cpu_count(), "platform": platform.platform()}}
+              "load_seconds": load_s, "handlers": rows, "server_parts_median_ms": part_rows,
+              "note": "round trip through gradio_client to the app in its own process, including plotly "
+                      "figure serialisation; CPU = user+system time per call of the server process (handlers) "
+                      "or of everything the bench started: server, chromium, playwright's driver (browser: before "
+                      "the release to 300 ms after the redraw)",
+              "load_average_at_end": os.getloadavg(),
+              "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                          "platform": platform.platform()}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 
-def _browser_timings(url: str, spec: str, args) -> list[float]:
+# ---------------------------------------------------------------- the browser
+
+# The signature of what the page shows: the allocation chart's title (it names the achieved
+# sparsity) and the heatmap's mask panel (its base64 grid, as given to plotly.js), plus whether
+# plotly has drawn both. Gradio re-creates a plot's element on every new value, so the
+# elements are looked up afresh each time.
+_SIGNATURE = """() => {
+    const plot = (id) => document.querySelector('#' + id + ' .js-plotly-plot');
+    const alloc = plot('alloc-plot'), heat = plot('heat-plot');
+    const drawn = (el) => !!(el && el._fullLayout && el.querySelector('.main-svg'));
+    const z = heat && heat.data && heat.data.length ? heat.data[heat.data.length - 1].z : null;
+    return {title: (alloc && alloc.layout && alloc.layout.title && alloc.layout.title.text) || '',
+            heat: z ? (z.bdata || JSON.stringify(z)) : '', drawn: drawn(alloc) && drawn(heat)};
+}"""
+
+# Polled every animation frame: done (the in-page time) once both plots show something other
+# than `before` and are drawn.
+_REDRAWN = """([before, sig]) => {
+    const now = (""" + _SIGNATURE + """)();
+    if (!now.drawn || now.title === before.title || now.heat === before.heat) return false;
+    return performance.now();
+}"""
+
+
+# The release moment, on the page's clock: the slider's number box losing focus fires gradio's
+# release event (a capture listener runs first).
+_ON_RELEASE = """() => {
+    window.__released = null;
+    const box = document.querySelector('input[aria-label="number input for Target sparsity"]');
+    box.addEventListener('blur', () => { window.__released = performance.now(); }, {capture: true, once: true});
+}"""
+
+
+def _descendants_cpu_seconds(root: int) -> float:
+    """User + system CPU time of every process descended from `root` (here: chromium's)."""
+    parent, cpu = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parent[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid, seconds in cpu.items():
+        p = parent.get(pid)
+        while p and p != root:
+            p = parent.get(p)
+        if p == root:
+            total += seconds
+    return total
+
+
+def _browser_timings(url: str, spec: str, args) -> dict:
     import shutil
 
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import expect, sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("--browser needs Debian chromium on PATH (scripts/setup.sh --browser)")
     status = "[data-testid=markdown].status"
-    out = []
+    samples, cpu, timeouts = [], [], 0
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update"])
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(600_000)
+            page.set_default_timeout(60_000)
             page.goto(url)
             chooser = page.get_by_label("Model", exact=True)
             chooser.click()
@@ -137,31 +359,32 @@ def _browser_timings(url: str, spec: str, args) -> list[float]:
             page.get_by_label("windows", exact=True).fill(str(args.windows))
             page.get_by_label("seqlen", exact=True).first.fill(str(args.seqlen))
             page.get_by_role("button", name="Calibrate").click()
-            expect(page.locator(status)).to_contain_text("Calibrated", timeout=600_000)
+            expect(page.locator(status)).to_contain_text("Calibrated", timeout=900_000)
+            page.wait_for_function("(sig) => (" + _SIGNATURE + ")().drawn", arg=None, timeout=60_000)
             number = page.get_by_label("number input for Target sparsity")
-            # plotly.js keeps typed arrays as given in el.data; the decoded grid is in _fullData
-            total = ("const sumZ = (el) => { const d = el && el._fullData; const z = d && d[d.length - 1].z;"
-                     " if (!z) return null; let s = 0; for (let i = 0; i < z.length; i++) { const r = z[i];"
-                     " if (r && r.length !== undefined) { for (let j = 0; j < r.length; j++) s += r[j]; }"
-                     " else s += r; } return s; };")
-            heat_sum = "() => { " + total + " return sumZ(document.querySelectorAll('.js-plotly-plot')[1]); }"
-            for i in range(args.n):
+            for i in range(args.n + 1):  # the first is a warm-up, not counted
                 sparsity = 0.3 if i % 2 else 0.6
-                before_heat = page.evaluate(heat_sum)
-                t = time.perf_counter()
+                before = page.evaluate(_SIGNATURE)
+                page.evaluate(_ON_RELEASE)
+                cpu0 = _descendants_cpu_seconds(os.getpid())
                 number.fill(str(sparsity))
                 number.press("Tab")  # leaving the box releases the slider
-                page.wait_for_function(
-                    "([target, before]) => { " + total + """
-                        const plots = document.querySelectorAll('.js-plotly-plot');
-                        const title = plots[0]?.layout?.title?.text || '';
-                        if (!title.includes('total ' + target)) return false;
-                        const s = sumZ(plots[1]); return s !== null && s !== before; }""",
-                    arg=[f"{sparsity * 100:.1f}%", before_heat], polling="raf")
-                out.append(time.perf_counter() - t)
+                try:
+                    t1 = page.wait_for_function(_REDRAWN, arg=[before, None], polling="raf",
+                                                timeout=1000 * args.sample_timeout).json_value()
+                except PlaywrightError:
+                    timeouts += 1
+                    print(f"browser sample {i}: no redraw within {args.sample_timeout:.0f} s", file=sys.stderr)
+                    page.wait_for_timeout(1000)
+                    continue
+                t0 = page.evaluate("() => window.__released")
+                page.wait_for_timeout(300)  # let plotly's follow-up (a resize after 100 ms) finish
+                if i:
+                    samples.append((t1 - t0) / 1000)
+                    cpu.append(_descendants_cpu_seconds(os.getpid()) - cpu0)
         finally:
             browser.close()
-    return out
+    return {"samples": samples, "cpu": cpu, "timeouts": timeouts}
 
 
 if __name__ == "__main__":

@@ -42,9 +42,9 @@ budget over all matrices, so its bars show where the method itself put the spars
 
 **Saliency heatmap**: the importance score of every weight of one matrix (rows = outputs,
 columns = inputs), on a log scale (for UniPruning: its learned |Gamma|). Big matrices are shrunk
-to at most 256x256 by *max* pooling, so a bright pixel means at least one important weight in
-that tile; hovering names the rows and columns a tile covers. The second panel is the mask: the
-percentage of weights kept in each tile (white = all pruned).
+to at most 256x256 cells by *max* pooling whole tiles of rows x columns, so a bright pixel means
+at least one important weight in that tile; hovering names the rows and columns a tile covers.
+The second panel is the mask: the percentage of weights kept in each tile (white = all pruned).
 
 **Score histogram**: how the scores spread. Red weights are pruned, blue kept; the dashed line is
 the largest pruned score. Row-wise methods (Wanda, RIA) cut each output row separately, so the
@@ -534,13 +534,13 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
                         with gr.Row():
                             sparsity_sl = gr.Slider(0.0, 0.95, value=0.5, step=0.01, label="Target sparsity")
                             pattern_rd = gr.Radio(PATTERNS, value="unstructured", label="Pattern")
-                        alloc_plot = gr.Plot(label="Allocation")
+                        alloc_plot = gr.Plot(label="Allocation", elem_id="alloc-plot")
                         with gr.Row():
                             block_sl = gr.Slider(0, 1, value=0, step=1, label="Block")
                             mtype_dd = gr.Dropdown(["q", "k", "v", "o", "gate", "up", "down"], value="q",
                                                    label="Matrix type")
-                        heat_plot = gr.Plot(label="Saliency and mask")
-                        hist_plot = gr.Plot(label="Scores")
+                        heat_plot = gr.Plot(label="Saliency and mask", elem_id="heat-plot")
+                        hist_plot = gr.Plot(label="Scores", elem_id="hist-plot")
                         summary_js = gr.JSON(label="Cut summary")
                     with gr.Tab("Compare"):
                         prompt_tb = gr.Textbox(_example_prompts()[0], lines=3, label="Prompt")
@@ -685,6 +685,40 @@ def css() -> str:
     return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
+# Gradio's Plot re-creates its plotly element for every new value, and the old element's effect
+# first draws the new figure into the element about to be removed: each update was drawn twice
+# (about half the browser's work after a slider move). This defers every Plotly.react to the
+# next animation frame (still before that frame is painted) and skips elements that have left
+# the page by then. window.Plotly is set when gradio's plotly module first loads: patched then.
+PLOTLY_ONCE_JS = """
+<script>
+(() => {
+  const patch = (P) => {
+    if (!P || typeof P.react !== "function" || P.__drawOnce) return P;
+    const react = P.react;
+    P.react = function (gd, ...args) {
+      return new Promise((resolve, reject) => requestAnimationFrame(() => {
+        const el = typeof gd === "string" ? document.getElementById(gd) : gd;
+        if (!el || !el.isConnected) { resolve(el); return; }
+        Promise.resolve(react.call(P, el, ...args)).then(resolve, reject);
+      }));
+    };
+    P.__drawOnce = true;
+    return P;
+  };
+  let plotly = patch(window.Plotly);
+  Object.defineProperty(window, "Plotly", {configurable: true, enumerable: true,
+    get: () => plotly, set: (value) => { plotly = patch(value); }});
+})();
+</script>
+"""
+
+
+def head() -> str:
+    """Extra <head> HTML: the single-draw fix for gradio's plots (PLOTLY_ONCE_JS)."""
+    return PLOTLY_ONCE_JS
+
+
 def launch_kwargs() -> dict:
-    """What launch() needs for the look (gradio 6 takes theme and css at launch)."""
-    return {"theme": theme(), "css": css()}
+    """What launch() needs for the look and the plots (gradio 6 takes theme, css and head at launch)."""
+    return {"theme": theme(), "css": css(), "head": head()}

@@ -77,11 +77,16 @@ def test_figures_are_pure_and_downsample():
     import numpy as np
 
     fig = figures.saliency_figure(scores, mask, "m")
-    assert "downsampled to 256x256" in figures.title_of(fig)
-    assert all(t["z"]["shape"] == "256, 256" for t in fig["data"])
+    # whole 3x2 tiles (the fewest rows and columns per cell that fit 256 cells a side)
+    assert "downsampled to 200x150 by pooling 3x2 tiles" in figures.title_of(fig)
+    assert all(t["z"]["shape"] == "200, 150" for t in fig["data"])
     kept = np.frombuffer(base64.b64decode(fig["data"][1]["z"]["bdata"]), dtype=np.uint8)
     assert abs(kept.mean() - 50) < 2  # percent kept per tile, about half
-    assert fig["data"][0]["y"][1] == 600 // 256 and fig["data"][0]["x"][-1] == 255 * 300 // 256  # original rows/cols
+    assert kept.reshape(200, 150)[0, 0] == round(100 * mask[:3, :2].float().mean().item())
+    # each cell at its first original row / column, evenly spaced (plotly.js's fast image path)
+    assert fig["data"][0]["y"] == list(range(0, 600, 3)) and fig["data"][0]["x"] == list(range(0, 300, 2))
+    odd = figures.saliency_figure(torch.rand(257, 100), torch.rand(257, 100) > 0.5, "odd")
+    assert odd["data"][1]["z"]["shape"] == "129, 100" and odd["data"][1]["y"][-1] == 256  # a last, partial tile
     rows = [{"block": b, "type": t, "params": 100, "pruned": 30 + b, "sparsity": (30 + b) / 100, "name": f"{b}{t}"}
             for b in range(3) for t in ("q", "down")]
     alloc = figures.allocation_figure(rows, 0.3)
