@@ -1,0 +1,236 @@
+"""Speed of physically sliced models (core.structured.slicing) against the dense model.
+
+For each structured sparsity (fraction of the decoder's attention + MLP parameters removed) a
+plan is built (by default: `l2_plan`, the lowest-L2-norm attention units and MLP channels of
+every block), the model is sliced, and dense and sliced models are timed on the same prompt:
+
+- prefill tokens/s: one forward over a fixed 512-token prompt with the KV cache on and only
+  the last position's logits (what generate's first step does);
+- decode tokens/s: greedy `generate` of 128 new tokens from that prompt with the cache; the
+  time from the first generated token to the last (127 decode steps), taken by a pass-through
+  logits processor, so the prefill is not counted twice.
+
+Median of `--runs` (>= 5) timed runs after one warm-up, torch threads fixed (2 by default).
+Also: parameter count, safetensors size (save_pretrained / save_sliced of each model), and
+the largest logit difference between the sliced model and the masked model it stands for.
+
+    python bench/structured_speed.py            # smollm2-135m, 25% and 50%
+    python bench/structured_speed.py --sparsities 0.5 --runs 7
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import SHARED, print_table, save  # noqa: E402
+from core.masks import DenseWeights  # noqa: E402
+from core.models import LoadedModel, load_model  # noqa: E402
+from core.structured.plan import StructuredPlan  # noqa: E402
+from core.structured.slicing import save_sliced, slice_model  # noqa: E402
+from core.structured.units import BlockUnits, all_block_units, unit_out_columns, unit_rows  # noqa: E402
+
+PlanFn = Callable[[LoadedModel, float], StructuredPlan]
+
+
+# ---------------------------------------------------------------- the default plan
+
+def unit_counts(u: BlockUnits, sparsity: float) -> tuple[int, int]:
+    """(attention units, channels) to remove from one block for a block sparsity.
+
+    Attention takes its parameter share: round(sparsity * units) whole units; the channels
+    then make up the rest of the block's budget (rounded to whole channels), so the block
+    lands as close to `sparsity` as whole units allow. Each sublayer keeps at least one unit."""
+    n_attn = min(max(round(sparsity * u.attn_units), 0), u.attn_units - 1)
+    rest = sparsity * u.params - n_attn * u.attn_unit_params
+    n_channels = min(max(round(rest / u.channel_params), 0), u.channels - 1)
+    return n_attn, n_channels
+
+
+@torch.no_grad()
+def l2_plan(lm: LoadedModel, sparsity: float) -> StructuredPlan:
+    """Remove the lowest-L2-norm units uniformly per block (no calibration, no refit).
+
+    An attention unit's norm covers its q/k/v rows and o columns; a channel's, its rows of
+    every MLP input projection and its column of the output projection."""
+    family, modules = lm.family, lm.prunable()
+    keep_attn, keep_channels = [], []
+    for u in all_block_units(lm):
+        prefix = family.block_prefix(u.index)
+
+        def weight(rel):
+            return family.weight_view(modules[f"{prefix}.{rel}"]).float()
+
+        attn_scores = torch.zeros(u.attn_units)
+        for j in range(u.attn_units):
+            one = torch.zeros(u.attn_units, dtype=torch.bool)
+            one[j] = True
+            attn_scores[j] = sum(weight(rel)[rows].pow(2).sum() for rel, rows in unit_rows(lm, u, one).items())
+            attn_scores[j] += weight(family.attention.out)[:, unit_out_columns(u, one)].pow(2).sum()
+        channel_scores = weight(family.mlp.out).pow(2).sum(0)
+        for rel in family.mlp.inputs:
+            channel_scores += weight(rel).pow(2).sum(1)
+        n_attn, n_channels = unit_counts(u, sparsity)
+        ka = torch.ones(u.attn_units, dtype=torch.bool)
+        ka[attn_scores.argsort()[:n_attn]] = False
+        kc = torch.ones(u.channels, dtype=torch.bool)
+        kc[channel_scores.argsort()[:n_channels]] = False
+        keep_attn.append(ka)
+        keep_channels.append(kc)
+    return StructuredPlan(keep_attn, keep_channels, meta={"method": "l2-norm, uniform per block"})
+
+
+# ---------------------------------------------------------------- timing
+
+class _Stamps:
+    """A pass-through logits processor that records when each new token's scores arrive."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _prompt(lm: LoadedModel, tokens: int) -> tuple[torch.Tensor, str]:
+    source = SHARED / "eval-80.txt"
+    if source.exists():
+        text, label = source.read_text()[: tokens * 40], f"first {tokens} tokens of {source.name}"
+    else:
+        text, label = "The quick brown fox jumps over the lazy dog. " * tokens, "a repeated sentence"
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    if ids.shape[1] < tokens:
+        raise SystemExit(f"The prompt text has only {ids.shape[1]} tokens; {tokens} are needed.")
+    return ids, label
+
+
+@torch.no_grad()
+def time_model(model, ids: torch.Tensor, new_tokens: int, runs: int) -> dict:
+    """Median prefill and decode tokens/s over `runs` timed runs after one warm-up."""
+    from transformers import LogitsProcessorList
+
+    prefill, decode = [], []
+    for run in range(runs + 1):
+        start = time.perf_counter()
+        model(ids, use_cache=True, logits_to_keep=1)
+        elapsed = time.perf_counter() - start
+        stamps = _Stamps()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=model.generation_config.pad_token_id or 0,
+                             logits_processor=LogitsProcessorList([stamps]))
+        assert out.shape[1] == ids.shape[1] + new_tokens and len(stamps.times) == new_tokens
+        if run:  # run 0 is the warm-up
+            prefill.append(ids.shape[1] / elapsed)
+            decode.append((new_tokens - 1) / (stamps.times[-1] - stamps.times[0]))
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "prefill_all": prefill, "decode_all": decode}
+
+
+def _safetensors_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def run(lm: LoadedModel, sparsities=(0.25, 0.5), plan_fn: PlanFn = l2_plan, prompt_tokens: int = 512,
+        new_tokens: int = 128, runs: int = 5) -> tuple[list[dict], str]:
+    """Rows (dense first, then one per sparsity) of speed, size and agreement."""
+    ids, prompt_label = _prompt(lm, prompt_tokens)
+    units = all_block_units(lm)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="structured-speed-") as tmp:
+        lm.model.save_pretrained(Path(tmp) / "dense")
+        dense_bytes = _safetensors_bytes(Path(tmp) / "dense")
+        print("timing dense", flush=True)
+        dense = time_model(lm.model, ids, new_tokens, runs)
+        rows.append({"model": "dense", "sparsity": 0.0, "params": sum(p.numel() for p in lm.model.parameters()),
+                     "safetensors_mb": dense_bytes / 1e6, **dense})
+        weights = DenseWeights(lm)
+        for sparsity in sparsities:
+            plan = plan_fn(lm, sparsity)
+            sliced = slice_model(lm, plan)
+            weights.apply(plan.to_maskset(lm, units))  # the masked model the sliced one stands for
+            with torch.no_grad():
+                diff = (sliced(ids, use_cache=False).logits - lm.model(ids, use_cache=False).logits).abs().max()
+            weights.restore()
+            folder = save_sliced(sliced, Path(tmp) / f"sliced-{sparsity}")
+            print(f"timing sliced {sparsity:.0%}", flush=True)
+            timed = time_model(sliced, ids, new_tokens, runs)
+            rows.append({"model": "sliced", "sparsity": sparsity,
+                         "achieved": plan.structured_sparsity(units),
+                         "heads_kept": sum(a["heads_kept"] for a in plan.allocation(units)),
+                         "channels_kept": sum(int(c.sum()) for c in plan.keep_channels),
+                         "params": sum(p.numel() for p in sliced.parameters()),
+                         "safetensors_mb": _safetensors_bytes(folder) / 1e6,
+                         "max_logit_diff_vs_masked": float(diff), **timed})
+            del sliced
+    for row in rows:
+        row["prefill_speedup"] = row["prefill_tok_s"] / rows[0]["prefill_tok_s"]
+        row["decode_speedup"] = row["decode_tok_s"] / rows[0]["decode_tok_s"]
+    return rows, prompt_label
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = ["dense" if r["model"] == "dense" else f"sliced {r['sparsity']:.0%}" for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("prefill tokens/s (512-token prompt)",
+                                                        "greedy decode tokens/s (128 new tokens)"))
+    for col, key in ((1, "prefill"), (2, "decode")):
+        fig.add_trace(go.Bar(x=names, y=[r[f"{key}_tok_s"] for r in rows], showlegend=False,
+                             text=[f"{r[f'{key}_speedup']:.2f}x" for r in rows], textposition="outside"),
+                      row=1, col=col)
+    fig.update_layout(title=title)
+    fig.write_html(path, include_plotlyjs="cdn")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--sparsities", default="0.25,0.5")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per model (median), after one warm-up")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--name", default="structured_speed")
+    ap.add_argument("--note", default="", help="a remark saved with the results (e.g. 'machine busy')")
+    args = ap.parse_args()
+    if args.runs < 5:
+        raise SystemExit("--runs must be at least 5 (the numbers are medians).")
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model)
+    sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
+    rows, prompt_label = run(lm, sparsities, l2_plan, args.prompt_tokens, args.new_tokens, args.runs)
+    header = (f"Model {lm.model_id}; fp32 on {lm.device}; torch threads {torch.get_num_threads()}; prompt: "
+              f"{prompt_label}; plan: lowest-L2-norm units, uniform per block; median of {args.runs} runs"
+              + (f"; {args.note}" if args.note else ""))
+    print("\n" + header)
+    table = print_table(rows, [("model", "model", ""), ("sparsity", "target", ".2f"), ("achieved", "achieved", ".4f"),
+                               ("params", "params", ",d"), ("safetensors_mb", "safetensors MB", ".1f"),
+                               ("prefill_tok_s", "prefill tok/s", ".1f"), ("prefill_speedup", "prefill x", ".2f"),
+                               ("decode_tok_s", "decode tok/s", ".2f"), ("decode_speedup", "decode x", ".2f"),
+                               ("max_logit_diff_vs_masked", "max abs logit diff vs masked", ".1e")])
+    at_half = [r for r in rows if r["model"] == "sliced" and abs(r["sparsity"] - 0.5) < 1e-9]
+    if at_half:
+        verdict = "met" if at_half[0]["decode_speedup"] >= 1.5 else "NOT met"
+        print(f"target (sliced 50% decodes >= 1.5x dense): {verdict} ({at_half[0]['decode_speedup']:.2f}x)")
+    payload = {"model": lm.facts(), "threads": torch.get_num_threads(), "prompt": prompt_label,
+               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
+               "plan": "lowest-L2-norm attention units and channels, uniform per block (bench.structured_speed.l2_plan)",
+               "note": args.note, "rows": rows}
+    path = save(args.name, payload, header + "\n\n" + table)
+    _plot(rows, path.with_suffix(".html"), f"Sliced vs dense speed, {lm.model_id}, {torch.get_num_threads()} threads")
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
