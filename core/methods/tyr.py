@@ -115,10 +115,11 @@ class Tyr(StructuredMethod):
         "next block; then an evolutionary search over one level per sublayer, mutations moving one sublayer "
         "up and another of the same kind down so the removed parameter count is exact, fitness = top-k KL "
         "to the dense model on growing token stages; coarse to fine (re-centre, halve the step). "
-        "Cost: each supernet build is a layer-wise pass over build_tokens (+ Hessians); each generation "
-        "evaluates about offspring*t1 + offspring/4*(t2-t1) + (t3-t2) tokens (~20k with the defaults, "
-        "~6 s at ~0.3 ms/token for smollm2-135m on CPU), so defaults (3 iterations x 16 generations) take "
-        "about 5 min of search + 3 builds; measured ~11 min in all for smollm2-135m on a shared 2-core CPU.")
+        "Cost: each supernet build is a layer-wise pass over build_tokens (+ Hessians, group OBS and the "
+        "refits of every level); each generation evaluates about offspring*t1 + offspring/4*(t2-t1) + (t3-t2) "
+        "tokens (~3.3k with the defaults). Measured on smollm2-135m (32 x 512 windows, 25%, one thread of a "
+        "2-core CPU shared with other busy jobs, ~10 ms/token forward): ~8 min per build, ~40 s per "
+        "generation, ~28 min in all with the defaults (2 builds + 20 generations); search=False: one build.")
     params = (
         Param("levels", "int", 9, "sparsity levels per sublayer in the supernet (E), centred on its target", 1, 33),
         Param("step", "float", 0.125, "initial level step as a fraction of a sublayer's units (at least one "
