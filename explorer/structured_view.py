@@ -1,0 +1,87 @@
+"""Structured methods in the explorer: a run prunes at one sparsity (units are solved for it,
+so moving the slider re-prunes, with progress and Cancel), and its allocation is drawn per
+block as attention units and MLP channels removed."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from core.masks import MaskSet
+from core.structured.pipeline import prune_structured
+from core.structured.plan import StructuredPlan
+
+from .figures import PALETTE, _figure, _hline, empty_figure
+from .state import MODEL_LOCK, ModelEntry
+
+
+@dataclass
+class StructuredRun:
+    """What a session keeps to re-prune a structured method at another sparsity."""
+
+    method: str
+    params: dict
+    windows: torch.Tensor
+    protocol: dict
+    plan: StructuredPlan | None = None
+    sparsity: float | None = None
+    seconds: float = 0.0
+
+
+def prune(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None, should_stop=None) -> MaskSet:
+    """Prune the shared model under the lock, keep the plan, and put the weights back dense
+    (sessions apply their masks only while they use the model)."""
+    with MODEL_LOCK:
+        entry.dense.restore()
+        try:
+            masks, plan = prune_structured(entry.lm, run.method, run.windows, sparsity, run.params, run.protocol,
+                                           entry.dense, progress, should_stop)
+        finally:
+            entry.dense.restore()
+    run.plan, run.sparsity = plan, sparsity
+    run.seconds = float(masks.meta.get("cut_seconds", 0.0))
+    return masks
+
+
+def allocation_of(masks: MaskSet) -> list[dict] | None:
+    """The per-block structured allocation a mask set carries (a loaded file has it as JSON)."""
+    value = masks.meta.get("allocation_structured")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return value or None
+
+
+def allocation_figure(allocation: list[dict], target: float | None = None, title_extra: str = "") -> dict:
+    """Per block: fraction of attention units and of MLP channels removed (bars) and of the
+    block's parameters (line), with the target."""
+    if not allocation:
+        return empty_figure("No structured allocation in these masks.")
+    blocks = [r["block"] for r in allocation]
+    heads = [1 - r["attn_units_kept"] / max(r["attn_units"], 1) for r in allocation]
+    chans = [1 - r["channels_kept"] / max(r["channels"], 1) for r in allocation]
+    kept_heads = [f"{r['heads_kept']}/{r['heads']} heads" for r in allocation]
+    kept_chans = [f"{r['channels_kept']}/{r['channels']} channels" for r in allocation]
+    data = [
+        {"type": "bar", "name": "attention units removed", "x": blocks, "y": heads, "customdata": kept_heads,
+         "marker": {"color": PALETTE[0]}, "hovertemplate": "block %{x}: %{y:.0%} removed, %{customdata} kept<extra></extra>"},
+        {"type": "bar", "name": "MLP channels removed", "x": blocks, "y": chans, "customdata": kept_chans,
+         "marker": {"color": PALETTE[5]}, "hovertemplate": "block %{x}: %{y:.1%} removed, %{customdata} kept<extra></extra>"},
+        {"type": "scatter", "mode": "lines+markers", "name": "block parameters removed", "x": blocks,
+         "y": [r["sparsity"] for r in allocation], "line": {"color": PALETTE[3]},
+         "hovertemplate": "block %{x}: %{y:.1%} of its parameters<extra></extra>"},
+    ]
+    shapes, notes = [], []
+    if target is not None:
+        shape, note = _hline(target, f"target {target:.0%}")
+        shapes, notes = [shape], [note]
+    title = "Structured: units removed per block"
+    if title_extra:
+        title += f" ({title_extra})"
+    return _figure(data, title, 380, barmode="group", shapes=shapes, annotations=notes,
+                   legend={"orientation": "h", "y": -0.2},
+                   yaxis={"title": {"text": "removed fraction"}, "range": [0, 1], "tickformat": ".0%"},
+                   xaxis={"title": {"text": "block"}, "dtick": 1 if len(blocks) <= 32 else None})
