@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import queue
 import shutil
 import threading
@@ -28,6 +29,11 @@ from core.pruning import calibrate, cut, update_cut_params
 
 from . import figures
 from .state import MODEL_LOCK, ModelEntry, Session, get_model
+
+# Gradio's queue rebuilds a pandas summary of every recorded event (up to 10,000) after each
+# event, for its monitoring page: 15-35 ms of CPU (and the GIL) after every slider move, growing
+# with the session. Once per 500 events is plenty; read when the queue is made (demo.queue()).
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "500")
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PATTERNS = ["unstructured", "2:4", "4:8"]
@@ -161,9 +167,13 @@ def _matrix_name(session: Session, rows: list[dict], block: int, mtype: str) -> 
     return rows[0]["name"] if rows else None
 
 
-def _views(session: Session, block, mtype) -> tuple:
-    """(allocation, heatmap, histogram, summary) for the session's current masks."""
+def _views(session: Session, block, mtype, skip_shown: bool = False) -> tuple:
+    """(allocation, heatmap, histogram, summary) for the session's current masks.
+
+    skip_shown: plots the page already shows (same masks, same matrix: e.g. the slider moved
+    at an N:M pattern, which the slider does not change) are gr.skip(), not sent and redrawn."""
     if session.masks is None or session.model is None:
+        session.shown = (None, None)
         empty = figures.to_plot(figures.empty_figure("Calibrate (or import a mask file) to see the masks."))
         return empty, empty, empty, {}
     rows = allocation_table(session.masks, session.model.lm)
@@ -174,10 +184,22 @@ def _views(session: Session, block, mtype) -> tuple:
         pass
     pattern = session.masks.meta.get("pattern", "")
     method = session.masks.meta.get("method", "imported")
-    alloc = figures.allocation_figure(rows, target, f"{method}, {pattern}")
     name = _matrix_name(session, rows, block or 0, mtype or "q")
+    summ = figures.summary(rows)
+    summ.update(target=target, pattern=pattern, method=method)
+    shown_masks, shown_name = session.shown
+    same_masks = skip_shown and shown_masks is session.masks
+    if same_masks and shown_name == name:
+        return gr.skip(), gr.skip(), gr.skip(), summ
+    alloc = gr.skip() if same_masks else figures.to_plot(figures.allocation_figure(rows, target, f"{method}, {pattern}"))
+    heat, hist = _matrix_views(session, name)
+    session.shown = (session.masks, name)
+    return alloc, heat, hist, summ
+
+
+def _matrix_views(session: Session, name: str | None) -> tuple:
+    """(heatmap, histogram) of one matrix: its mask is the only one a lazy cut makes here."""
     mask = session.masks.masks.get(name) if name else None
-    scores = session.artifact.score(name) if session.artifact is not None and name else None
     scope, label = "row", "saliency"
     if session.artifact is not None:
         method_obj = session.artifact.method_obj
@@ -187,17 +209,15 @@ def _views(session: Session, block, mtype) -> tuple:
             scope = "row" if controller == "global-row" else controller
         label = method_obj.score_label
     prepared = None
-    if scores is not None:
+    if session.artifact is not None and name:
         key = (id(session.artifact), name)
         if key not in session.prepared:  # once per matrix and calibration, not per slider move
             session.prepared = {k: v for k, v in session.prepared.items() if k[0] == key[0]}
-            session.prepared[key] = figures.PreparedScores(scores)
+            session.prepared[key] = figures.PreparedScores(session.artifact.score(name))
         prepared = session.prepared[key]
-    heat = figures.saliency_figure(scores, mask, name or "?", label, prepared)
-    hist = figures.histogram_figure(scores, mask, name or "?", scope, label, prepared)
-    summ = figures.summary(rows)
-    summ.update(target=target, pattern=pattern, method=method)
-    return figures.to_plot(alloc), figures.to_plot(heat), figures.to_plot(hist), summ
+    heat = figures.saliency_figure(None, mask, name or "?", label, prepared)
+    hist = figures.histogram_figure(None, mask, name or "?", scope, label, prepared)
+    return figures.to_plot(heat), figures.to_plot(hist)
 
 
 def _status(session: Session) -> str:
@@ -231,6 +251,7 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         if session.model is not entry:
             session.model = entry
             session.reset_pruning()
+        session.shown = (None, None)  # the plots are emptied below
         lm = entry.lm
         types = list(dict.fromkeys(lm.family.linears.values()))
         empty = figures.to_plot(figures.empty_figure("Calibrate (or import a mask file) to see the masks."))
@@ -295,7 +316,11 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         session.cancel.clear()
         try:
             pat = parse_pattern(pattern)
-            if session.masks is None or (float(sparsity), str(pattern)) != (session.sparsity, session.pattern):
+            # N:M masks do not depend on the sparsity: the slider changes nothing at the same N:M
+            same_nm = session.masks is not None and pat.is_nm and str(pattern) == session.pattern
+            if same_nm:
+                session.sparsity = float(sparsity)
+            elif session.masks is None or (float(sparsity), str(pattern)) != (session.sparsity, session.pattern):
                 if session.artifact.method_obj.updates_weights:
                     progress(0, desc=f"{session.artifact.method} re-solves every matrix: this takes a while")
                 session.masks = cut(session.artifact, float(sparsity), pat, skip_misfits=True,
@@ -306,7 +331,7 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
             gr.Warning(str(exc))
         except Exception as exc:
             raise _fail(exc) from exc
-        return (_status(session), *_views(session, block, mtype))
+        return (_status(session), *_views(session, block, mtype, skip_shown=True))
 
     def on_params(session: Session, method_name, pool_for, sparsity, pattern, block, mtype, *pool_values):
         """A parameter widget changed: re-cut at once when only the cut depends on it."""
@@ -327,7 +352,7 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         return (_status(session), *_views(session, block, mtype))
 
     def on_view(session: Session, block, mtype):
-        _, heat, hist, _ = _views(session, block, mtype)
+        _, heat, hist, _ = _views(session, block, mtype)  # the allocation is not an output here
         return heat, hist
 
     def on_cancel(session: Session):
@@ -700,7 +725,7 @@ PLOTLY_ONCE_JS = """
       return new Promise((resolve, reject) => requestAnimationFrame(() => {
         const el = typeof gd === "string" ? document.getElementById(gd) : gd;
         if (!el || !el.isConnected) { resolve(el); return; }
-        Promise.resolve(react.call(P, el, ...args)).then(resolve, reject);
+        try { Promise.resolve(react.call(P, el, ...args)).then(resolve, reject); } catch (err) { reject(err); }
       }));
     };
     P.__drawOnce = true;
@@ -720,5 +745,10 @@ def head() -> str:
 
 
 def launch_kwargs() -> dict:
-    """What launch() needs for the look and the plots (gradio 6 takes theme, css and head at launch)."""
-    return {"theme": theme(), "css": css(), "head": head()}
+    """What launch() needs for the look and the plots (gradio 6 takes theme, css and head at launch).
+
+    run_history=False: gradio 6's run history copies every event's inputs and outputs into the
+    browser's localStorage (up to 100 runs, re-serialised whole after each event, retried entry
+    by entry when the quota is exceeded). With ~0.5 MB of figures per slider move that was about
+    a third of the browser's work per move, for a history of slider positions nobody replays."""
+    return {"theme": theme(), "css": css(), "head": head(), "run_history": False}

@@ -69,6 +69,8 @@ class Session:
     prepared: dict = field(default_factory=dict)  # (id(artifact), matrix) -> figures.PreparedScores
     ppl_runs: list = field(default_factory=list)  # {"method", "pattern", "sparsity", "ppl", "protocol"}
     ppl_dense: dict = field(default_factory=dict)  # protocol text -> dense perplexity
+    # what the page's plots show: (the MaskSet drawn in the allocation, the matrix drawn below it)
+    shown: tuple = (None, None)
     _tmp: str | None = None
 
     def __deepcopy__(self, memo):  # gr.State deep-copies its initial value; an Event cannot be
@@ -78,6 +80,7 @@ class Session:
         self.artifact = None
         self.masks = None
         self.prepared.clear()
+        self.shown = (None, None)
 
     def tmpdir(self) -> Path:
         if self._tmp is None or not Path(self._tmp).is_dir():

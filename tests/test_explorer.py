@@ -305,3 +305,21 @@ def test_mask_file_for_another_model_is_refused_and_the_app_keeps_working(app_ur
         client.predict(file=handle_file(mask_path), api_name="/import_masks")
     status, *_views, summary = client.predict(**CALIB, sparsity=0.4, api_name="/calibrate")
     assert "Calibrated" in status and abs(summary["total_sparsity"] - 0.4) < 0.03
+
+
+def test_plots_the_page_already_shows_are_not_sent_again(app_url, tiny_llama_dir):
+    """N:M masks do not depend on the slider: moving it at the same N:M pattern sends no plots
+    (gradio's 'no change' update); anything that changes the masks or the matrix does."""
+    client = _calibrated(app_url, tiny_llama_dir, 0.5)
+    unchanged = {"__type__": "update"}
+    status, *plots, summary = client.predict(sparsity=0.5, pattern="2:4", api_name="/cut")
+    assert all(p and p != unchanged for p in plots) and summary["pattern"] == "2:4"
+    status2, *plots2, summary2 = client.predict(sparsity=0.8, pattern="2:4", api_name="/cut")
+    assert plots2 == [unchanged] * 3 and (status2, summary2) == (status, summary)
+    heat, hist = client.predict(block=1, mtype="down", api_name="/view")  # another matrix: drawn
+    assert heat != unchanged and hist != unchanged
+    _status, *plots3, summary3 = client.predict(sparsity=0.8, pattern="unstructured", api_name="/cut")
+    assert all(p != unchanged for p in plots3) and abs(summary3["total_sparsity"] - 0.8) < 0.02
+    _status, *plots4, summary4 = client.predict(sparsity=0.8, pattern="unstructured", api_name="/cut")
+    assert plots4 == [unchanged] * 3 and summary4 == summary3  # nothing changed at all
+
