@@ -21,13 +21,14 @@ import torch
 from core.data import DEFAULT_SOURCE, calibration_set, evaluation_set
 from core.errors import Cancelled, PruneError
 from core.evaluate import GenerationSettings, perplexity, stream_generate
-from core.export import export_pruned_model
+from core.export import export_pruned_model, export_sliced_model
 from core.masks import allocation_table, load_masks, parse_pattern, save_masks
 from core.methods import all_methods, get_method
 from core.models import BUNDLED, DEFAULT_MODEL
 from core.pruning import calibrate, cut, update_cut_params
+from core.structured.plan import plan_from_maskset
 
-from . import figures
+from . import figures, structured_view
 from .state import MODEL_LOCK, ModelEntry, Session, get_model
 
 # Gradio's queue rebuilds a pandas summary of every recorded event (up to 10,000) after each
@@ -155,6 +156,10 @@ def _collect_params(method_name: str, pool_values: tuple, pool_for: str = "", pa
 def _method_info(method_name: str) -> str:
     m = get_method(method_name)
     note = " Changing the sparsity re-solves every matrix (slow)." if m.updates_weights else ""
+    if m.structured:
+        note = (" Structured: Calibrate prunes whole attention units and MLP channels at the slider's sparsity "
+                "(a fraction of the decoder's parameters); releasing the slider prunes again; the model "
+                "export is physically smaller.")
     return f"**{m.title or m.name}**: {m.description} Patterns: {', '.join(m.patterns)}.{note}"
 
 
@@ -191,10 +196,18 @@ def _views(session: Session, block, mtype, skip_shown: bool = False) -> tuple:
     same_masks = skip_shown and shown_masks is session.masks
     if same_masks and shown_name == name:
         return gr.skip(), gr.skip(), gr.skip(), summ
-    alloc = gr.skip() if same_masks else figures.to_plot(figures.allocation_figure(rows, target, f"{method}, {pattern}"))
+    alloc = gr.skip() if same_masks else figures.to_plot(_allocation(session.masks, rows, target, f"{method}, {pattern}"))
     heat, hist = _matrix_views(session, name)
     session.shown = (session.masks, name)
     return alloc, heat, hist, summ
+
+
+def _allocation(masks, rows: list[dict], target, title: str) -> dict:
+    """Structured masks are drawn per block as units removed; others per matrix type."""
+    structured = structured_view.allocation_of(masks) if masks.meta.get("pattern") == "structured" else None
+    if structured:
+        return structured_view.allocation_figure(structured, target, title)
+    return figures.allocation_figure(rows, target, title)
 
 
 def _matrix_views(session: Session, name: str | None) -> tuple:
@@ -282,6 +295,15 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
             progress(0, desc="tokenizing the calibration text")
             data, protocol = calibration_set(lm.tokenizer, (source or DEFAULT_SOURCE).strip(),
                                              int(windows), int(seqlen), seed=0)
+            if method.structured:  # units are solved for one sparsity: prune now, re-prune on slider release
+                run = structured_view.StructuredRun(method_name, params, data, protocol.as_dict())
+                masks = structured_view.prune(entry, run, float(sparsity), _progress_fn(progress, "pruning: "),
+                                              session.cancel.is_set)
+                session.reset_pruning()
+                session.structured, session.masks = run, masks
+                session.sparsity, session.pattern = float(sparsity), "structured"
+                return (f"Pruned **{method_name}** (structured) on {protocol.describe()} in {run.seconds:.1f} s; "
+                        "moving the sparsity slider re-prunes. " + _status(session), *_views(session, block, mtype))
             with MODEL_LOCK:  # the forward passes need the weights dense
                 entry.dense.restore()
                 artifact = calibrate(lm, method, data, protocol.as_dict(), params, dense=entry.dense,
@@ -308,6 +330,8 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         return (msg, *_views(session, block, mtype))
 
     def on_cut(session: Session, sparsity, pattern, block, mtype, progress=gr.Progress()):
+        if session.artifact is None and session.structured is not None:
+            return _recut_structured(session, sparsity, block, mtype, progress)
         if session.artifact is None:
             if session.masks is not None:  # imported masks: nothing to re-cut from
                 return ("Imported masks cannot be re-cut; calibrate to use the slider.",
@@ -332,6 +356,23 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         except Exception as exc:
             raise _fail(exc) from exc
         return (_status(session), *_views(session, block, mtype, skip_shown=True))
+
+    def _recut_structured(session: Session, sparsity, block, mtype, progress):
+        """A structured run re-prunes at the new sparsity (seconds to minutes: progress + Cancel)."""
+        run = session.structured
+        if run.sparsity == float(sparsity):
+            return (_status(session), *_views(session, block, mtype, skip_shown=True))
+        session.cancel.clear()
+        try:
+            session.masks = structured_view.prune(session.model, run, float(sparsity),
+                                                  _progress_fn(progress, f"{run.method} at {float(sparsity):.0%}: "),
+                                                  session.cancel.is_set)
+            session.sparsity = float(sparsity)
+        except Cancelled as exc:
+            gr.Warning(str(exc))
+        except Exception as exc:
+            raise _fail(exc) from exc
+        return (_status(session), *_views(session, block, mtype))
 
     def on_params(session: Session, method_name, pool_for, sparsity, pattern, block, mtype, *pool_values):
         """A parameter widget changed: re-cut at once when only the cut depends on it."""
@@ -489,9 +530,14 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         try:
             with MODEL_LOCK:
                 try:
-                    entry.dense.apply(session.masks)
-                    export_pruned_model(entry.lm, folder, {"masks": session.masks.meta,
-                                                           "achieved_sparsity": session.masks.total_sparsity()})
+                    if session.masks.meta.get("pattern") == "structured":  # physically smaller
+                        progress(0.1, desc="slicing out the removed heads and channels")
+                        export_sliced_model(entry.lm, plan_from_maskset(entry.lm, session.masks), folder,
+                                            {"masks": session.masks.meta})
+                    else:
+                        entry.dense.apply(session.masks)
+                        export_pruned_model(entry.lm, folder, {"masks": session.masks.meta,
+                                                               "achieved_sparsity": session.masks.total_sparsity()})
                 finally:
                     entry.dense.restore()
             progress(0.7, desc="zipping")

@@ -71,6 +71,7 @@ class Session:
     ppl_dense: dict = field(default_factory=dict)  # protocol text -> dense perplexity
     # what the page's plots show: (the MaskSet drawn in the allocation, the matrix drawn below it)
     shown: tuple = (None, None)
+    structured: object | None = None  # explorer.structured_view.StructuredRun of a structured method
     _tmp: str | None = None
 
     def __deepcopy__(self, memo):  # gr.State deep-copies its initial value; an Event cannot be
@@ -78,6 +79,7 @@ class Session:
 
     def reset_pruning(self) -> None:
         self.artifact = None
+        self.structured = None
         self.masks = None
         self.prepared.clear()
         self.shown = (None, None)

@@ -323,3 +323,54 @@ def test_plots_the_page_already_shows_are_not_sent_again(app_url, tiny_llama_dir
     _status, *plots4, summary4 = client.predict(sparsity=0.8, pattern="unstructured", api_name="/cut")
     assert plots4 == [unchanged] * 3 and summary4 == summary3  # nothing changed at all
 
+
+@pytest.mark.parametrize("method", ["flap", "spap"])
+def test_structured_method_prunes_reprunes_and_exports_a_smaller_model(app_url, tiny_llama_dir, method):
+    """A structured method through the app: Calibrate prunes whole units at the slider's sparsity,
+    the allocation is drawn per block, the slider re-prunes, generation uses the pruned model,
+    and the exported model is physically smaller and loads back."""
+    import zipfile
+
+    client = _client(app_url)
+    client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/load_model")
+    status, alloc, _heat, _hist, summary = client.predict(**{**CALIB, "method_name": method}, sparsity=0.3,
+                                                          api_name="/calibrate")
+    assert "structured" in status and summary["pattern"] == "structured"
+    assert alloc is not None
+    first = summary["total_sparsity"]
+    status, _a, _h, _hi, summary = client.predict(sparsity=0.5, pattern="unstructured", api_name="/cut")
+    assert summary["total_sparsity"] > first  # re-pruned at the new sparsity
+    dense, pruned, _ = client.predict(**GEN, api_name="/generate")
+    assert dense and pruned
+
+    archive = _path(client.predict(api_name="/export_model"))
+    out = os.path.join(os.path.dirname(archive), "unzipped")
+    zipfile.ZipFile(archive).extractall(out)
+    small = load_model(out)
+    full = load_model(str(tiny_llama_dir))
+    assert sum(p.numel() for p in small.model.parameters()) < 0.8 * sum(p.numel() for p in full.model.parameters())
+
+
+def test_structured_allocation_figure_is_drawn_per_block(tiny_llama_dir):
+    """The allocation a structured mask set carries (also after a save/load, as JSON text) is
+    drawn as units removed per block."""
+    import json
+
+    import torch
+
+    from core.structured.pipeline import prune_structured
+    from core.structured.units import all_block_units
+    from explorer import structured_view
+
+    lm = load_model(str(tiny_llama_dir))
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    masks, plan = prune_structured(lm, "wanda-sp", windows, 0.4)
+    for meta_value in (masks.meta["allocation_structured"], json.dumps(masks.meta["allocation_structured"])):
+        masks.meta["allocation_structured"] = meta_value
+        rows = structured_view.allocation_of(masks)
+        spec = structured_view.allocation_figure(rows, 0.4)
+        assert "units removed per block" in figures.title_of(spec)
+        heads, chans, line = spec["data"]
+        assert heads["x"] == [0, 1] and chans["x"] == [0, 1]
+        assert line["y"] == [r["sparsity"] for r in plan.allocation(all_block_units(lm))]
+        json.loads(figures.to_plot(spec).plot)
