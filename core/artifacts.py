@@ -1,7 +1,9 @@
 """Calibration artifacts on disk: calibrate once (minutes), cut any sparsity later (seconds),
 in another session or on another day. One safetensors file: per matrix the scores, the
-method's extra tensors (UniPruning's first-step), and for weight-updating methods the input
-statistics; string metadata says which method, parameters, protocol and model made it."""
+method's extra tensors (UniPruning's first-step), and the input statistics (for weight-updating
+methods, and instead of the scores where those are recomputed from them: Wanda, RIA, OWL,
+magnitude; see Artifact.recomputes_scores); string metadata says which method, parameters,
+protocol and model made it. Ranks are computed again on load."""
 from __future__ import annotations
 
 import json
@@ -92,9 +94,15 @@ def load_artifact(path: str | Path, lm: LoadedModel, dense: DenseWeights | None 
     for name, owner in json.loads(meta.get("stats_alias", "{}")).items():
         artifact.stats[name] = artifact.stats[owner]
     missing = set(shapes) - set(artifact.scores) - set(artifact.stats)
+    if method.stats == frozenset() and artifact.recomputes_scores:
+        missing = set()  # scores of the weights alone (magnitude): nothing to store
     if missing:
         raise MaskFileError(f"{path} lacks {len(missing)} of the model's matrices (e.g. {sorted(missing)[0]}); "
                             "it is incomplete. Calibrate again.")
+    scope = _scope(method, artifact.params)
+    for name in artifact.block_of:  # scores kept as statistics: rank them now, one matrix at a time
+        if name not in artifact.scores and artifact._can_recompute(name):
+            artifact.set_scores(name, artifact.score(name), scope)
     return artifact
 
 

@@ -3,13 +3,16 @@
 Capture the inputs of block 0 for every calibration window, then for each block: run it with
 hooks on its prunable linears to gather statistics, hand the statistics to a callback (which
 may prune the block), re-run the block if its weights changed, and pass its outputs on as the
-next block's inputs. Peak memory: the model plus one block's activations for all windows.
+next block's inputs. Peak memory: the model plus one block's activations for all windows
+(plus what the callback keeps); freed memory goes back to the OS after every block
+(`release_free_memory`), so the process's resident size follows that too.
 
 The engine knows nothing about pruning methods: it gathers what it is asked for
 (``sum_x2``, ``sum_x`` for means/variances, ``xtx`` for the Hessian) and calls back.
 """
 from __future__ import annotations
 
+import ctypes
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -58,6 +61,32 @@ class BlockContext:
 
 class _StopForward(Exception):
     pass
+
+
+_malloc_trim = None  # glibc's malloc_trim once looked up; False where the C library has none
+
+
+def release_free_memory() -> None:
+    """Give the memory the C allocator holds free back to the OS (glibc's malloc_trim(0));
+    nothing where the C library has no malloc_trim (macOS, Windows, musl).
+
+    Why the engine needs it: a block's activations (up to ~25 MB each at 8 windows x 512
+    tokens) come from glibc's heap, and what the block leaves behind (ranks, statistics,
+    tensor headers) lands between them. The freed activations then sit in holes the heap
+    can neither shrink past nor, split by those small survivors, fit the next block's
+    activations into, so the heap grows every block. Measured on smollm2-135m at wt2-512
+    (one-shot Wanda, 30 blocks): ~0.45-1.2 GB of free-but-resident heap at the end without
+    this, ~0.02 GB with it. Cost: milliseconds per call plus re-faulting the pages the next
+    block uses; no measurable change in the calibration's CPU time (within run-to-run noise)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+            _malloc_trim.argtypes, _malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError, TypeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 def _accumulate(stats: LayerStats, x: torch.Tensor, kinds: frozenset) -> None:
@@ -176,7 +205,9 @@ def run_layerwise(
     unknown = kinds - STAT_KINDS
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(STAT_KINDS)}")
+    release_free_memory()  # what earlier work freed (e.g. a forward pass), before the inputs are held
     inputs, kwargs_per_batch, sizes = _capture_inputs(lm, windows, batch_size)
+    release_free_memory()  # the embedding pass's temporaries
     outputs = torch.empty_like(inputs)
     blocks = lm.blocks
     total = len(blocks)
@@ -193,6 +224,7 @@ def run_layerwise(
         if changed:
             _run_block(block, inputs, kwargs_per_batch, index, sizes, outputs)
         inputs, outputs = outputs, inputs
+        release_free_memory()  # this block's activations, before the next block's are made
         if progress is not None:
             progress(index + 1, total, f"block {index + 1}/{total}")
     del inputs, outputs

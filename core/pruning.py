@@ -1,7 +1,8 @@
 """Orchestration: calibrate once, cut many.
 
 - `calibrate` runs the engine once over the dense model and keeps, per prunable matrix, what the
-  method needs to cut later (scores; for weight-updating methods the input statistics).
+  method needs to cut later (ranks, and the scores or, where they are cheap to recompute, the
+  small input statistics they come from; for weight-updating methods the input statistics).
 - `cut` turns an artifact into masks at any sparsity / pattern in well under a second for
   score methods (ranks are computed once, then every cut is one comparison).
 - `prune_sequential` is the papers' own procedure: block by block, later blocks calibrated on
@@ -49,16 +50,45 @@ class Artifact:
     def method_obj(self) -> Method:
         return get_method(self.method)
 
-    def score(self, name: str) -> torch.Tensor:
-        """Scores of one matrix (computed on demand for methods that solve rather than score)."""
-        if name not in self.scores:
-            self.scores[name] = self.method_obj.score(self.dense.dense[name], self.stats.get(name), self.params)
-        return self.scores[name]
+    @property
+    def recomputes_scores(self) -> bool:
+        """Whether this artifact keeps small per-matrix statistics instead of scores.
 
-    def set_scores(self, name: str, scores: torch.Tensor, scope: str) -> None:
-        """Store a matrix's scores and rank them now, during calibration, so that every later
-        unstructured cut is one comparison (~0.1 s for 135M weights instead of ~5 s of sorting)."""
-        self.scores[name] = scores
+        For score methods whose score is a cheap function of the dense weight and vector input
+        statistics (magnitude, Wanda, RIA, OWL) the artifact keeps those statistics (a few KB
+        per matrix) and the ranks, not 4 bytes of scores per weight (0.43 GB for a 135M
+        model), and `score(name)` recomputes one matrix's scores when something asks for them
+        (the explorer's heatmap, an N:M cut: milliseconds per matrix). Unstructured cuts never
+        need scores: they compare ranks. Scores that come out of a method's own optimisation
+        (UniPruning's Gamma) or a solve are stored. A method can decide for itself with a
+        class attribute `recompute_scores = True / False`."""
+        return recomputes_scores(self.method_obj)
+
+    def _can_recompute(self, name: str) -> bool:
+        return self.recomputes_scores and (name in self.stats or not self.method_obj.stats)
+
+    def score(self, name: str) -> torch.Tensor:
+        """Scores of one matrix: stored ones, else computed now from the dense weight and the
+        statistics. Recomputable scores (see `recomputes_scores`) are not kept, so reading
+        every matrix's scores one after another never holds more than one matrix's; others
+        (e.g. SparseGPT's drawing saliency, a Cholesky per matrix) are kept once computed."""
+        stored = self.scores.get(name)
+        if stored is not None:
+            return stored
+        scores = self.method_obj.score(self.dense.dense[name], self.stats.get(name), self.params)
+        if not self._can_recompute(name):
+            self.scores[name] = scores
+        return scores
+
+    def set_scores(self, name: str, scores: torch.Tensor, scope: str, stats: LayerStats | None = None) -> None:
+        """Rank a matrix's scores now, during calibration, so that every later unstructured cut
+        is one comparison (~0.1 s for 135M weights instead of ~5 s of sorting). The scores
+        themselves are kept only when they cannot be recomputed from `stats` (the statistics
+        they were computed from, kept instead) and the dense weight."""
+        if stats is not None:
+            self.stats[name] = stats
+        if not self._can_recompute(name):
+            self.scores[name] = scores
         if scope == "sorted":  # the method cuts by counts over sorted scores, not by ranks
             self._sorted[name] = scores.reshape(-1).sort().values
         else:
@@ -81,8 +111,13 @@ class Artifact:
     def block_profile(self) -> list[float]:
         """The method's per-block allocation inputs (e.g. OWL outlier ratios), computed once."""
         if self._profile is None:
-            groups = [[self.score(n) for n in names] for names in self.blocks()]
-            self._profile = self.method_obj.block_profile(groups, self.params)
+            method = self.method_obj
+            if self.recomputes_scores:  # one block's scores at a time: a profile entry is its block's
+                self._profile = [method.block_profile([[self.score(n) for n in names]], self.params)[0]
+                                 for names in self.blocks()]
+            else:
+                groups = [[self.score(n) for n in names] for names in self.blocks()]
+                self._profile = method.block_profile(groups, self.params)
         return self._profile
 
     def blocks(self) -> list[list[str]]:
@@ -91,6 +126,22 @@ class Artifact:
         for name, b in self.block_of.items():
             out[b].append(name)
         return out
+
+
+def recomputes_scores(method: Method) -> bool:
+    """Whether an artifact of `method` recomputes scores from statistics rather than storing
+    them (see Artifact.recomputes_scores): the method's own `recompute_scores` if it sets one,
+    else True for a plain score method (no weight update, no own calibration or per-matrix
+    artifacts) whose statistics are vectors (sum_x2, sum_x; not X^T X or per-window ones)."""
+    declared = getattr(method, "recompute_scores", None)
+    if declared is not None:
+        return bool(declared)
+    cls = type(method)
+    return (not method.updates_weights and not method.structured
+            and cls.score is not Method.score
+            and cls.matrix_artifacts is Method.matrix_artifacts
+            and cls.calibrate_model is Method.calibrate_model
+            and frozenset(method.stats) <= {"sum_x2", "sum_x"})
 
 
 def _block_names(lm: LoadedModel) -> dict[str, int]:
@@ -116,7 +167,7 @@ def calibrate(lm: LoadedModel, method: str | Method, windows: torch.Tensor, prot
                 artifact.stats[name] = stats
             else:
                 kept = method.matrix_artifacts(dense.dense[name], stats, params)
-                artifact.set_scores(name, kept.pop("score"), _scope(method, params))
+                artifact.set_scores(name, kept.pop("score"), _scope(method, params), stats)
                 if kept:
                     artifact.extras[name] = kept
         return False

@@ -1,0 +1,103 @@
+"""Artifacts of score methods keep statistics + ranks, not scores; scores are recomputed one
+matrix at a time, cuts are unchanged, and the on-disk form round-trips (old files included)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from core.artifacts import load_artifact, save_artifact
+from core.calibrate import release_free_memory
+from core.masks import Pattern, ascending_ranks, cut_unstructured
+from core.methods import get_method
+from core.pruning import calibrate, cut, prune_sequential, recomputes_scores
+from tiny import build_tiny
+
+RECOMPUTED = ("magnitude", "wanda", "ria", "owl")
+N_WINDOWS, SEQLEN, BATCH = 6, 32, 4
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return torch.randint(0, 256, (N_WINDOWS, SEQLEN), generator=torch.Generator().manual_seed(0))
+
+
+def _masks_equal(a, b) -> bool:
+    return list(a.masks) == list(b.masks) and all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+
+
+def test_which_methods_recompute():
+    assert all(recomputes_scores(get_method(m)) for m in RECOMPUTED)
+    # Gamma comes out of mirror descent; SparseGPT solves; both keep what they keep today
+    assert not recomputes_scores(get_method("unipruning"))
+    assert not recomputes_scores(get_method("sparsegpt"))
+
+
+@pytest.mark.parametrize("method", RECOMPUTED)
+def test_score_methods_keep_statistics_not_scores(method, windows):
+    lm = build_tiny("llama")
+    artifact = calibrate(lm, method, windows, batch_size=BATCH)
+    m = artifact.method_obj
+    assert artifact.recomputes_scores and artifact.scores == {}
+    scope = artifact.params.get("scope", m.scope)
+    for name in lm.prunable():
+        expected = m.score(artifact.dense.dense[name], artifact.stats.get(name), artifact.params)
+        got = artifact.score(name)
+        assert torch.equal(got, expected), name
+        assert torch.equal(artifact.ranks(name, scope), ascending_ranks(expected, scope)), name
+    assert artifact.scores == {}  # reading scores does not store them
+    if not m.allocates:
+        masks = cut(artifact, 0.6)
+        for name in lm.prunable():
+            assert torch.equal(masks.masks[name], cut_unstructured(artifact.score(name), 0.6, scope)), name
+
+
+def test_owl_profile_one_block_at_a_time_equals_all_at_once(windows):
+    lm = build_tiny("llama")
+    artifact = calibrate(lm, "owl", windows, batch_size=BATCH)
+    groups = [[artifact.score(n) for n in names] for names in artifact.blocks()]
+    assert artifact.block_profile() == artifact.method_obj.block_profile(groups, artifact.params)
+
+
+@pytest.mark.parametrize("method", RECOMPUTED)
+def test_round_trip_without_scores(method, windows, tmp_path):
+    lm = build_tiny("llama")
+    artifact = calibrate(lm, method, windows, batch_size=BATCH)
+    path = save_artifact(tmp_path / f"{method}.safetensors", artifact, lm)
+    with safe_open(str(path), framework="pt") as fh:
+        assert not [k for k in fh.keys() if k.startswith("score/")]
+    again = load_artifact(path, lm, artifact.dense)
+    assert again.scores == {} and again.recomputes_scores
+    patterns = [(Pattern(), 0.3), (Pattern(), 0.7)]
+    if "nm" in artifact.method_obj.patterns:
+        patterns.append((Pattern(2, 4), 0.0))
+    for pattern, sparsity in patterns:
+        assert _masks_equal(cut(artifact, sparsity, pattern), cut(again, sparsity, pattern)), (pattern, sparsity)
+
+
+def test_old_files_with_scores_still_load(windows, tmp_path):
+    """Artifacts written before scores were recomputed carry score/ tensors and no statistics."""
+    lm = build_tiny("llama")
+    artifact = calibrate(lm, "wanda", windows, batch_size=BATCH)
+    expected = cut(artifact, 0.5)
+    old = calibrate(lm, "wanda", windows, batch_size=BATCH)
+    old.scores = {name: old.score(name) for name in lm.prunable()}
+    old.stats = {}
+    again = load_artifact(save_artifact(tmp_path / "old.safetensors", old, lm), lm, artifact.dense)
+    assert set(again.scores) == set(lm.prunable()) and again.stats == {}
+    assert _masks_equal(cut(again, 0.5), expected)
+
+
+def test_stored_score_methods_unchanged(windows):
+    lm = build_tiny("llama")
+    uni = calibrate(lm, "unipruning", windows, batch_size=BATCH)
+    assert set(uni.scores) == set(lm.prunable())
+    seq_masks, seq = prune_sequential(lm, "wanda", windows, 0.5, batch_size=BATCH)
+    assert set(seq.scores) == set(lm.prunable())  # prune_sequential keeps no statistics: scores stay
+    assert _masks_equal(cut(seq, 0.5), seq_masks)
+    seq.dense.restore()
+
+
+def test_release_free_memory_is_harmless():
+    release_free_memory()
+    release_free_memory()
