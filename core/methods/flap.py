@@ -1,6 +1,6 @@
 import torch
 
-from ..structured.scores import block_unit_counts, flap_columns, global_removal, group_columns, keep_top, standardise
+from ..structured.scores import flap_columns, global_removal, group_columns, keep_top, standardise
 from . import register
 from .base import Param, StructuredMethod
 
@@ -45,7 +45,7 @@ class FLAP(StructuredMethod):
         else:
             keep_attn, keep_channels = [], []
             for b, u in zip(blocks, units):
-                n_attn, n_ch = block_unit_counts(u.attn_units, u.attn_unit_params, u.channels, u.channel_params, sparsity)
+                n_attn, n_ch = u.removal_counts(sparsity)
                 keep_attn.append(keep_top(b["heads"], u.attn_units - n_attn))
                 keep_channels.append(keep_top(b["chans"], u.channels - n_ch))
         plan = StructuredPlan(keep_attn, keep_channels)

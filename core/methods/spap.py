@@ -1,7 +1,4 @@
-import torch
-
 from ..structured.reconstruct import spap_select
-from ..structured.scores import block_unit_counts
 from . import register
 from .base import Param, StructuredMethod
 
@@ -24,25 +21,16 @@ class SPAP(StructuredMethod):
     )
 
     def prune_structured(self, lm, windows, sparsity, params, progress=None, should_stop=None, on_plan=None):
-        from ..structured.runner import BlockDecision, run_blockwise
+        from ..structured.runner import run_blockwise, solve_block
 
         def decide(out):
             u = out.units
             if params["prune_heads"]:
-                n_attn, n_ch = block_unit_counts(u.attn_units, u.attn_unit_params, u.channels, u.channel_params, sparsity)
+                n_attn, n_ch = u.removal_counts(sparsity)
             else:
                 n_attn, n_ch = 0, min(round(sparsity * u.params / u.channel_params), u.channels - 1)
-            family = lm.family
-            kwargs = dict(iterations=params["iterations"], mu0=params["mu0"], percdamp=params["percdamp"])
-            weights = {}
-            keep_attn = torch.ones(u.attn_units, dtype=torch.bool)
-            if n_attn:
-                keep_attn, weights[family.attention.out] = spap_select(
-                    out.o_weight, out.o_stats.xtx, u.attn_units - n_attn, out.cols_per_attn_unit, **kwargs)
-            keep_ch = torch.ones(u.channels, dtype=torch.bool)
-            if n_ch:
-                keep_ch, weights[family.mlp.out] = spap_select(out.down_weight, out.down_stats.xtx, u.channels - n_ch, 1, **kwargs)
-            return BlockDecision(keep_attn, keep_ch, weights)
+            return solve_block(lm, out, n_attn, n_ch, spap_select, iterations=params["iterations"],
+                               mu0=params["mu0"], percdamp=params["percdamp"])
 
         return run_blockwise(lm, windows, self.stats, decide, progress, should_stop)
 

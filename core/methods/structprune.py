@@ -1,7 +1,7 @@
 import torch
 
 from ..structured.reconstruct import admm_select
-from ..structured.scores import block_unit_counts, keep_top, softmax_allocation, wanda_sp_columns
+from ..structured.scores import keep_top, softmax_allocation, wanda_sp_columns
 from ..structured.solve import reconstruction_error, refit_columns
 from . import register
 from .base import Param, StructuredMethod
@@ -33,7 +33,7 @@ class StructPrune(StructuredMethod):
         """Relative output error of pruning one block at the uniform ratio (Wanda-sp selection,
         exact refit), summed over its two output projections: the cost the allocation weighs."""
         u = out.units
-        n_attn, n_ch = block_unit_counts(u.attn_units, u.attn_unit_params, u.channels, u.channel_params, sparsity)
+        n_attn, n_ch = u.removal_counts(sparsity)
         total = 0.0
         for weight, stats, n_remove, group in ((out.o_weight, out.o_stats, n_attn, out.cols_per_attn_unit),
                                                (out.down_weight, out.down_stats, n_ch, 1)):
@@ -52,7 +52,7 @@ class StructPrune(StructuredMethod):
                                   0.0, params["max_layer_sparsity"])
 
     def prune_structured(self, lm, windows, sparsity, params, progress=None, should_stop=None, on_plan=None):
-        from ..structured.runner import BlockDecision, collect_dense, run_blockwise, staged
+        from ..structured.runner import collect_dense, run_blockwise, solve_block, staged
         from ..structured.units import all_block_units
 
         units = all_block_units(lm)
@@ -61,22 +61,10 @@ class StructPrune(StructuredMethod):
             energies = collect_dense(lm, windows, self.stats, staged(progress, "energies"), should_stop,
                                      keep=lambda out: self.layer_energy(out, sparsity))
         per_layer = self.layer_sparsities(energies, units, sparsity, params)
-        family = lm.family
 
         def decide(out):
-            u = out.units
-            n_attn, n_ch = block_unit_counts(u.attn_units, u.attn_unit_params, u.channels, u.channel_params,
-                                             per_layer[u.index])
-            kwargs = dict(iterations=params["iterations"], rho=params["rho"], percdamp=params["percdamp"])
-            weights = {}
-            keep_attn = torch.ones(u.attn_units, dtype=torch.bool)
-            keep_ch = torch.ones(u.channels, dtype=torch.bool)
-            if n_attn:
-                keep_attn, weights[family.attention.out] = admm_select(
-                    out.o_weight, out.o_stats.xtx, u.attn_units - n_attn, out.cols_per_attn_unit, **kwargs)
-            if n_ch:
-                keep_ch, weights[family.mlp.out] = admm_select(out.down_weight, out.down_stats.xtx, u.channels - n_ch, 1, **kwargs)
-            return BlockDecision(keep_attn, keep_ch, weights)
+            return solve_block(lm, out, *out.units.removal_counts(per_layer[out.units.index]), admm_select,
+                               iterations=params["iterations"], rho=params["rho"], percdamp=params["percdamp"])
 
         plan = run_blockwise(lm, windows, self.stats, decide, staged(progress, "solve"), should_stop)
         plan.meta["layer_sparsity_targets"] = [round(s, 6) for s in per_layer]

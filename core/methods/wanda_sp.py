@@ -1,4 +1,4 @@
-from ..structured.scores import block_unit_counts, group_columns, keep_top, wanda_sp_columns
+from ..structured.scores import group_columns, keep_top, wanda_sp_columns
 from . import register
 from .base import StructuredMethod
 
@@ -17,7 +17,7 @@ class WandaSP(StructuredMethod):
 
         def decide(out):
             u = out.units
-            n_attn, n_ch = block_unit_counts(u.attn_units, u.attn_unit_params, u.channels, u.channel_params, sparsity)
+            n_attn, n_ch = u.removal_counts(sparsity)
             heads = group_columns(wanda_sp_columns(out.o_weight, out.o_stats.mean_x2()), out.cols_per_attn_unit)
             chans = wanda_sp_columns(out.down_weight, out.down_stats.mean_x2())
             return BlockDecision(keep_top(heads, u.attn_units - n_attn), keep_top(chans, u.channels - n_ch))

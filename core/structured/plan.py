@@ -31,8 +31,7 @@ class StructuredPlan:
                    [torch.ones(u.channels, dtype=torch.bool) for u in units])
 
     def removed_params(self, units: list[BlockUnits]) -> int:
-        return sum((u.attn_units - int(a.sum())) * u.attn_unit_params + (u.channels - int(c.sum())) * u.channel_params
-                   for u, a, c in zip(units, self.keep_attn, self.keep_channels))
+        return sum(u.removed(a, c) for u, a, c in zip(units, self.keep_attn, self.keep_channels))
 
     def structured_sparsity(self, units: list[BlockUnits]) -> float:
         """Fraction of the decoder's attention + MLP parameters removed."""
@@ -42,7 +41,7 @@ class StructuredPlan:
         """Per block: units kept and the block's removed-parameter fraction."""
         rows = []
         for u, a, c in zip(units, self.keep_attn, self.keep_channels):
-            removed = (u.attn_units - int(a.sum())) * u.attn_unit_params + (u.channels - int(c.sum())) * u.channel_params
+            removed = u.removed(a, c)
             rows.append({"block": u.index, "attn_units_kept": int(a.sum()), "attn_units": u.attn_units,
                          "heads_kept": int(a.sum()) * u.q_heads_per_unit, "heads": u.attn_units * u.q_heads_per_unit,
                          "channels_kept": int(c.sum()), "channels": u.channels,

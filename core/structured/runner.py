@@ -42,6 +42,22 @@ class OutputStats:
         return self.units.q_heads_per_unit * self.units.head_dim
 
 
+def solve_block(lm: LoadedModel, out: "OutputStats", n_attn: int, n_ch: int, select, **kwargs) -> BlockDecision:
+    """Remove n_attn attention units and n_ch channels with a reconstruction solver
+    `select(weight, H, n_keep, cols_per_unit, **kwargs) -> (keep, refitted weight)` on each
+    output projection (SPAP's penalty method, StructPrune's ADMM); untouched sublayers stay whole."""
+    u, family = out.units, lm.family
+    weights = {}
+    keep_attn = torch.ones(u.attn_units, dtype=torch.bool)
+    keep_ch = torch.ones(u.channels, dtype=torch.bool)
+    if n_attn:
+        keep_attn, weights[family.attention.out] = select(out.o_weight, out.o_stats.xtx, u.attn_units - n_attn,
+                                                          out.cols_per_attn_unit, **kwargs)
+    if n_ch:
+        keep_ch, weights[family.mlp.out] = select(out.down_weight, out.down_stats.xtx, u.channels - n_ch, 1, **kwargs)
+    return BlockDecision(keep_attn, keep_ch, weights)
+
+
 def _output_stats(lm: LoadedModel, ctx: BlockContext, units: BlockUnits) -> OutputStats:
     family = lm.family
     prefix = family.block_prefix(ctx.index)

@@ -46,6 +46,16 @@ class BlockUnits:
     def params(self) -> int:
         return self.attn_params + self.mlp_params
 
+    def removal_counts(self, sparsity: float) -> tuple[int, int]:
+        """(attention units, MLP channels) to remove so this block loses `sparsity` of its parameters."""
+        from .scores import block_unit_counts
+        return block_unit_counts(self.attn_units, self.attn_unit_params, self.channels, self.channel_params, sparsity)
+
+    def removed(self, keep_attn: torch.Tensor, keep_channels: torch.Tensor) -> int:
+        """Parameters removed from this block by these keep masks."""
+        return ((self.attn_units - int(keep_attn.sum())) * self.attn_unit_params
+                + (self.channels - int(keep_channels.sum())) * self.channel_params)
+
 
 def _has_bias(module) -> bool:
     return getattr(module, "bias", None) is not None
