@@ -62,7 +62,8 @@ decoding makes the two directly comparable. Perplexity is exp(mean next-token lo
 evaluation windows named beside it: lower is better; compare only numbers with the same protocol.
 
 **Perplexity vs sparsity**: every perplexity measured in this session, one line per method; a
-sweep cuts several sparsities from the one calibration and measures each.
+sweep cuts several sparsities from the one calibration and measures each (a structured method
+is pruned again at each sparsity: minutes per point, with progress and Cancel).
 """
 
 
@@ -467,22 +468,23 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         return (md, {"dense": d, "pruned": p, "protocol": protocol.as_dict()}, *_comparison(session))
 
     def on_sweep(session: Session, sparsities_text, source, seqlen, max_windows, progress=gr.Progress()):
-        """Perplexity at several sparsities cut from the session's one calibration."""
+        """Perplexity at several sparsities: cut from the session's one calibration, or, for a
+        structured method (units are solved for one sparsity), pruned again at each."""
         entry = _model(session, default_spec)
-        if session.artifact is None:
+        structured = session.artifact is None and session.structured is not None
+        if session.artifact is None and not structured:
             raise gr.Error("A sweep cuts from a calibration: calibrate first (imported masks have none).")
         session.cancel.clear()
         try:
             values = [float(v) for v in str(sparsities_text).replace(";", ",").split(",") if v.strip()]
             if not values:
                 raise ValueError("Give sparsities separated by commas, e.g. 0.3, 0.5, 0.7.")
-            pattern = parse_pattern(session.pattern)
-            if pattern.is_nm:
-                pattern = parse_pattern("unstructured")  # a sweep varies the unstructured sparsity
-            progress(0, desc="cutting the masks")
-            masks_list = [cut(session.artifact, v, pattern, skip_misfits=True,
-                              progress=_progress_fn(progress, f"re-solving {v:.0%}: "),
-                              should_stop=session.cancel.is_set) for v in values]
+            if structured:
+                masks_list = _sweep_structured(session, entry, values, progress)
+                how = f"**{session.structured.method}** (structured), pruned at each of {len(values)} sparsities"
+            else:
+                masks_list = _sweep_cuts(session, values, progress)
+                how = f"**{session.artifact.method}**, one calibration, {len(values)} cuts"
             windows, protocol = evaluation_set(entry.lm.tokenizer, (source or DEFAULT_SOURCE).strip(),
                                                int(seqlen), int(max_windows))
             results = _measure(session, entry, windows, protocol, masks_list, progress)
@@ -492,10 +494,31 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         except Exception as exc:
             raise _fail(exc) from exc
         rows = "".join(f"| {masks_list[i].total_sparsity():.1%} | {results[i]:.3f} |\n" for i in sorted(results))
-        md = (f"**{session.artifact.method}**, one calibration, {len(values)} cuts. Dense "
-              f"{session.ppl_dense[protocol.describe()]:.3f}.\n\n| sparsity | perplexity |\n|---|---|\n{rows}\n"
-              f"Protocol: {protocol.describe()}.")
+        md = (f"{how}. Dense {session.ppl_dense[protocol.describe()]:.3f}.\n\n| sparsity | perplexity |\n"
+              f"|---|---|\n{rows}\nProtocol: {protocol.describe()}.")
         return (md, *_comparison(session))
+
+    def _sweep_cuts(session: Session, values: list[float], progress) -> list:
+        pattern = parse_pattern(session.pattern)
+        if pattern.is_nm:
+            pattern = parse_pattern("unstructured")  # a sweep varies the unstructured sparsity
+        progress(0, desc="cutting the masks")
+        return [cut(session.artifact, v, pattern, skip_misfits=True,
+                    progress=_progress_fn(progress, f"re-solving {v:.0%}: "),
+                    should_stop=session.cancel.is_set) for v in values]
+
+    def _sweep_structured(session: Session, entry: ModelEntry, values: list[float], progress) -> list:
+        """One structured prune per sparsity; the session's own run (what the slider shows) stays."""
+        run, out = session.structured, []
+        for i, v in enumerate(values):
+            if run.sparsity == v and session.masks is not None:
+                out.append(session.masks)
+                continue
+            masks, _plan = structured_view.prune_at(
+                entry, run, v, _progress_fn(progress, f"{run.method} {i + 1}/{len(values)} at {v:.0%}: "),
+                session.cancel.is_set)
+            out.append(masks)
+        return out
 
     def _need_masks(session: Session):
         if session.masks is None or session.model is None:
@@ -637,11 +660,12 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
                     with gr.Tab("Perplexity vs sparsity"):
                         gr.Markdown("Every perplexity measured in this session (the Compare tab's button or a "
                                     "sweep) lands here, one line per method and pattern, on the evaluation text "
-                                    "set in the Compare tab. Calibrate another method and sweep again to compare.")
+                                    "set in the Compare tab. Calibrate another method and sweep again to compare. "
+                                    "Structured methods are pruned again at every sparsity (slower).")
                         with gr.Row():
                             sweep_tb = gr.Textbox("0.3, 0.4, 0.5, 0.6, 0.7", label="sparsities to cut and measure",
                                                   scale=3)
-                            sweep_btn = gr.Button("Sweep from this calibration", variant="primary", scale=1)
+                            sweep_btn = gr.Button("Sweep", variant="primary", scale=1)
                         sweep_md = gr.Markdown()
                         compare_plot = gr.Plot(figures.to_plot(figures.perplexity_figure([])),
                                                label="Perplexity against sparsity")

@@ -29,16 +29,22 @@ class StructuredRun:
     seconds: float = 0.0
 
 
-def prune(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None, should_stop=None) -> MaskSet:
-    """Prune the shared model under the lock, keep the plan, and put the weights back dense
-    (sessions apply their masks only while they use the model)."""
+def prune_at(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None,
+             should_stop=None) -> tuple[MaskSet, StructuredPlan]:
+    """Prune the shared model under the lock and put the weights back dense (sessions apply
+    their masks only while they use the model). The run is not changed (a sweep uses this)."""
     with MODEL_LOCK:
         entry.dense.restore()
         try:
-            masks, plan = prune_structured(entry.lm, run.method, run.windows, sparsity, run.params, run.protocol,
-                                           entry.dense, progress, should_stop)
+            return prune_structured(entry.lm, run.method, run.windows, sparsity, run.params, run.protocol,
+                                    entry.dense, progress, should_stop)
         finally:
             entry.dense.restore()
+
+
+def prune(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None, should_stop=None) -> MaskSet:
+    """`prune_at`, and the run keeps the plan as its current state (what the slider shows)."""
+    masks, plan = prune_at(entry, run, sparsity, progress, should_stop)
     run.plan, run.sparsity = plan, sparsity
     run.seconds = float(masks.meta.get("cut_seconds", 0.0))
     return masks

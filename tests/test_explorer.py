@@ -343,6 +343,14 @@ def test_structured_method_prunes_reprunes_and_exports_a_smaller_model(app_url, 
     dense, pruned, _ = client.predict(**GEN, api_name="/generate")
     assert dense and pruned
 
+    # a sweep re-prunes at each sparsity and leaves the slider's state (50%) as it was
+    md, _plot, runs = client.predict(sparsities_text="0.2, 0.5", source="python-docs", seqlen=32, max_windows=2,
+                                     api_name="/sweep")
+    assert "structured" in md and [r["pattern"] for r in runs] == ["structured"] * 2
+    assert runs[0]["sparsity"] < runs[1]["sparsity"] == round(summary["total_sparsity"], 4)
+    _status, _a, _h, _hi, again = client.predict(sparsity=0.5, pattern="unstructured", api_name="/cut")
+    assert again["total_sparsity"] == summary["total_sparsity"]
+
     archive = _path(client.predict(api_name="/export_model"))
     out = os.path.join(os.path.dirname(archive), "unzipped")
     zipfile.ZipFile(archive).extractall(out)
