@@ -27,6 +27,7 @@ from core.methods import all_methods, get_method
 from core.models import BUNDLED, DEFAULT_MODEL
 from core.pruning import calibrate, cut, update_cut_params
 from core.structured.plan import plan_from_maskset
+from core.structured.units import all_block_units
 
 from . import figures, structured_view
 from .state import MODEL_LOCK, ModelEntry, Session, get_model
@@ -298,13 +299,23 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
                                              int(windows), int(seqlen), seed=0)
             if method.structured:  # units are solved for one sparsity: prune now, re-prune on slider release
                 run = structured_view.StructuredRun(method_name, params, data, protocol.as_dict())
-                masks = structured_view.prune(entry, run, float(sparsity), _progress_fn(progress, "pruning: "),
-                                              session.cancel.is_set)
-                session.reset_pruning()
-                session.structured, session.masks = run, masks
-                session.sparsity, session.pattern = float(sparsity), "structured"
-                return (f"Pruned **{method_name}** (structured) on {protocol.describe()} in {run.seconds:.1f} s; "
-                        "moving the sparsity slider re-prunes. " + _status(session), *_views(session, block, mtype))
+                units = all_block_units(lm)
+                for kind, item, info in structured_view.prune_streaming(
+                        entry, run, float(sparsity), _progress_fn(progress, "pruning: "), session.cancel.is_set):
+                    if kind == "plan":  # a search's best candidate so far: animate its allocation
+                        title = f"best so far: generation {info.get('generation', '?')}"
+                        if "fitness" in info:
+                            title += f", fitness {info['fitness']:.4g}"
+                        fig = structured_view.allocation_figure(item.allocation(units), float(sparsity), title)
+                        yield (f"{method_name}: searching... {title}. Cancel keeps the model as it was.",
+                               figures.to_plot(fig), gr.update(), gr.update(), gr.update())
+                        continue
+                    session.reset_pruning()
+                    session.structured, session.masks = run, item
+                    session.sparsity, session.pattern = float(sparsity), "structured"
+                yield (f"Pruned **{method_name}** (structured) on {protocol.describe()} in {run.seconds:.1f} s; "
+                       "moving the sparsity slider re-prunes. " + _status(session), *_views(session, block, mtype))
+                return
             with MODEL_LOCK:  # the forward passes need the weights dense
                 entry.dense.restore()
                 artifact = calibrate(lm, method, data, protocol.as_dict(), params, dense=entry.dense,
@@ -322,13 +333,14 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
             session.sparsity, session.pattern = float(sparsity), pattern
         except Cancelled as exc:
             gr.Warning(str(exc))
-            return (f"Cancelled: {exc}", *_views(session, block, mtype))
+            yield (f"Cancelled: {exc}", *_views(session, block, mtype))
+            return
         except Exception as exc:
             raise _fail(exc) from exc
         shown = ", ".join(f"{k}={v}" for k, v in artifact.params.items())
         msg = (f"Calibrated **{method_name}**{f' ({shown})' if shown else ''} on {protocol.describe()} in {artifact.calibration_seconds:.1f} s. "
                + _status(session))
-        return (msg, *_views(session, block, mtype))
+        yield (msg, *_views(session, block, mtype))
 
     def on_cut(session: Session, sparsity, pattern, block, mtype, progress=gr.Progress()):
         if session.artifact is None and session.structured is not None:

@@ -3,7 +3,10 @@ so moving the slider re-prunes, with progress and Cancel), and its allocation is
 block as attention units and MLP channels removed."""
 from __future__ import annotations
 
+import contextvars
 import json
+import queue
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -30,24 +33,55 @@ class StructuredRun:
 
 
 def prune_at(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None,
-             should_stop=None) -> tuple[MaskSet, StructuredPlan]:
+             should_stop=None, on_plan=None) -> tuple[MaskSet, StructuredPlan]:
     """Prune the shared model under the lock and put the weights back dense (sessions apply
     their masks only while they use the model). The run is not changed (a sweep uses this)."""
     with MODEL_LOCK:
         entry.dense.restore()
         try:
             return prune_structured(entry.lm, run.method, run.windows, sparsity, run.params, run.protocol,
-                                    entry.dense, progress, should_stop)
+                                    entry.dense, progress, should_stop, on_plan)
         finally:
             entry.dense.restore()
 
 
-def prune(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None, should_stop=None) -> MaskSet:
+def prune(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None, should_stop=None,
+          on_plan=None) -> MaskSet:
     """`prune_at`, and the run keeps the plan as its current state (what the slider shows)."""
-    masks, plan = prune_at(entry, run, sparsity, progress, should_stop)
+    masks, plan = prune_at(entry, run, sparsity, progress, should_stop, on_plan)
     run.plan, run.sparsity = plan, sparsity
     run.seconds = float(masks.meta.get("cut_seconds", 0.0))
     return masks
+
+
+def prune_streaming(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None, should_stop=None):
+    """`prune` in a worker thread; yields ("plan", plan, info) whenever the method publishes a
+    better intermediate plan (Týr's search: info has generation, fitness, iteration), then
+    ("done", masks, None). Plans that arrive while the caller is busy are skipped for the newest,
+    so a slow page never falls behind the search. Errors (Cancelled included) are re-raised here."""
+    events: queue.Queue = queue.Queue()
+
+    def work():
+        try:
+            masks = prune(entry, run, sparsity, progress, should_stop,
+                          on_plan=lambda plan, info: events.put(("plan", plan, info)))
+            events.put(("done", masks, None))
+        except BaseException as exc:  # handed to the caller's thread
+            events.put(("error", exc, None))
+
+    # the copied context carries gradio's progress target into the thread
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(work,), daemon=True, name="explorer-structured").start()
+    while True:
+        event = events.get()
+        while event[0] == "plan" and not events.empty():
+            event = events.get()  # only the newest plan is worth drawing
+        kind, item, info = event
+        if kind == "error":
+            raise item
+        yield event
+        if kind == "done":
+            return
 
 
 def allocation_of(masks: MaskSet) -> list[dict] | None:

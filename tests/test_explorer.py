@@ -359,6 +359,22 @@ def test_structured_method_prunes_reprunes_and_exports_a_smaller_model(app_url, 
     assert sum(p.numel() for p in small.model.parameters()) < 0.8 * sum(p.numel() for p in full.model.parameters())
 
 
+def test_tyr_search_streams_its_best_allocation_then_the_result(app_url, tiny_llama_dir):
+    """While Týr searches, Calibrate streams the best candidate's allocation (status says which
+    generation), and ends with the pruned model as any structured method does."""
+    client = _client(app_url)
+    client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/load_model")
+    params = '{"generations": 4, "offspring": 6, "iterations": 2, "levels": 5}'
+    job = client.submit(**{**CALIB, "method_name": "tyr"}, sparsity=0.3, params_json=params, api_name="/calibrate")
+    status, alloc, _heat, _hist, summary = job.result(timeout=300)
+    outputs = job.outputs()
+    searching = [o for o in outputs if "searching" in o[0]]
+    assert searching, [o[0] for o in outputs]
+    assert all(o[1] is not None and "generation" in o[0] for o in searching)
+    assert outputs[-1][0] == status and status.startswith("Pruned **tyr**")
+    assert summary["pattern"] == "structured" and alloc is not None
+
+
 def test_structured_allocation_figure_is_drawn_per_block(tiny_llama_dir):
     """The allocation a structured mask set carries (also after a save/load, as JSON text) is
     drawn as units removed per block."""
