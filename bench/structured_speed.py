@@ -2,7 +2,9 @@
 
 For each structured sparsity (fraction of the decoder's attention + MLP parameters removed) a
 plan is built (by default: `l2_plan`, the lowest-L2-norm attention units and MLP channels of
-every block), the model is sliced, and dense and sliced models are timed on the same prompt:
+every block; with --allocations, each method's per-block unit counts from a bench/structured.py
+result: speed depends on the shapes only, not on which units were kept), the model is sliced,
+and dense and sliced models are timed on the same prompt:
 
 - prefill tokens/s: one forward over a fixed 512-token prompt with the KV cache on and only
   the last position's logits (what generate's first step does);
@@ -16,12 +18,14 @@ the largest logit difference between the sliced model and the masked model it st
 
     python bench/structured_speed.py            # smollm2-135m, 25% and 50%
     python bench/structured_speed.py --sparsities 0.5 --runs 7
+    python bench/structured_speed.py --allocations structured --sparsities 0.5   # each method's shapes
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SHARED, print_table, save  # noqa: E402
+from bench.common import RESULTS, SHARED, print_table, save  # noqa: E402
 from core.masks import DenseWeights  # noqa: E402
 from core.models import LoadedModel, load_model  # noqa: E402
 from core.structured.plan import StructuredPlan  # noqa: E402
@@ -55,12 +59,17 @@ def unit_counts(u: BlockUnits, sparsity: float) -> tuple[int, int]:
     return n_attn, n_channels
 
 
-@torch.no_grad()
 def l2_plan(lm: LoadedModel, sparsity: float) -> StructuredPlan:
     """Remove the lowest-L2-norm units uniformly per block (no calibration, no refit).
 
     An attention unit's norm covers its q/k/v rows and o columns; a channel's, its rows of
     every MLP input projection and its column of the output projection."""
+    return l2_plan_with_counts(lm, [unit_counts(u, sparsity) for u in all_block_units(lm)])
+
+
+@torch.no_grad()
+def l2_plan_with_counts(lm: LoadedModel, counts: list[tuple[int, int]]) -> StructuredPlan:
+    """Per block, remove counts[block] = (attention units, MLP channels) of the lowest L2 norm."""
     family, modules = lm.family, lm.prunable()
     keep_attn, keep_channels = [], []
     for u in all_block_units(lm):
@@ -78,14 +87,20 @@ def l2_plan(lm: LoadedModel, sparsity: float) -> StructuredPlan:
         channel_scores = weight(family.mlp.out).pow(2).sum(0)
         for rel in family.mlp.inputs:
             channel_scores += weight(rel).pow(2).sum(1)
-        n_attn, n_channels = unit_counts(u, sparsity)
+        n_attn, n_channels = counts[u.index]
         ka = torch.ones(u.attn_units, dtype=torch.bool)
         ka[attn_scores.argsort()[:n_attn]] = False
         kc = torch.ones(u.channels, dtype=torch.bool)
         kc[channel_scores.argsort()[:n_channels]] = False
         keep_attn.append(ka)
         keep_channels.append(kc)
-    return StructuredPlan(keep_attn, keep_channels, meta={"method": "l2-norm, uniform per block"})
+    return StructuredPlan(keep_attn, keep_channels, meta={"method": "l2-norm"})
+
+
+def allocation_counts(allocation: list[dict]) -> list[tuple[int, int]]:
+    """(attention units, channels) removed per block, from a bench row's saved allocation:
+    the shapes (all that speed depends on) of the model that method pruned."""
+    return [(r["attn_units"] - r["attn_units_kept"], r["channels"] - r["channels_kept"]) for r in allocation]
 
 
 # ---------------------------------------------------------------- timing
@@ -140,9 +155,29 @@ def _safetensors_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def run(lm: LoadedModel, sparsities=(0.25, 0.5), plan_fn: PlanFn = l2_plan, prompt_tokens: int = 512,
-        new_tokens: int = 128, runs: int = 5) -> tuple[list[dict], str]:
-    """Rows (dense first, then one per sparsity) of speed, size and agreement."""
+Variant = tuple[str, float, Callable[[], StructuredPlan]]  # (label, target sparsity, plan maker)
+
+
+def l2_variants(lm: LoadedModel, sparsities) -> list[Variant]:
+    return [("sliced", s, lambda s=s: l2_plan(lm, s)) for s in sparsities]
+
+
+def allocation_variants(lm: LoadedModel, results: dict, sparsities) -> list[Variant]:
+    """One variant per row of a structured bench result at the given sparsities: the shapes
+    that method's allocation gives (which units exactly does not change the speed)."""
+    out = []
+    for row in results["rows"]:
+        if row["method"] != "dense" and any(abs(row["sparsity"] - s) < 1e-9 for s in sparsities):
+            counts = allocation_counts(row["allocation"])
+            out.append((row["method"], row["sparsity"], lambda c=counts: l2_plan_with_counts(lm, c)))
+    if not out:
+        raise SystemExit(f"No rows at sparsities {list(sparsities)} in those results.")
+    return out
+
+
+def run(lm: LoadedModel, variants: list[Variant], prompt_tokens: int = 512, new_tokens: int = 128,
+        runs: int = 5) -> tuple[list[dict], str]:
+    """Rows (dense first, then one per variant) of speed, size and agreement."""
     ids, prompt_label = _prompt(lm, prompt_tokens)
     units = all_block_units(lm)
     rows = []
@@ -154,17 +189,17 @@ def run(lm: LoadedModel, sparsities=(0.25, 0.5), plan_fn: PlanFn = l2_plan, prom
         rows.append({"model": "dense", "sparsity": 0.0, "params": sum(p.numel() for p in lm.model.parameters()),
                      "safetensors_mb": dense_bytes / 1e6, **dense})
         weights = DenseWeights(lm)
-        for sparsity in sparsities:
-            plan = plan_fn(lm, sparsity)
+        for i, (label, sparsity, make_plan) in enumerate(variants):
+            plan = make_plan()
             sliced = slice_model(lm, plan)
             weights.apply(plan.to_maskset(lm, units))  # the masked model the sliced one stands for
             with torch.no_grad():
                 diff = (sliced(ids, use_cache=False).logits - lm.model(ids, use_cache=False).logits).abs().max()
             weights.restore()
-            folder = save_sliced(sliced, Path(tmp) / f"sliced-{sparsity}")
-            print(f"timing sliced {sparsity:.0%}", flush=True)
+            folder = save_sliced(sliced, Path(tmp) / f"sliced-{i}")
+            print(f"timing {label} {sparsity:.1%}", flush=True)
             timed = time_model(sliced, ids, new_tokens, runs)
-            rows.append({"model": "sliced", "sparsity": sparsity,
+            rows.append({"model": label, "sparsity": sparsity,
                          "achieved": plan.structured_sparsity(units),
                          "heads_kept": sum(a["heads_kept"] for a in plan.allocation(units)),
                          "channels_kept": sum(int(c.sum()) for c in plan.keep_channels),
@@ -182,7 +217,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    names = ["dense" if r["model"] == "dense" else f"sliced {r['sparsity']:.0%}" for r in rows]
+    names = ["dense" if r["model"] == "dense" else f"{r['model']} {r['sparsity']:.1%}" for r in rows]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("prefill tokens/s (512-token prompt)",
                                                         "greedy decode tokens/s (128 new tokens)"))
     for col, key in ((1, "prefill"), (2, "decode")):
@@ -203,15 +238,25 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--name", default="structured_speed")
     ap.add_argument("--note", default="", help="a remark saved with the results (e.g. 'machine busy')")
+    ap.add_argument("--allocations", default="", metavar="RESULTS",
+                    help="time the shapes of each method's allocation in bench/results/RESULTS.json (a "
+                         "bench/structured.py run) at --sparsities, instead of the uniform L2 plan")
     args = ap.parse_args()
     if args.runs < 5:
         raise SystemExit("--runs must be at least 5 (the numbers are medians).")
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
-    rows, prompt_label = run(lm, sparsities, l2_plan, args.prompt_tokens, args.new_tokens, args.runs)
+    if args.allocations:
+        source = RESULTS / f"{args.allocations}.json"
+        variants = allocation_variants(lm, json.loads(source.read_text()), sparsities)
+        plan_text = f"each method's per-block unit counts from {source.name}, lowest-L2-norm units"
+    else:
+        variants = l2_variants(lm, sparsities)
+        plan_text = "lowest-L2-norm units, uniform per block"
+    rows, prompt_label = run(lm, variants, args.prompt_tokens, args.new_tokens, args.runs)
     header = (f"Model {lm.model_id}; fp32 on {lm.device}; torch threads {torch.get_num_threads()}; prompt: "
-              f"{prompt_label}; plan: lowest-L2-norm units, uniform per block; median of {args.runs} runs"
+              f"{prompt_label}; plan: {plan_text}; median of {args.runs} runs"
               + (f"; {args.note}" if args.note else ""))
     print("\n" + header)
     table = print_table(rows, [("model", "model", ""), ("sparsity", "target", ".2f"), ("achieved", "achieved", ".4f"),
@@ -219,13 +264,12 @@ def main() -> None:
                                ("prefill_tok_s", "prefill tok/s", ".1f"), ("prefill_speedup", "prefill x", ".2f"),
                                ("decode_tok_s", "decode tok/s", ".2f"), ("decode_speedup", "decode x", ".2f"),
                                ("max_logit_diff_vs_masked", "max abs logit diff vs masked", ".1e")])
-    at_half = [r for r in rows if r["model"] == "sliced" and abs(r["sparsity"] - 0.5) < 1e-9]
-    if at_half:
-        verdict = "met" if at_half[0]["decode_speedup"] >= 1.5 else "NOT met"
-        print(f"target (sliced 50% decodes >= 1.5x dense): {verdict} ({at_half[0]['decode_speedup']:.2f}x)")
+    for row in (r for r in rows if r["model"] != "dense" and abs(r["sparsity"] - 0.5) < 1e-9):
+        verdict = "met" if row["decode_speedup"] >= 1.5 else "NOT met"
+        print(f"target (sliced 50% decodes >= 1.5x dense), {row['model']}: {verdict} ({row['decode_speedup']:.2f}x)")
     payload = {"model": lm.facts(), "threads": torch.get_num_threads(), "prompt": prompt_label,
                "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
-               "plan": "lowest-L2-norm attention units and channels, uniform per block (bench.structured_speed.l2_plan)",
+               "plan": plan_text,
                "note": args.note, "rows": rows}
     path = save(args.name, payload, header + "\n\n" + table)
     _plot(rows, path.with_suffix(".html"), f"Sliced vs dense speed, {lm.model_id}, {torch.get_num_threads()} threads")
