@@ -9,6 +9,7 @@ Then a sweep: 10 sparsities cut from the frozen artifact, time per cut.
 
     python bench/unipruning.py                   # the full protocol (about an hour on 2 CPU cores)
     python bench/unipruning.py --calib-windows 16 --eval-windows 16 --skip-adamw   # quicker, labelled
+    python bench/unipruning.py --only unipruning-adamw     # one config, merged with the saved rows
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(ap)
     ap.add_argument("--skip-adamw", action="store_true", help="leave out the backprop variant (slowest)")
+    ap.add_argument("--only", default="", metavar="LABELS",
+                    help=f"comma-separated configs to run ({'; '.join(c[0] for c in CONFIGS)}); the other "
+                         "configs' rows are kept from <name>.partial.json (a run resumed or extended)")
     ap.add_argument("--name", default="unipruning")
     ap.add_argument("--report-only", action="store_true",
                     help="no runs: write the table, JSON and plot from <name>.partial.json (a run cut short)")
@@ -60,11 +64,18 @@ def main() -> None:
     ew, ep = evaluation_set(lm.tokenizer, eval_src, args.seqlen, args.eval_windows)
     rows = []
     sweep = {}
-    if args.report_only:
-        partial = json.loads((RESULTS / f"{args.name}.partial.json").read_text())
-        rows, sweep = partial["rows"], partial.get("sweep", {})
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = set(only) - {c[0] for c in CONFIGS}
+    if unknown:
+        raise SystemExit(f"Unknown --only config(s): {', '.join(sorted(unknown))}; known: "
+                         f"{'; '.join(c[0] for c in CONFIGS)}.")
+    partial_path = RESULTS / f"{args.name}.partial.json"
+    if args.report_only or (only and partial_path.exists()):
+        partial = json.loads(partial_path.read_text())
+        rows = [r for r in partial["rows"] if r["method"] not in only]
+        sweep = partial.get("sweep", {})
     for label, method, params, variants in ([] if args.report_only else CONFIGS):
-        if args.skip_adamw and method == "unipruning-adamw":
+        if (args.skip_adamw and method == "unipruning-adamw") or (only and label not in only):
             continue
         dense.restore()
         with PeakRSS() as mem, Timer() as t:
