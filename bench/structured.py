@@ -40,6 +40,8 @@ CONFIGS = {
     "tyr": ("tyr", {}),
 }
 LEVELS = (0.125, 0.25, 0.375, 0.5)
+META_KEYS = ("fitness_kl", "no_search_fitness_kl", "fitness_tokens", "stage_tokens", "generations_run", "history",
+             "layer_sparsity_targets")
 
 
 def main() -> None:
@@ -86,7 +88,9 @@ def main() -> None:
             row = {"method": name, "sparsity": level, "achieved": removed / total, "ppl": ppl,
                    "prune_s": t.seconds, "peak_gib": mem.gib,
                    "params": sum(p.numel() for p in lm.model.parameters()) - removed + len(plan.biases) * lm.config.hidden_size,
-                   "allocation": plan.allocation(units)}
+                   "allocation": plan.allocation(units),
+                   # the method's own numbers (Týr: fitness of the best vs the uniform start, history)
+                   "meta": {k: v for k, v in plan.meta.items() if k in META_KEYS}}
             dense.restore()
             rows.append(row)
             print(f"{name} {level:.3f}: ppl {ppl:.3f}, achieved {row['achieved']:.4f}, {t.seconds:.0f} s, "
