@@ -206,6 +206,38 @@ def test_structprune_at_infinite_temperature_is_its_uniform_allocation(windows):
     assert all(torch.equal(a, b) for a, b in zip(hot.keep_attn, uniform.keep_attn))
 
 
+def test_structprune_energy_is_relative_to_the_residual_stream_it_perturbs(windows):
+    """The energy's scale is the energy of each block's input (the residual stream the pruning
+    error is added to), as a hook on the block sees it; "output" keeps the old scale."""
+    from core.methods import get_method
+    from core.structured.runner import collect_dense
+
+    lm = build_tiny("llama", seed=1)
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args, kw: seen.append(float(
+        (kw.get("hidden_states", args[0] if args else None)).double().pow(2).sum())), with_kwargs=True)
+        for b in lm.blocks]
+    try:
+        with torch.no_grad():
+            lm.model(windows, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    method = get_method("structprune")
+    outs = collect_dense(lm, windows, method.stats)
+    assert [o.input_energy for o in outs] == pytest.approx(seen, rel=1e-4)
+    for out in outs:
+        residual, output = method.layer_energy(out, 0.3, "residual"), method.layer_energy(out, 0.3, "output")
+        assert residual > 0 and output > 0 and residual != pytest.approx(output)
+    # both energies give an exact budget through the pipeline
+    units, total = all_block_units(lm), decoder_params(all_block_units(lm))
+    for energy in ("residual", "output"):
+        dense = DenseWeights(lm)
+        _, plan = prune_structured(lm, "structprune", windows, 0.3, {"energy": energy}, dense=dense)
+        dense.restore()
+        assert abs(plan.removed_params(units) - 0.3 * total) <= units[0].attn_unit_params
+
+
 def test_flap_global_allocation_is_uneven_and_adds_biases(windows):
     lm = build_tiny("llama", seed=2)
     dense = DenseWeights(lm)

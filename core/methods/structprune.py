@@ -21,6 +21,9 @@ class StructPrune(StructuredMethod):
     params = (
         Param("allocation", "choice", "softmax", "softmax: energy-based layer sparsities; uniform: the same "
               "in every block", choices=("softmax", "uniform")),
+        Param("energy", "choice", "residual", "a layer's energy: its output projections' reconstruction error "
+              "at the uniform ratio relative to the residual stream entering the block (residual), or to "
+              "the projections' own output (output)", choices=("residual", "output")),
         Param("temperature", "float", 1.0, "softmax temperature T over standardised energies (large: uniform)",
               0.01, 1e6),
         Param("max_layer_sparsity", "float", 0.9, "no block loses more than this fraction", 0.05, 0.99),
@@ -29,9 +32,16 @@ class StructPrune(StructuredMethod):
         Param("percdamp", "float", 0.01, "dampening of H, as a fraction of mean(diag H)", 0.0, 1.0),
     )
 
-    def layer_energy(self, out, sparsity: float) -> float:
-        """Relative output error of pruning one block at the uniform ratio (Wanda-sp selection,
-        exact refit), summed over its two output projections: the cost the allocation weighs."""
+    def layer_energy(self, out, sparsity: float, relative_to: str = "residual") -> float:
+        """Output error of pruning one block at the uniform ratio (Wanda-sp selection, exact
+        refit), summed over its two output projections: the cost the allocation weighs.
+
+        relative_to="residual": the error over the energy of the block's input residual stream.
+        The error is added to that stream, so this is how much of what later blocks read it
+        changes; a sublayer whose output is small next to the stream (late blocks) costs little,
+        one that writes a stream still small (block 0) costs much. "output": over the projection's
+        own dense output energy, which is blind to that scale (measured: it sends block 0 to the
+        0.9 cap at 25%)."""
         u = out.units
         n_attn, n_ch = u.removal_counts(sparsity)
         total = 0.0
@@ -41,8 +51,11 @@ class StructPrune(StructuredMethod):
                 continue
             scores = wanda_sp_columns(weight, stats.mean_x2()).reshape(-1, group).sum(1)
             keep = keep_top(scores, scores.numel() - n_remove).repeat_interleave(group)
-            dense_energy = reconstruction_error(weight, torch.zeros_like(weight), stats.xtx)
-            total += reconstruction_error(weight, refit_columns(weight, stats.xtx, keep), stats.xtx) / max(dense_energy, 1e-30)
+            if relative_to == "output":
+                scale = reconstruction_error(weight, torch.zeros_like(weight), stats.xtx)
+            else:
+                scale = out.input_energy
+            total += reconstruction_error(weight, refit_columns(weight, stats.xtx, keep), stats.xtx) / max(scale, 1e-30)
         return total
 
     def layer_sparsities(self, energies, units, sparsity, params) -> list[float]:
@@ -59,7 +72,7 @@ class StructPrune(StructuredMethod):
         energies = [0.0] * len(units)
         if params["allocation"] == "softmax":
             energies = collect_dense(lm, windows, self.stats, staged(progress, "energies"), should_stop,
-                                     keep=lambda out: self.layer_energy(out, sparsity))
+                                     keep=lambda out: self.layer_energy(out, sparsity, params["energy"]))
         per_layer = self.layer_sparsities(energies, units, sparsity, params)
 
         def decide(out):

@@ -36,6 +36,9 @@ class OutputStats:
     o_stats: LayerStats
     down_weight: torch.Tensor
     down_stats: LayerStats
+    # sum over calibration tokens of ||h||^2, h = the block's input (the residual stream): the
+    # scale against which an output projection's error perturbs what later blocks read
+    input_energy: float = 0.0
 
     @property
     def cols_per_attn_unit(self) -> int:
@@ -63,7 +66,8 @@ def _output_stats(lm: LoadedModel, ctx: BlockContext, units: BlockUnits) -> Outp
     prefix = family.block_prefix(ctx.index)
     o_name, down_name = f"{prefix}.{family.attention.out}", f"{prefix}.{family.mlp.out}"
     return OutputStats(units, family.weight_view(ctx.linears[o_name]), ctx.stats[o_name],
-                       family.weight_view(ctx.linears[down_name]), ctx.stats[down_name])
+                       family.weight_view(ctx.linears[down_name]), ctx.stats[down_name],
+                       float(ctx.inputs.double().pow(2).sum()))
 
 
 def run_blockwise(lm: LoadedModel, windows: torch.Tensor, stats: frozenset,
