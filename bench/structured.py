@@ -107,10 +107,30 @@ def _report(args, rows, protocol_name, lm, cp=None, ep=None) -> None:
     table = print_table(rows, [("method", "method", ""), ("sparsity", "target", ".3f"), ("achieved", "achieved", ".4f"),
                                ("ppl", "ppl", ".2f"), ("prune_s", "prune s", ".0f"), ("peak_gib", "peak GiB", ".2f"),
                                ("params", "params (sliced)", ",")])
+    pivot = _pivot(rows)
     path = save(args.name, {"protocol": protocol_name, "calibration": cp.as_dict() if cp else None,
-                            "evaluation": ep.as_dict() if ep else None, "model": lm.facts(), "rows": rows}, table)
+                            "evaluation": ep.as_dict() if ep else None, "model": lm.facts(), "rows": rows},
+                table + "\n\n" + pivot)
     _plot(rows, path.with_suffix(".html"), protocol_name)
     print(f"saved {path}")
+
+
+def _pivot(rows: list[dict]) -> str:
+    """Perplexity by method (rows) and target sparsity (columns), the lowest per column in bold."""
+    levels = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    ppl = {(r["method"], r["sparsity"]): r["ppl"] for r in rows}
+    best = {lv: min((ppl[m, lv] for m in methods if (m, lv) in ppl), default=None) for lv in levels}
+    lines = ["| method | " + " | ".join(f"{lv:.1%}" for lv in levels) + " |", "|---" * (len(levels) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for lv in levels:
+            v = ppl.get((m, lv))
+            cells.append("-" if v is None else f"**{v:.2f}**" if v == best[lv] else f"{v:.2f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    return text
 
 
 def _plot(rows: list[dict], path: Path, protocol: str) -> None:
