@@ -14,7 +14,8 @@ class StructPrune(StructuredMethod):
     description = ("Global structured pruning split into per-module problems: each output projection "
                    "chooses its kept channels (and attention units) by ADMM on the output-reconstruction "
                    "error, then refits them exactly. Layer sparsities follow a softmax (Gibbs) allocation "
-                   "over layer energies (the relative error of pruning the layer at the uniform ratio): "
+                   "over layer energies (the error of pruning the layer at the uniform ratio, relative to "
+                   "the residual stream it is added to): "
                    "s_l = clip(c exp(-e_l / T)), c set so the budget is exact; T -> infinity is uniform. "
                    "Costs one dense pass for the energies, then a block-by-block pass.")
     stats = frozenset({"sum_x2", "xtx"})
