@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 from ..unipruning_adamw import calibrate_adamw
 from . import register
 from .base import Param
@@ -14,7 +16,8 @@ class UniPruningAdamW(UniPruning):
         "proximal N:M penalty on them. The moved weights are discarded: the masks apply to the dense "
         "model. Costs backprop through the whole model (optimiser state and activations: several GB "
         "for 135M parameters); refused with a message where memory will not suffice.")
-    params = UniPruning.params + (
+    # the released code's saliency (stochRIA) stays this variant's default: it reproduces that code
+    params = tuple(replace(p, default="stochria") if p.name == "saliency" else p for p in UniPruning.params) + (
         Param("lr", "float", 1e-4, "AdamW learning rate of the transient steps", 0.0, 1e-2, recalibrate=True),
         Param("prox_nm", "choice", "none", "proximal N:M penalty on the transient weights",
               choices=("none", "2:4", "4:8"), recalibrate=True),
