@@ -40,31 +40,16 @@ from core.masks import DenseWeights  # noqa: E402
 from core.models import LoadedModel, load_model  # noqa: E402
 from core.structured.plan import StructuredPlan  # noqa: E402
 from core.structured.slicing import save_sliced, slice_model  # noqa: E402
-from core.structured.units import BlockUnits, all_block_units, unit_out_columns, unit_rows  # noqa: E402
-
-PlanFn = Callable[[LoadedModel, float], StructuredPlan]
-
+from core.structured.units import all_block_units, unit_out_columns, unit_rows  # noqa: E402
 
 # ---------------------------------------------------------------- the default plan
-
-def unit_counts(u: BlockUnits, sparsity: float) -> tuple[int, int]:
-    """(attention units, channels) to remove from one block for a block sparsity.
-
-    Attention takes its parameter share: round(sparsity * units) whole units; the channels
-    then make up the rest of the block's budget (rounded to whole channels), so the block
-    lands as close to `sparsity` as whole units allow. Each sublayer keeps at least one unit."""
-    n_attn = min(max(round(sparsity * u.attn_units), 0), u.attn_units - 1)
-    rest = sparsity * u.params - n_attn * u.attn_unit_params
-    n_channels = min(max(round(rest / u.channel_params), 0), u.channels - 1)
-    return n_attn, n_channels
-
 
 def l2_plan(lm: LoadedModel, sparsity: float) -> StructuredPlan:
     """Remove the lowest-L2-norm units uniformly per block (no calibration, no refit).
 
     An attention unit's norm covers its q/k/v rows and o columns; a channel's, its rows of
     every MLP input projection and its column of the output projection."""
-    return l2_plan_with_counts(lm, [unit_counts(u, sparsity) for u in all_block_units(lm)])
+    return l2_plan_with_counts(lm, [u.removal_counts(sparsity) for u in all_block_units(lm)])
 
 
 @torch.no_grad()

@@ -37,8 +37,9 @@ class OutputStats:
     down_weight: torch.Tensor
     down_stats: LayerStats
     # sum over calibration tokens of ||h||^2, h = the block's input (the residual stream): the
-    # scale against which an output projection's error perturbs what later blocks read
-    input_energy: float = 0.0
+    # scale against which an output projection's error perturbs what later blocks read.
+    # Measured by collect_dense only (StructPrune's energies); None elsewhere
+    input_energy: float | None = None
 
     @property
     def cols_per_attn_unit(self) -> int:
@@ -66,8 +67,7 @@ def _output_stats(lm: LoadedModel, ctx: BlockContext, units: BlockUnits) -> Outp
     prefix = family.block_prefix(ctx.index)
     o_name, down_name = f"{prefix}.{family.attention.out}", f"{prefix}.{family.mlp.out}"
     return OutputStats(units, family.weight_view(ctx.linears[o_name]), ctx.stats[o_name],
-                       family.weight_view(ctx.linears[down_name]), ctx.stats[down_name],
-                       float(ctx.inputs.double().pow(2).sum()))
+                       family.weight_view(ctx.linears[down_name]), ctx.stats[down_name])
 
 
 def run_blockwise(lm: LoadedModel, windows: torch.Tensor, stats: frozenset,
@@ -107,6 +107,7 @@ def collect_dense(lm: LoadedModel, windows: torch.Tensor, stats: frozenset, prog
     def on_block(ctx: BlockContext) -> bool:
         out = _output_stats(lm, ctx, units[ctx.index])
         out.o_weight, out.down_weight = out.o_weight.clone(), out.down_weight.clone()
+        out.input_energy = float(torch.square(ctx.inputs).sum(dtype=torch.float64))
         kept.append(keep(out) if keep else out)
         return False
 
