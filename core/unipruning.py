@@ -148,9 +148,11 @@ def first_step_scores(gamma: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- global controller
 
 def prune_counts(sorted_scores: dict[str, torch.Tensor], n_prune: int,
-                 bounds: dict[str, tuple[int, int]] | None = None) -> dict[str, int]:
+                 bounds: dict[str, tuple[int, int]] | None = None,
+                 scales: dict[str, float] | None = None) -> dict[str, int]:
     """How many weights each matrix loses so that exactly n_prune are pruned in total, pruning
     the globally lowest scores first; a matrix's count is held within its (low, high) bounds.
+    scales: each matrix's scores are compared divided by its scale (default 1), without copies.
 
     sorted_scores: each matrix's scores sorted ascending (flat). Ties at the threshold are
     split in the dict's order, so the total is exact to one weight.
@@ -166,14 +168,18 @@ def prune_counts(sorted_scores: dict[str, torch.Tensor], n_prune: int,
 
     # numpy views: 210 searchsorted calls per bisection step cost ~0.5 ms there (torch: ~10x more)
     arrays = {name: s.numpy() for name, s in sorted_scores.items()}
+    scale = {name: float((scales or {}).get(name, 1.0)) for name in arrays}
+    if any(not (v > 0 and math.isfinite(v)) for v in scale.values()):
+        raise ValueError("every matrix's scale must be positive and finite")
 
     def count(v: float, side: str) -> dict[str, int]:
-        return {name: min(max(int(a.searchsorted(v, side)), lo[name]), hi[name]) for name, a in arrays.items()}
+        return {name: min(max(int(a.searchsorted(np.float32(v * scale[name]), side)), lo[name]), hi[name])
+                for name, a in arrays.items()}
 
     # Bisection over float32 values in their integer order: at most 32 steps, however the
     # scores are spread (bisecting floats as reals can take ~1000 steps near zero).
-    low = _order_key(min(float(a[0]) for a in arrays.values() if a.size)) - 1
-    high = _order_key(max(float(a[-1]) for a in arrays.values() if a.size))
+    low = _order_key(min(float(a[0]) / scale[n] for n, a in arrays.items() if a.size)) - 1
+    high = _order_key(max(float(a[-1]) / scale[n] for n, a in arrays.items() if a.size))
     if sum(count(_from_key(low), "right").values()) >= n_prune:  # the lower bounds alone meet it
         return count(_from_key(low), "right")
     while high - low > 1:  # invariant: total(<= low) < n_prune <= total(<= high)
@@ -182,8 +188,9 @@ def prune_counts(sorted_scores: dict[str, torch.Tensor], n_prune: int,
             high = mid
         else:
             low = mid
-    high = _from_key(high)
-    at_or_below, below = count(high, "right"), count(high, "left")
+    # Weights above the last value under budget (low) and at most high: ties (unscaled, no float32
+    # lies between the two), or within one float32 step of the threshold (scaled).
+    at_or_below, below = count(_from_key(high), "right"), count(_from_key(low), "right")
     counts = dict(below)
     short = n_prune - sum(below.values())
     for name in sorted_scores:  # the tied weights at the threshold, taken in order
@@ -191,6 +198,24 @@ def prune_counts(sorted_scores: dict[str, torch.Tensor], n_prune: int,
         counts[name] += take
         short -= take
     return counts
+
+
+BUDGET_SCALES = ("mean", "median", "rms")
+
+
+def budget_scales(sorted_scores: dict[str, torch.Tensor], kind: str) -> dict[str, float] | None:
+    """Per matrix, the statistic of its (mean-normalised, sorted) scores that the global threshold
+    is measured in: None for mean (already 1), the middle value for median, sqrt(mean s^2) for rms.
+    Under one threshold, a matrix with a heavy tail has a mean far above most of its weights, so
+    mean units prune it more; median units do not; rms units prune it more still."""
+    if kind == "mean":
+        return None
+    if kind == "median":
+        return {name: max(float(s[s.numel() // 2]), 1e-30) for name, s in sorted_scores.items() if s.numel()}
+    if kind == "rms":
+        return {name: max(float(s.double().square().mean().sqrt()), 1e-30)
+                for name, s in sorted_scores.items() if s.numel()}
+    raise ValueError(f"unknown budget scale {kind!r}; known: {', '.join(BUDGET_SCALES)}")
 
 
 def _order_key(value: float) -> int:

@@ -10,7 +10,7 @@ from core.calibrate import run_layerwise
 from core.errors import MaskFileError
 from core.masks import Pattern
 from core.pruning import calibrate, cut
-from core.unipruning import (keep_mask_from_count, mirror_descent, mirror_descent_step, prune_counts,
+from core.unipruning import (BUDGET_SCALES, budget_scales, keep_mask_from_count, mirror_descent, mirror_descent_step, prune_counts,
                              quantile_threshold, subset_size, window_saliency)
 from tiny import FAMILY_NAMES, build_tiny
 
@@ -100,6 +100,32 @@ def test_global_budget_is_exact_and_takes_the_lowest(n_prune):
     kept = torch.cat([scores[k][masks[k]] for k in scores])
     if len(pruned) and len(kept):
         assert pruned.max() <= kept.min()
+
+
+@pytest.mark.parametrize("n_prune", [0, 1, 55, 300, 603])
+def test_scaled_budget_equals_the_budget_over_scaled_scores(n_prune):
+    """Scales compare each matrix's scores divided by its scale: the same counts (to the split of
+    weights within one float32 step of the threshold) as dividing the scores first."""
+    scores, sorted_scores = _random_sorted(5)
+    scales = {"m0": 0.5, "m1": 3.0, "m2": 1.0, "m3": 7.25}
+    counts = prune_counts(sorted_scores, n_prune, scales=scales)
+    assert sum(counts.values()) == n_prune
+    divided = prune_counts({k: v / scales[k] for k, v in sorted_scores.items()}, n_prune)
+    assert all(abs(counts[k] - divided[k]) <= 1 for k in counts)
+    if n_prune == 300:  # past the 55 zero ties, the scales move budget between matrices
+        assert counts != prune_counts(sorted_scores, n_prune)
+
+
+@pytest.mark.parametrize("kind", BUDGET_SCALES)
+def test_budget_scales(kind):
+    _, sorted_scores = _random_sorted(2)
+    scales = budget_scales(sorted_scores, kind)
+    if kind == "mean":
+        assert scales is None
+    elif kind == "median":
+        assert all(scales[k] == float(v[v.numel() // 2]) for k, v in sorted_scores.items())
+    else:
+        assert all(abs(scales[k] - float(v.square().mean().sqrt())) < 1e-5 for k, v in sorted_scores.items())
 
 
 def test_global_budget_respects_bounds():

@@ -1,5 +1,5 @@
 from ..masks import cut_from_ranks, cut_nm
-from ..unipruning import (SALIENCIES, cut_rows_by_count, first_step_scores, keep_mask_from_count, mirror_descent,
+from ..unipruning import (BUDGET_SCALES, SALIENCIES, budget_scales, cut_rows_by_count, first_step_scores, keep_mask_from_count, mirror_descent,
                           prune_counts)
 from . import register
 from .base import Method, Param
@@ -42,6 +42,10 @@ class UniPruning(Method):
               "global budget sets each matrix's sparsity, its rows are then cut evenly; matrix / row: the "
               "released code's uniform cut per matrix or per row",
               choices=("global", "global-row", "matrix", "row")),
+        Param("budget_scale", "choice", "mean", "global controllers: each matrix's |Gamma| is compared to "
+              "the one threshold in units of this statistic of its own |Gamma| (mean: the normalisation "
+              "of the paper; median / rms move budget between matrices with different tails)",
+              choices=BUDGET_SCALES),
         Param("max_shift", "float", 1.0, "global controller: each matrix's sparsity stays within target +- "
               "this (1 = unbounded)", 0.0, 1.0),
         Param("nm_score", "choice", "gamma", "N:M: keep the top N by |Gamma|, or by earliest activation "
@@ -84,7 +88,8 @@ class UniPruning(Method):
                 bounds = {name: (int(max(0.0, sparsity - shift) * s.numel()),
                                  min(s.numel(), -int(-min(1.0, sparsity + shift) * s.numel())))
                           for name, s in sorted_scores.items()}
-            counts = prune_counts(sorted_scores, int(sparsity * total), bounds)
+            counts = prune_counts(sorted_scores, int(sparsity * total), bounds,
+                                  budget_scales(sorted_scores, params["budget_scale"]))
         if params["controller"] == "global-row":
             return {name: cut_rows_by_count(artifact.ranks(name, "row"), counts[name]) for name in names}
         return {name: keep_mask_from_count(artifact.score(name), sorted_scores[name], counts[name])
