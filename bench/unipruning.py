@@ -1,11 +1,13 @@
 """UniPruning on smollm2-135m under protocol wt2-512 (../shared/data/README.md), one run.
 
-Rows: UniPruning frozen (global controller, global-row controller, the released code's per-row
-cut) and its AdamW variant, each calibrated ONCE and cut at 50/60/70/80% unstructured, 2:4 and
-4:8; RIA (one-shot, per row) the same way. Magnitude, Wanda, SparseGPT and OWL rows are read from
+Rows: UniPruning frozen with its default Wanda saliency and with the released stochRIA (global
+controller, global-row controller, the released code's per-row cut) and its AdamW variant, each
+calibrated ONCE and cut at 50/60/70/80% unstructured, 2:4 and 4:8; RIA (one-shot, per row) the
+same way. Magnitude, Wanda, SparseGPT and OWL rows are read from
 bench/results/baselines.json (same protocol, same evaluator: run bench/baselines.py first) and
-marked as such. Per row: perplexity, calibration seconds, cut seconds, calibration peak memory.
-Then a sweep: 10 sparsities cut from the frozen artifact, time per cut.
+marked as such. Per row: perplexity, calibration seconds, cut seconds, calibration peak memory
+(the process's resident set) and the artifact's own size (what the slider's cuts keep in memory).
+Then a sweep: 10 sparsities cut from the default frozen artifact, time per cut.
 
     python bench/unipruning.py                   # the full protocol (about an hour on 2 CPU cores)
     python bench/unipruning.py --calib-windows 16 --eval-windows 16 --skip-adamw   # quicker, labelled
@@ -34,14 +36,16 @@ HEADLINE = [("unstructured", 0.6), ("unstructured", 0.7)]  # the paper's claim: 
 # (label, method, calibration params, cut-time variants: name -> (cut params, targets)).
 # Every evaluation costs about a minute here, so the secondary variants get the headline points.
 CONFIGS = [  # in order of importance: a run cut short keeps the rows that matter most
+    ("unipruning saliency=wanda", "unipruning", {"saliency": "wanda"},  # the default since it won held-out
+     {"global-row": ({"controller": "global-row"}, ALL),
+      "global": ({"controller": "global"}, HEADLINE),
+      "row (released cut)": ({"controller": "row"}, HEADLINE)}),
     ("unipruning saliency=stochria", "unipruning", {"saliency": "stochria"},
      {"global-row": ({"controller": "global-row"}, ALL),
       "global": ({"controller": "global"}, HEADLINE),
       "row (released cut)": ({"controller": "row"}, HEADLINE)}),
     ("ria", "ria", {}, {"row": ({}, HEADLINE)}),
     ("unipruning-adamw", "unipruning-adamw", {}, {"global-row": ({"controller": "global-row"}, HEADLINE)}),
-    ("unipruning saliency=wanda", "unipruning", {"saliency": "wanda"},  # the default since it won held-out
-     {"global-row": ({"controller": "global-row"}, HEADLINE)}),
 ]
 
 
@@ -82,7 +86,9 @@ def main() -> None:
         with PeakRSS() as mem, Timer() as t:
             artifact = calibrate(lm, method, cw, cp.as_dict(), params, dense=dense,
                                  progress=lambda d, n, what: print(f"  {label}: {what}", end="\r", flush=True))
-        print(f"\n{label}: calibrated in {t.seconds:.0f} s, peak {mem.gib:.2f} GiB", flush=True)
+        artifact_gib = artifact.nbytes() / 2**30  # before any cut adds lazily made ranks
+        print(f"\n{label}: calibrated in {t.seconds:.0f} s, peak {mem.gib:.2f} GiB, artifact {artifact_gib:.2f} GiB",
+              flush=True)
         for variant, (cut_params, targets) in variants.items():
             update_cut_params(artifact, cut_params)
             for pattern_text, sparsity in targets:
@@ -94,11 +100,11 @@ def main() -> None:
                 dense.restore()
                 row = {"method": label, "variant": variant, "pattern": str(pattern),
                        "sparsity": pattern.sparsity or sparsity, "achieved": masks.total_sparsity(), "ppl": ppl,
-                       "calib_s": t.seconds, "cut_s": c.seconds, "peak_gib": mem.gib}
+                       "calib_s": t.seconds, "cut_s": c.seconds, "peak_gib": mem.gib, "artifact_gib": artifact_gib}
                 rows.append(row)
                 print(row, flush=True)
                 save(args.name + ".partial", {"rows": rows, "sweep": sweep}, "")
-        if label == CONFIGS[0][0]:  # the sweep of cut times, from the first UniPruning artifact
+        if label == CONFIGS[0][0]:  # the sweep of cut times, from the default UniPruning artifact
             update_cut_params(artifact, {"controller": "global-row"})
             for sparsity in [0.1 * i for i in range(1, 10)] + [0.55]:
                 with Timer() as c:
@@ -115,7 +121,8 @@ def main() -> None:
     rows = baselines + rows
     columns = [("method", "method", ""), ("variant", "variant", ""), ("pattern", "pattern", ""),
                ("sparsity", "target", ".2f"), ("ppl", "ppl", ".2f"), ("calib_s", "calib s", ".0f"),
-               ("cut_s", "cut s", ".2f"), ("peak_gib", "peak GiB", ".2f")]
+               ("cut_s", "cut s", ".2f"), ("peak_gib", "peak GiB", ".2f"),
+               ("artifact_gib", "artifact GiB", ".2f")]
     print(f"\nProtocol: {protocol_name}; model {lm.model_id}; fp32; torch threads {torch.get_num_threads()}")
     table = print_table(rows, columns)
     sweep_table = print_table([{"sparsity": k, "cut_s": v} for k, v in sweep.items()],

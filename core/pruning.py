@@ -120,6 +120,21 @@ class Artifact:
                 self._profile = method.block_profile(groups, self.params)
         return self._profile
 
+    def nbytes(self) -> int:
+        """Memory held by the artifact's own tensors (scores, sorted scores, ranks, per-matrix
+        extras, statistics), not counting the dense weights it shares with the model's copy."""
+        def size(x) -> int:
+            if isinstance(x, torch.Tensor):
+                return x.numel() * x.element_size()
+            if isinstance(x, dict):
+                return sum(size(v) for v in x.values())
+            if isinstance(x, (list, tuple)):
+                return sum(size(v) for v in x)
+            if isinstance(x, LayerStats):
+                return sum(size(v) for v in vars(x).values())
+            return 0
+        return sum(size(d) for d in (self.scores, self._sorted, self._ranks, self.extras, self.stats))
+
     def blocks(self) -> list[list[str]]:
         n = max(self.block_of.values()) + 1
         out = [[] for _ in range(n)]

@@ -350,3 +350,14 @@ def test_engine_feeds_pruned_outputs_forward(windows):
 
     run_layerwise(lm, windows, {"sum_x2"}, on_block, batch_size=BATCH)
     torch.testing.assert_close(seen[1], seen[0])
+
+
+def test_artifact_nbytes_counts_what_the_artifact_keeps(windows):
+    """UniPruning keeps its Gamma (4 bytes a weight), the sorted copy (4), row ranks (2) and the
+    first step (2); Wanda keeps only ranks (2) and vector statistics."""
+    lm = build_tiny("llama")
+    weights = sum(m.weight.numel() for m in lm.prunable().values())
+    uni = calibrate(lm, "unipruning", windows, batch_size=BATCH)
+    assert uni.nbytes() >= 12 * weights
+    wanda = calibrate(lm, "wanda", windows, batch_size=BATCH)
+    assert 2 * weights <= wanda.nbytes() < 3 * weights
