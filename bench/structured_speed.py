@@ -12,13 +12,17 @@ and dense and sliced models are timed on the same prompt:
   time from the first generated token to the last (127 decode steps), taken by a pass-through
   logits processor, so the prefill is not counted twice.
 
-Median of `--runs` (>= 5) timed runs after one warm-up, torch threads fixed (2 by default).
+Every model is timed once per round, `--runs` (>= 5) rounds after one warm-up round, in a
+rotating order; a model's speedup is the median over rounds of its tokens/s divided by the
+dense model's in the same round (paired, so drifts of the machine's speed cancel), with the
+smallest and largest ratio shown. Torch threads fixed (2 by default).
 Also: parameter count, safetensors size (save_pretrained / save_sliced of each model), and
 the largest logit difference between the sliced model and the masked model it stands for.
 
     python bench/structured_speed.py            # smollm2-135m, 25% and 50%
     python bench/structured_speed.py --sparsities 0.5 --runs 7
     python bench/structured_speed.py --allocations structured --sparsities 0.5   # each method's shapes
+    python bench/structured_speed.py --profile 32     # and where a decode step's time goes
 """
 from __future__ import annotations
 
@@ -114,26 +118,77 @@ def _prompt(lm: LoadedModel, tokens: int) -> tuple[torch.Tensor, str]:
 
 
 @torch.no_grad()
-def time_model(model, ids: torch.Tensor, new_tokens: int, runs: int) -> dict:
-    """Median prefill and decode tokens/s over `runs` timed runs after one warm-up."""
+def time_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of one run."""
     from transformers import LogitsProcessorList
 
-    prefill, decode = [], []
-    for run in range(runs + 1):
-        start = time.perf_counter()
-        model(ids, use_cache=True, logits_to_keep=1)
-        elapsed = time.perf_counter() - start
-        stamps = _Stamps()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=model.generation_config.pad_token_id or 0,
-                             logits_processor=LogitsProcessorList([stamps]))
-        assert out.shape[1] == ids.shape[1] + new_tokens and len(stamps.times) == new_tokens
-        if run:  # run 0 is the warm-up
-            prefill.append(ids.shape[1] / elapsed)
-            decode.append((new_tokens - 1) / (stamps.times[-1] - stamps.times[0]))
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "prefill_all": prefill, "decode_all": decode}
+    start = time.perf_counter()
+    model(ids, use_cache=True, logits_to_keep=1)
+    elapsed = time.perf_counter() - start
+    stamps = _Stamps()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                         pad_token_id=model.generation_config.pad_token_id or 0,
+                         logits_processor=LogitsProcessorList([stamps]))
+    assert out.shape[1] == ids.shape[1] + new_tokens and len(stamps.times) == new_tokens
+    return ids.shape[1] / elapsed, (new_tokens - 1) / (stamps.times[-1] - stamps.times[0])
+
+
+def time_interleaved(models: list, ids: torch.Tensor, new_tokens: int, runs: int,
+                     progress: Callable[[str], None] = print) -> list[dict]:
+    """Time every model once per round, `runs` rounds after one warm-up round, the order rotated
+    each round. Interleaving makes each model's run r share the machine's state (other load,
+    clock, caches) with the dense model's run r, so the per-round ratio cancels slow drifts that
+    separate blocks of runs would attribute to the model. Per model: medians and all runs."""
+    prefill = [[] for _ in models]
+    decode = [[] for _ in models]
+    for round_ in range(runs + 1):
+        order = list(range(len(models)))
+        order = order[round_ % len(order):] + order[:round_ % len(order)]
+        for i in order:
+            p, d = time_once(models[i], ids, new_tokens)
+            if round_:  # round 0 is the warm-up
+                prefill[i].append(p)
+                decode[i].append(d)
+        progress(f"round {round_}/{runs} done")
+    return [{"prefill_tok_s": statistics.median(p), "decode_tok_s": statistics.median(d),
+             "prefill_all": p, "decode_all": d} for p, d in zip(prefill, decode)]
+
+
+# operator groups of a decode step's profile (self CPU time; everything else is "other")
+OP_GROUPS = {"matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
+             "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                           "aten::_scaled_dot_product_attention_math", "aten::scaled_dot_product_attention"),
+             "KV-cache concatenation": ("aten::cat",)}
+
+
+@torch.no_grad()
+def profile_decode(model, ids: torch.Tensor, steps: int) -> dict:
+    """Where a decode step's time goes: after a prefill of `ids`, `steps` single-token forwards
+    with the KV cache (greedy), timed without the profiler (the model's own cost per token, no
+    generate() around it) and then, continuing from there, with torch.profiler: milliseconds per
+    step in each OP_GROUPS group, self CPU time (the profiler itself adds to "other")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = model(ids, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def steps_from(token, cache):
+        for _ in range(steps):
+            out = model(token, past_key_values=cache, use_cache=True)
+            token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
+        return token, cache
+
+    start = time.perf_counter()
+    token, cache = steps_from(token, cache)
+    forward_ms = (time.perf_counter() - start) * 1000 / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        steps_from(token, cache)
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    groups = {g: sum(v for k, v in self_us.items() if k in ops) for g, ops in OP_GROUPS.items()}
+    groups["other"] = total - sum(groups.values())
+    return {"forward_ms_step": forward_ms, **{f"{g} ms": v / 1000 / steps for g, v in groups.items()}}
 
 
 def _safetensors_bytes(folder: Path) -> int:
@@ -161,18 +216,15 @@ def allocation_variants(lm: LoadedModel, results: dict, sparsities) -> list[Vari
 
 
 def run(lm: LoadedModel, variants: list[Variant], prompt_tokens: int = 512, new_tokens: int = 128,
-        runs: int = 5) -> tuple[list[dict], str]:
+        runs: int = 5, profile_steps: int = 0) -> tuple[list[dict], str]:
     """Rows (dense first, then one per variant) of speed, size and agreement."""
     ids, prompt_label = _prompt(lm, prompt_tokens)
     units = all_block_units(lm)
-    rows = []
+    rows, models = [], [lm.model]
     with tempfile.TemporaryDirectory(prefix="structured-speed-") as tmp:
         lm.model.save_pretrained(Path(tmp) / "dense")
-        dense_bytes = _safetensors_bytes(Path(tmp) / "dense")
-        print("timing dense", flush=True)
-        dense = time_model(lm.model, ids, new_tokens, runs)
         rows.append({"model": "dense", "sparsity": 0.0, "params": sum(p.numel() for p in lm.model.parameters()),
-                     "safetensors_mb": dense_bytes / 1e6, **dense})
+                     "safetensors_mb": _safetensors_bytes(Path(tmp) / "dense") / 1e6})
         weights = DenseWeights(lm)
         for i, (label, sparsity, make_plan) in enumerate(variants):
             plan = make_plan()
@@ -182,19 +234,28 @@ def run(lm: LoadedModel, variants: list[Variant], prompt_tokens: int = 512, new_
                 diff = (sliced(ids, use_cache=False).logits - lm.model(ids, use_cache=False).logits).abs().max()
             weights.restore()
             folder = save_sliced(sliced, Path(tmp) / f"sliced-{i}")
-            print(f"timing {label} {sparsity:.1%}", flush=True)
-            timed = time_model(sliced, ids, new_tokens, runs)
+            models.append(sliced)
             rows.append({"model": label, "sparsity": sparsity,
                          "achieved": plan.structured_sparsity(units),
                          "heads_kept": sum(a["heads_kept"] for a in plan.allocation(units)),
                          "channels_kept": sum(int(c.sum()) for c in plan.keep_channels),
                          "params": sum(p.numel() for p in sliced.parameters()),
                          "safetensors_mb": _safetensors_bytes(folder) / 1e6,
-                         "max_logit_diff_vs_masked": float(diff), **timed})
-            del sliced
+                         "max_logit_diff_vs_masked": float(diff)})
+    print(f"timing {len(models)} models, interleaved", flush=True)
+    for row, timed in zip(rows, time_interleaved(models, ids, new_tokens, runs)):
+        row.update(timed)
+    if profile_steps:
+        print(f"profiling {profile_steps} decode steps per model", flush=True)
+        for row, model in zip(rows, models):
+            row.update(profile_decode(model, ids, profile_steps))
+            row["decode_ms_step"] = 1000 / row["decode_tok_s"]
+    dense = rows[0]
     for row in rows:
-        row["prefill_speedup"] = row["prefill_tok_s"] / rows[0]["prefill_tok_s"]
-        row["decode_speedup"] = row["decode_tok_s"] / rows[0]["decode_tok_s"]
+        for key in ("prefill", "decode"):
+            ratios = [a / b for a, b in zip(row[f"{key}_all"], dense[f"{key}_all"])]  # paired by round
+            row[f"{key}_speedup"] = statistics.median(ratios)
+            row[f"{key}_speedup_min"], row[f"{key}_speedup_max"] = min(ratios), max(ratios)
     return rows, prompt_label
 
 
@@ -223,6 +284,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--name", default="structured_speed")
     ap.add_argument("--note", default="", help="a remark saved with the results (e.g. 'machine busy')")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile STEPS decode steps per model: time per step in matrix products, attention, "
+                         "KV-cache concatenation and the rest")
     ap.add_argument("--allocations", default="", metavar="RESULTS",
                     help="time the shapes of each method's allocation in bench/results/RESULTS.json (a "
                          "bench/structured.py run) at --sparsities, instead of the uniform L2 plan")
@@ -239,16 +303,24 @@ def main() -> None:
     else:
         variants = l2_variants(lm, sparsities)
         plan_text = "lowest-L2-norm units, uniform per block"
-    rows, prompt_label = run(lm, variants, args.prompt_tokens, args.new_tokens, args.runs)
+    rows, prompt_label = run(lm, variants, args.prompt_tokens, args.new_tokens, args.runs, args.profile)
     header = (f"Model {lm.model_id}; fp32 on {lm.device}; torch threads {torch.get_num_threads()}; prompt: "
-              f"{prompt_label}; plan: {plan_text}; median of {args.runs} runs"
+              f"{prompt_label}; plan: {plan_text}; median of {args.runs} interleaved rounds (speedups paired per round)"
               + (f"; {args.note}" if args.note else ""))
     print("\n" + header)
     table = print_table(rows, [("model", "model", ""), ("sparsity", "target", ".2f"), ("achieved", "achieved", ".4f"),
                                ("params", "params", ",d"), ("safetensors_mb", "safetensors MB", ".1f"),
                                ("prefill_tok_s", "prefill tok/s", ".1f"), ("prefill_speedup", "prefill x", ".2f"),
                                ("decode_tok_s", "decode tok/s", ".2f"), ("decode_speedup", "decode x", ".2f"),
+                               ("decode_speedup_min", "decode x min", ".2f"), ("decode_speedup_max", "decode x max", ".2f"),
                                ("max_logit_diff_vs_masked", "max abs logit diff vs masked", ".1e")])
+    if args.profile:
+        print(f"\nOne decode step, milliseconds (generate: from the timed runs; forward: {args.profile} bare "
+              "forwards with the cache; groups: self CPU time under torch.profiler)")
+        table += "\n\n" + print_table(rows, [("model", "model", ""), ("sparsity", "target", ".2f"),
+                                              ("decode_ms_step", "generate ms", ".1f"),
+                                              ("forward_ms_step", "forward ms", ".1f"),
+                                              *[(f"{g} ms", g, ".1f") for g in [*OP_GROUPS, "other"]]])
     for row in (r for r in rows if r["model"] != "dense" and abs(r["sparsity"] - 0.5) < 1e-9):
         verdict = "met" if row["decode_speedup"] >= 1.5 else "NOT met"
         print(f"target (sliced 50% decodes >= 1.5x dense), {row['model']}: {verdict} ({row['decode_speedup']:.2f}x)")
