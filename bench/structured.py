@@ -38,6 +38,9 @@ CONFIGS = {
     "spap": ("spap", {}),
     "tyr-nosearch": ("tyr", {"search": False}),
     "tyr": ("tyr", {}),
+    # ablations of Týr's defaults (chosen on held-out calibration text, bench/heldout.py)
+    "tyr-nosearch build_tokens=8192": ("tyr", {"search": False, "build_tokens": 8192}),
+    "tyr build_tokens=8192": ("tyr", {"build_tokens": 8192}),
 }
 LEVELS = (0.125, 0.25, 0.375, 0.5)
 META_KEYS = ("fitness_kl", "no_search_fitness_kl", "fitness_tokens", "stage_tokens", "generations_run", "history",
@@ -78,6 +81,9 @@ def main() -> None:
                      "params": sum(p.numel() for p in lm.model.parameters())})
         print(f"dense ppl {ppl:.3f}", flush=True)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"Unknown --only row(s): {', '.join(unknown)}; known: {'; '.join(CONFIGS)}.")
     for name in names:
         method, params = CONFIGS[name]
         for level in [float(x) for x in args.levels.split(",")]:

@@ -248,6 +248,12 @@ def test_search_moves_the_distribution_and_no_search_is_the_uniform_start(tiny_m
     assert [u.attn_units - int(a.sum()) for u, a in zip(units, flat.keep_attn)] == attn
     assert [u.channels - int(c.sum()) for u, c in zip(units, flat.keep_channels)] == mlp
     assert flat.meta["fitness_kl"] == flat.meta["no_search_fitness_kl"] and flat.meta["generations_run"] == 0
+    # the other start: every block's own removal counts, as the other structured methods
+    _, per_block = prune_structured(tiny_model("llama"), "tyr", windows, 0.4,
+                                    {**FAST, "search": False, "start": "block"})
+    assert [(u.attn_units - int(a.sum()), u.channels - int(c.sum()))
+            for u, a, c in zip(units, per_block.keep_attn, per_block.keep_channels)] == \
+        [u.removal_counts(0.4) for u in units]
     lm = tiny_model("llama")
     _, searched = prune_structured(lm, "tyr", windows, 0.4, {**FAST, "generations": 8, "offspring": 8})
     assert searched.meta["no_search_fitness_kl"] == pytest.approx(flat.meta["fitness_kl"], rel=1e-9)
@@ -263,10 +269,19 @@ def test_expected_propagation_hits_the_budget(tiny_model, windows):
     assert plan.meta["fitness_kl"] <= plan.meta["no_search_fitness_kl"]
 
 
-@pytest.mark.parametrize("stop_after", [3, 12, 40])
-def test_cancel_raises_and_leaves_the_model_dense(tiny_model, windows, stop_after):
-    """Stops in the build (3), at the first generations (12) or deep in the search (40)."""
+@pytest.fixture
+def stop_checks(tiny_model, windows):
+    """How many times a whole (uncancelled) Týr run on the tiny llama asks whether to stop."""
+    calls = []
+    prune_structured(tiny_model("llama"), "tyr", windows, 0.3, FAST, should_stop=lambda: calls.append(1) and False)
+    return len(calls)
+
+
+@pytest.mark.parametrize("when", [0.02, 0.3, 0.9])
+def test_cancel_raises_and_leaves_the_model_dense(tiny_model, windows, stop_checks, when):
+    """Stops in the build, at the first generations or deep in the search."""
     method = get_method("tyr")
+    stop_after = max(1, int(when * stop_checks))
     for direct in (True, False):
         lm = tiny_model("llama")
         dense = _dense_state(lm)

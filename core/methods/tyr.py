@@ -115,11 +115,12 @@ class Tyr(StructuredMethod):
         "next block; then an evolutionary search over one level per sublayer, mutations moving one sublayer "
         "up and another of the same kind down so the removed parameter count is exact, fitness = top-k KL "
         "to the dense model on growing token stages; coarse to fine (re-centre, halve the step). "
-        "Cost: each supernet build is a layer-wise pass over build_tokens (+ Hessians, group OBS and the "
-        "refits of every level); each generation evaluates about offspring*t1 + offspring/4*(t2-t1) + (t3-t2) "
-        "tokens (~3.3k with the defaults). Measured on smollm2-135m (32 x 512 windows, 25%, one thread of a "
-        "2-core CPU shared with other busy jobs, ~10 ms/token forward): ~8 min per build, ~40 s per "
-        "generation, ~28 min in all with the defaults (2 builds + 20 generations); search=False: one build.")
+        "Cost: each supernet build is a layer-wise pass over the calibration windows (build_tokens), plus "
+        "Hessians, group OBS and the refits of every level; each generation evaluates about "
+        "offspring*t1 + offspring/4*(t2-t1) + (t3-t2) tokens (~3.3k with the defaults). Measured on "
+        "smollm2-135m (32 x 512 windows, 12.5%, idle 2-core CPU): "
+        "~128 s per build, ~7 s per generation, ~6.7 min in all with the defaults (2 builds + 20 generations); "
+        "search=False: one build.")
     params = (
         Param("levels", "int", 9, "sparsity levels per sublayer in the supernet (E), centred on its target", 1, 33),
         Param("step", "float", 0.125, "initial level step as a fraction of a sublayer's units (at least one "
@@ -134,9 +135,20 @@ class Tyr(StructuredMethod):
         Param("topk", "int", 64, "dense model's top-k tokens kept for the KL fitness", 1, 4096),
         Param("propagation", "choice", "centre", "next block's input during the build: the centre level's "
               "output, or the expected output over the levels (mean level weight)", choices=("centre", "expected")),
+        # proportional: lower perplexity on held-out calibration text at 25% and 50% (bench/heldout.py,
+        # search=False: 60.2 vs 65.6, 154.1 vs 186.3; 12.5%: 44.65 vs 44.57)
+        Param("start", "choice", "proportional", "the uniform start (and the no-search result): proportional = "
+              "attention loses its proportional share of units, spread evenly over the blocks (at 12.5%, a "
+              "third of the attention of 11 of 30 blocks where a unit is a KV group of three heads); block = "
+              "each block loses the target fraction, attention in whole units rounded per block, MLP channels "
+              "the rest (the uniform allocation of the other structured methods). Mutations trade only within "
+              "a kind, so the start fixes how the budget splits between attention and MLP",
+              choices=("proportional", "block")),
         Param("search", "bool", True, "False: no search, the uniform (centre) distribution (ablation)"),
-        Param("build_tokens", "int", 8192, "calibration tokens (whole windows, at least one) per supernet "
-              "build; 0 = all windows", 0, 10_000_000),
+        # 0 (all): lower perplexity on held-out calibration text than 8192 tokens (bench/heldout.py, 32
+        # windows, search=False: 12.5% 42.93 vs 44.65, 50% 149.39 vs 154.11), for a 1.5x longer build
+        Param("build_tokens", "int", 0, "calibration tokens (whole windows, at least one) per supernet "
+              "build; 0 = all windows, as the other methods use", 0, 10_000_000),
         Param("seed", "int", 0, "seed of the mutations", 0, 2**31 - 1),
     )
     stats = frozenset({"xtx"})
@@ -170,8 +182,11 @@ class Tyr(StructuredMethod):
                 views.append(family.weight_view(mods[rel]))
         total_params = decoder_params(units)
         target = sparsity * total_params
-        attn_c, mlp_c = tyr.initial_counts(target, [u.attn_units for u in units], [u.attn_unit_params for u in units],
-                                           [u.channels for u in units], [u.channel_params for u in units])
+        if params["start"] == "block":  # the uniform allocation every structured method here shares
+            attn_c, mlp_c = (list(c) for c in zip(*(u.removal_counts(sparsity) for u in units)))
+        else:
+            attn_c, mlp_c = tyr.initial_counts(target, [u.attn_units for u in units], [u.attn_unit_params for u in units],
+                                               [u.channels for u in units], [u.channel_params for u in units])
         centres = [c for pair in zip(attn_c, mlp_c) for c in pair]
 
         dense = [v.clone() for v in views]
