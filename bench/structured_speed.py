@@ -202,11 +202,14 @@ def l2_variants(lm: LoadedModel, sparsities) -> list[Variant]:
     return [("sliced", s, lambda s=s: l2_plan(lm, s)) for s in sparsities]
 
 
-def allocation_variants(lm: LoadedModel, results: dict, sparsities) -> list[Variant]:
-    """One variant per row of a structured bench result at the given sparsities: the shapes
-    that method's allocation gives (which units exactly does not change the speed)."""
+def allocation_variants(lm: LoadedModel, results: dict, sparsities, methods=()) -> list[Variant]:
+    """One variant per row of a structured bench result at the given sparsities (and of the
+    given methods, default all): the shapes that method's allocation gives (which units exactly
+    does not change the speed)."""
     out = []
     for row in results["rows"]:
+        if methods and row["method"] not in methods:
+            continue
         if row["method"] != "dense" and any(abs(row["sparsity"] - s) < 1e-9 for s in sparsities):
             counts = allocation_counts(row["allocation"])
             out.append((row["method"], row["sparsity"], lambda c=counts: l2_plan_with_counts(lm, c)))
@@ -287,6 +290,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile STEPS decode steps per model: time per step in matrix products, attention, "
                          "KV-cache concatenation and the rest")
+    ap.add_argument("--methods", default="", help="with --allocations: only these rows (comma-separated)")
     ap.add_argument("--allocations", default="", metavar="RESULTS",
                     help="time the shapes of each method's allocation in bench/results/RESULTS.json (a "
                          "bench/structured.py run) at --sparsities, instead of the uniform L2 plan")
@@ -298,7 +302,8 @@ def main() -> None:
     sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     if args.allocations:
         source = RESULTS / f"{args.allocations}.json"
-        variants = allocation_variants(lm, json.loads(source.read_text()), sparsities)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        variants = allocation_variants(lm, json.loads(source.read_text()), sparsities, methods)
         plan_text = f"each method's per-block unit counts from {source.name}, lowest-L2-norm units"
     else:
         variants = l2_variants(lm, sparsities)
