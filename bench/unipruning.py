@@ -45,7 +45,7 @@ CONFIGS = [  # in order of importance: a run cut short keeps the rows that matte
       "global": ({"controller": "global"}, HEADLINE),
       "row (released cut)": ({"controller": "row"}, HEADLINE)}),
     ("ria", "ria", {}, {"row": ({}, HEADLINE)}),
-    ("unipruning-adamw", "unipruning-adamw", {}, {"global-row": ({"controller": "global-row"}, HEADLINE)}),
+    ("unipruning-adamw", "unipruning-adamw", {}, {"global-row": ({"controller": "global-row"}, ALL)}),
 ]
 
 
