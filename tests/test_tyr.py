@@ -15,6 +15,7 @@ from core.structured import tyr
 from core.structured.pipeline import prune_structured
 from core.structured.solve import damped, reconstruction_error, refit_columns
 from core.structured.units import all_block_units, decoder_params
+from tiny import build_tiny
 
 FAST = {"generations": 4, "offspring": 6, "iterations": 2, "stage_tokens": "128,512,2048"}
 
@@ -269,11 +270,12 @@ def test_expected_propagation_hits_the_budget(tiny_model, windows):
     assert plan.meta["fitness_kl"] <= plan.meta["no_search_fitness_kl"]
 
 
-@pytest.fixture
-def stop_checks(tiny_model, windows):
-    """How many times a whole (uncancelled) Týr run on the tiny llama asks whether to stop."""
+@pytest.fixture(scope="module")
+def stop_checks(windows):
+    """How many times a whole (uncancelled) Týr run on the tiny llama asks whether to stop (one
+    run for the module: the cancel tests below stop at fractions of it)."""
     calls = []
-    prune_structured(tiny_model("llama"), "tyr", windows, 0.3, FAST, should_stop=lambda: calls.append(1) and False)
+    prune_structured(build_tiny("llama"), "tyr", windows, 0.3, FAST, should_stop=lambda: calls.append(1) and False)
     return len(calls)
 
 

@@ -1,6 +1,6 @@
 from ..masks import cut_from_ranks, cut_nm
-from ..unipruning import (BUDGET_SCALES, SALIENCIES, budget_scales, cut_rows_by_count, first_step_scores, keep_mask_from_count, mirror_descent,
-                          prune_counts)
+from ..unipruning import (BUDGET_SCALES, SALIENCIES, budget_scales, cut_rows_by_count, first_step_scores,
+                          keep_mask_from_count, mirror_descent, prune_counts)
 from . import register
 from .base import Method, Param
 
