@@ -336,6 +336,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """Greedy continuation of a prompt with its decode speed: a quick check of a pruned or
+    sliced model (load_model reads sliced folders), eager or compiled (core.fast_decode)."""
+    from .fast_decode import CompileUnavailable, compiled_greedy, cpu_compiler, timed_greedy
+    from .masks import DenseWeights, load_masks
+
+    if args.new_tokens < 2:
+        raise PruneError("--new-tokens must be at least 2 (the decode rate is timed from the first new token).")
+    if args.compile and args.device == "cpu" and cpu_compiler() is None:
+        raise CompileUnavailable("--compile on CPU needs a C++ compiler (torch.compile builds C++ kernels): install "
+                                 "one (e.g. `apt-get install g++`) or leave --compile out.")
+    lm = _load(args)
+    if args.masks:
+        DenseWeights(lm).apply(load_masks(args.masks, lm))
+    ids = lm.tokenizer(args.prompt, return_tensors="pt").input_ids.to(lm.device)
+    decode = timed_greedy
+    if args.compile:
+        decode = compiled_greedy
+        print("Compiling the decode step (once per prompt + new-tokens length) ...", file=sys.stderr)
+        start = time.perf_counter()
+        compiled_greedy(lm.model, ids, args.new_tokens)
+        print(f"compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    out, decode_tok_s = decode(lm.model, ids, args.new_tokens)
+    text = lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    print(args.prompt + text)
+    print(json.dumps({"model": lm.model_id, "masks": args.masks, "prompt_tokens": ids.shape[1],
+                      "new_tokens": args.new_tokens, "decode_tok_s": round(decode_tok_s, 2),
+                      "runtime": "compiled" if args.compile else "eager"}), file=sys.stderr)
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_pruned_model
     from .masks import DenseWeights, load_masks
@@ -406,6 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, calibration=False)
     p.add_argument("--masks", default=None, help="a mask file written by prune / the explorer")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy continuation of a prompt and the decode tokens/s")
+    _add_model_args(p)
+    p.add_argument("--masks", default=None, help="a mask file written by prune / the explorer")
+    p.add_argument("--prompt", default="The history of the city", help="text to continue")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache + torch.compile'd decode steps in a minimal greedy loop (compiles first, "
+                        "then times a second run)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write the pruned model as a transformers folder")
     _add_model_args(p)

@@ -165,3 +165,19 @@ def test_structured_prune_then_export_a_smaller_model(tiny_llama_dir, tmp_path):
     refused = run_cli("cut", "--model", str(tiny_llama_dir), "--method", "flap", "--artifact", "x.safetensors",
                       "--out", str(tmp_path / "no"))
     assert refused.returncode == 2 and "structured" in refused.stderr
+
+    # the sliced folder decodes from the command line, eagerly and compiled, to the same text
+    runs = {}
+    for flags in ((), ("--compile",)):
+        result = run_cli("generate", "--model", str(tmp_path / "small"), "--prompt", "hello there",
+                         "--new-tokens", "6", *flags)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stderr.strip().splitlines()[-1])
+        assert report["new_tokens"] == 6 and report["decode_tok_s"] > 0
+        runs[report["runtime"]] = result.stdout
+    assert runs["compiled"] == runs["eager"] and runs["eager"].startswith("hello there")
+
+
+def test_generate_refuses_too_few_tokens(tiny_llama_dir):
+    result = run_cli("generate", "--model", str(tiny_llama_dir), "--new-tokens", "1")
+    assert result.returncode == 2 and "at least 2" in result.stderr
