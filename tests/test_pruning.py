@@ -2,8 +2,6 @@
 and the block-by-block engine checked against a plain full-model forward."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
