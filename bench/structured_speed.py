@@ -12,6 +12,15 @@ and dense and sliced models are timed on the same prompt:
   time from the first generated token to the last (127 decode steps), taken by a pass-through
   logits processor, so the prefill is not counted twice.
 
+Each model is timed in each runtime of `--runtimes` (core.fast_decode):
+- `eager`: transformers' stock generate (dynamic KV cache, eager forwards);
+- `compiled`: generate after `compile_for_decode` (static KV cache, decode steps through
+  torch.compile);
+- `compiled-loop`: `compiled_greedy`, the same compiled step in a minimal greedy loop, without
+  generate's per-step bookkeeping.
+The warm-up round compiles. Dense and sliced always share a runtime, so a speedup compares
+the models, not the runtimes.
+
 Every model is timed once per round, `--runs` (>= 5) rounds after one warm-up round, in a
 rotating order; a model's speedup is the median over rounds of its tokens/s divided by the
 dense model's in the same round (paired, so drifts of the machine's speed cancel), with the
@@ -22,7 +31,8 @@ the largest logit difference between the sliced model and the masked model it st
     python bench/structured_speed.py            # smollm2-135m, 25% and 50%
     python bench/structured_speed.py --sparsities 0.5 --runs 7
     python bench/structured_speed.py --allocations structured --sparsities 0.5   # each method's shapes
-    python bench/structured_speed.py --profile 32     # and where a decode step's time goes
+    python bench/structured_speed.py --profile 32     # and where a (eager) decode step's time goes
+    python bench/structured_speed.py --runtimes eager  # stock generate only (no compile time)
 """
 from __future__ import annotations
 
@@ -40,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, SHARED, print_table, save  # noqa: E402
+from core.fast_decode import compile_for_decode, compiled_greedy, eager_decode, timed_greedy  # noqa: E402
 from core.masks import DenseWeights  # noqa: E402
 from core.models import LoadedModel, load_model  # noqa: E402
 from core.structured.plan import StructuredPlan  # noqa: E402
@@ -94,17 +105,6 @@ def allocation_counts(allocation: list[dict]) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------- timing
 
-class _Stamps:
-    """A pass-through logits processor that records when each new token's scores arrive."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
-        return scores
-
-
 def _prompt(lm: LoadedModel, tokens: int) -> tuple[torch.Tensor, str]:
     source = SHARED / "eval-80.txt"
     if source.exists():
@@ -118,23 +118,16 @@ def _prompt(lm: LoadedModel, tokens: int) -> tuple[torch.Tensor, str]:
 
 
 @torch.no_grad()
-def time_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def time_once(model, ids: torch.Tensor, new_tokens: int, runtime: str = "eager") -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of one run."""
-    from transformers import LogitsProcessorList
-
     start = time.perf_counter()
     model(ids, use_cache=True, logits_to_keep=1)
     elapsed = time.perf_counter() - start
-    stamps = _Stamps()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                         pad_token_id=model.generation_config.pad_token_id or 0,
-                         logits_processor=LogitsProcessorList([stamps]))
-    assert out.shape[1] == ids.shape[1] + new_tokens and len(stamps.times) == new_tokens
-    return ids.shape[1] / elapsed, (new_tokens - 1) / (stamps.times[-1] - stamps.times[0])
+    decode = compiled_greedy if runtime == "compiled-loop" else timed_greedy
+    return ids.shape[1] / elapsed, decode(model, ids, new_tokens)[1]
 
 
-def time_interleaved(models: list, ids: torch.Tensor, new_tokens: int, runs: int,
+def time_interleaved(models: list, ids: torch.Tensor, new_tokens: int, runs: int, runtime: str = "eager",
                      progress: Callable[[str], None] = print) -> list[dict]:
     """Time every model once per round, `runs` rounds after one warm-up round, the order rotated
     each round. Interleaving makes each model's run r share the machine's state (other load,
@@ -146,7 +139,7 @@ def time_interleaved(models: list, ids: torch.Tensor, new_tokens: int, runs: int
         order = list(range(len(models)))
         order = order[round_ % len(order):] + order[:round_ % len(order)]
         for i in order:
-            p, d = time_once(models[i], ids, new_tokens)
+            p, d = time_once(models[i], ids, new_tokens, runtime)
             if round_:  # round 0 is the warm-up
                 prefill[i].append(p)
                 decode[i].append(d)
@@ -218,16 +211,24 @@ def allocation_variants(lm: LoadedModel, results: dict, sparsities, methods=()) 
     return out
 
 
+RUNTIMES = ("eager", "compiled", "compiled-loop")
+
+
+def _set_runtime(models: list, runtime: str) -> None:
+    for model in models:
+        (compile_for_decode if runtime == "compiled" else eager_decode)(model)  # generate's settings
+
+
 def run(lm: LoadedModel, variants: list[Variant], prompt_tokens: int = 512, new_tokens: int = 128,
-        runs: int = 5, profile_steps: int = 0) -> tuple[list[dict], str]:
-    """Rows (dense first, then one per variant) of speed, size and agreement."""
+        runs: int = 5, profile_steps: int = 0, runtimes=RUNTIMES) -> tuple[list[dict], str]:
+    """Rows (per runtime: dense first, then one per variant) of speed, size and agreement."""
     ids, prompt_label = _prompt(lm, prompt_tokens)
     units = all_block_units(lm)
-    rows, models = [], [lm.model]
+    facts, models = [], [lm.model]
     with tempfile.TemporaryDirectory(prefix="structured-speed-") as tmp:
         lm.model.save_pretrained(Path(tmp) / "dense")
-        rows.append({"model": "dense", "sparsity": 0.0, "params": sum(p.numel() for p in lm.model.parameters()),
-                     "safetensors_mb": _safetensors_bytes(Path(tmp) / "dense") / 1e6})
+        facts.append({"model": "dense", "sparsity": 0.0, "params": sum(p.numel() for p in lm.model.parameters()),
+                      "safetensors_mb": _safetensors_bytes(Path(tmp) / "dense") / 1e6})
         weights = DenseWeights(lm)
         for i, (label, sparsity, make_plan) in enumerate(variants):
             plan = make_plan()
@@ -238,27 +239,34 @@ def run(lm: LoadedModel, variants: list[Variant], prompt_tokens: int = 512, new_
             weights.restore()
             folder = save_sliced(sliced, Path(tmp) / f"sliced-{i}")
             models.append(sliced)
-            rows.append({"model": label, "sparsity": sparsity,
-                         "achieved": plan.structured_sparsity(units),
-                         "heads_kept": sum(a["heads_kept"] for a in plan.allocation(units)),
-                         "channels_kept": sum(int(c.sum()) for c in plan.keep_channels),
-                         "params": sum(p.numel() for p in sliced.parameters()),
-                         "safetensors_mb": _safetensors_bytes(folder) / 1e6,
-                         "max_logit_diff_vs_masked": float(diff)})
-    print(f"timing {len(models)} models, interleaved", flush=True)
-    for row, timed in zip(rows, time_interleaved(models, ids, new_tokens, runs)):
-        row.update(timed)
-    if profile_steps:
-        print(f"profiling {profile_steps} decode steps per model", flush=True)
-        for row, model in zip(rows, models):
-            row.update(profile_decode(model, ids, profile_steps))
-            row["decode_ms_step"] = 1000 / row["decode_tok_s"]
-    dense = rows[0]
-    for row in rows:
-        for key in ("prefill", "decode"):
-            ratios = [a / b for a, b in zip(row[f"{key}_all"], dense[f"{key}_all"])]  # paired by round
-            row[f"{key}_speedup"] = statistics.median(ratios)
-            row[f"{key}_speedup_min"], row[f"{key}_speedup_max"] = min(ratios), max(ratios)
+            facts.append({"model": label, "sparsity": sparsity,
+                          "achieved": plan.structured_sparsity(units),
+                          "heads_kept": sum(a["heads_kept"] for a in plan.allocation(units)),
+                          "channels_kept": sum(int(c.sum()) for c in plan.keep_channels),
+                          "params": sum(p.numel() for p in sliced.parameters()),
+                          "safetensors_mb": _safetensors_bytes(folder) / 1e6,
+                          "max_logit_diff_vs_masked": float(diff)})
+    rows = []
+    for runtime in runtimes:
+        print(f"timing {len(models)} models, interleaved, {runtime} runtime", flush=True)
+        _set_runtime(models, runtime)
+        start = time.perf_counter()
+        timed = time_interleaved(models, ids, new_tokens, runs, runtime)
+        block = [{**fact, "runtime": runtime, **t} for fact, t in zip(facts, timed)]
+        block[0]["runtime_seconds"] = time.perf_counter() - start  # the compiled warm-up round compiles
+        if profile_steps and runtime == "eager":
+            print(f"profiling {profile_steps} decode steps per model", flush=True)
+            for row, model in zip(block, models):
+                row.update(profile_decode(model, ids, profile_steps))
+                row["decode_ms_step"] = 1000 / row["decode_tok_s"]
+        dense = block[0]
+        for row in block:
+            for key in ("prefill", "decode"):
+                ratios = [a / b for a, b in zip(row[f"{key}_all"], dense[f"{key}_all"])]  # paired by round
+                row[f"{key}_speedup"] = statistics.median(ratios)
+                row[f"{key}_speedup_min"], row[f"{key}_speedup_max"] = min(ratios), max(ratios)
+        rows += block
+    _set_runtime(models, "eager")
     return rows, prompt_label
 
 
@@ -266,7 +274,8 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    names = ["dense" if r["model"] == "dense" else f"{r['model']} {r['sparsity']:.1%}" for r in rows]
+    names = [("dense" if r["model"] == "dense" else f"{r['model']} {r['sparsity']:.1%}") + f" ({r['runtime']})"
+             for r in rows]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("prefill tokens/s (512-token prompt)",
                                                         "greedy decode tokens/s (128 new tokens)"))
     for col, key in ((1, "prefill"), (2, "decode")):
@@ -288,8 +297,11 @@ def main() -> None:
     ap.add_argument("--name", default="structured_speed")
     ap.add_argument("--note", default="", help="a remark saved with the results (e.g. 'machine busy')")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                    help="also profile STEPS decode steps per model: time per step in matrix products, attention, "
+                    help="also profile STEPS eager decode steps per model: time per step in matrix products, attention, "
                          "KV-cache concatenation and the rest")
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES),
+                    help="comma-separated: eager (stock generate), compiled (generate with a static cache and "
+                         "torch.compile), compiled-loop (the compiled step in a minimal greedy loop)")
     ap.add_argument("--methods", default="", help="with --allocations: only these rows (comma-separated)")
     ap.add_argument("--allocations", default="", metavar="RESULTS",
                     help="time the shapes of each method's allocation in bench/results/RESULTS.json (a "
@@ -297,6 +309,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.runs < 5:
         raise SystemExit("--runs must be at least 5 (the numbers are medians).")
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    if not runtimes or any(r not in RUNTIMES for r in runtimes):
+        raise SystemExit(f"--runtimes takes a comma-separated subset of {', '.join(RUNTIMES)}.")
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
@@ -308,12 +323,13 @@ def main() -> None:
     else:
         variants = l2_variants(lm, sparsities)
         plan_text = "lowest-L2-norm units, uniform per block"
-    rows, prompt_label = run(lm, variants, args.prompt_tokens, args.new_tokens, args.runs, args.profile)
+    rows, prompt_label = run(lm, variants, args.prompt_tokens, args.new_tokens, args.runs, args.profile,
+                             runtimes)
     header = (f"Model {lm.model_id}; fp32 on {lm.device}; torch threads {torch.get_num_threads()}; prompt: "
               f"{prompt_label}; plan: {plan_text}; median of {args.runs} interleaved rounds (speedups paired per round)"
               + (f"; {args.note}" if args.note else ""))
     print("\n" + header)
-    table = print_table(rows, [("model", "model", ""), ("sparsity", "target", ".2f"), ("achieved", "achieved", ".4f"),
+    table = print_table(rows, [("model", "model", ""), ("runtime", "runtime", ""), ("sparsity", "target", ".2f"), ("achieved", "achieved", ".4f"),
                                ("params", "params", ",d"), ("safetensors_mb", "safetensors MB", ".1f"),
                                ("prefill_tok_s", "prefill tok/s", ".1f"), ("prefill_speedup", "prefill x", ".2f"),
                                ("decode_tok_s", "decode tok/s", ".2f"), ("decode_speedup", "decode x", ".2f"),
@@ -322,15 +338,18 @@ def main() -> None:
     if args.profile:
         print(f"\nOne decode step, milliseconds (generate: from the timed runs; forward: {args.profile} bare "
               "forwards with the cache; groups: self CPU time under torch.profiler)")
-        table += "\n\n" + print_table(rows, [("model", "model", ""), ("sparsity", "target", ".2f"),
-                                              ("decode_ms_step", "generate ms", ".1f"),
-                                              ("forward_ms_step", "forward ms", ".1f"),
-                                              *[(f"{g} ms", g, ".1f") for g in [*OP_GROUPS, "other"]]])
+        profiled = [r for r in rows if "forward_ms_step" in r]  # eager runtime only
+        table += "\n\n" + print_table(profiled, [("model", "model", ""), ("sparsity", "target", ".2f"),
+                                                 ("decode_ms_step", "generate ms", ".1f"),
+                                                 ("forward_ms_step", "forward ms", ".1f"),
+                                                 *[(f"{g} ms", g, ".1f") for g in [*OP_GROUPS, "other"]]])
     for row in (r for r in rows if r["model"] != "dense" and abs(r["sparsity"] - 0.5) < 1e-9):
         verdict = "met" if row["decode_speedup"] >= 1.5 else "NOT met"
-        print(f"target (sliced 50% decodes >= 1.5x dense), {row['model']}: {verdict} ({row['decode_speedup']:.2f}x)")
+        print(f"target (sliced 50% decodes >= 1.5x dense), {row['model']}, {row['runtime']}: {verdict} "
+              f"({row['decode_speedup']:.2f}x)")
     payload = {"model": lm.facts(), "threads": torch.get_num_threads(), "prompt": prompt_label,
                "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
+               "runtimes": runtimes,
                "plan": plan_text,
                "note": args.note, "rows": rows}
     path = save(args.name, payload, header + "\n\n" + table)
