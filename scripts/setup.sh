@@ -16,4 +16,9 @@ if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
     || echo "setup: could not install chromium; the browser tests will be skipped" >&2
 fi
+# torch.compile on CPU (compiled decoding: `generate --compile`, core/fast_decode.py) builds C++ kernels.
+if ! command -v g++ >/dev/null 2>&1 && ! command -v c++ >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq g++ >/dev/null) \
+    || echo "setup: no C++ compiler; compiled decoding is unavailable and its tests will be skipped" >&2
+fi
 echo "setup: ready (.venv)"
