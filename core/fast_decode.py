@@ -53,6 +53,18 @@ def cpu_compiler() -> str | None:
     return None
 
 
+def _check_can_compile(model) -> None:
+    if next(model.parameters()).device.type == "cpu" and cpu_compiler() is None:
+        raise CompileUnavailable("Compiled decoding on CPU needs a C++ compiler (torch.compile builds C++ kernels): "
+                                 "install one (e.g. `apt-get install g++`) or decode eagerly.")
+
+
+def _allow_many_models() -> None:
+    """Raise dynamo's process-wide recompile limit to _RECOMPILE_LIMIT (never lower it)."""
+    import torch._dynamo.config as dynamo_config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
+
+
 def compile_for_decode(model, mode: str = "default"):
     """Make `model.generate` decode with a static cache and a compiled forward (in place).
 
@@ -61,12 +73,8 @@ def compile_for_decode(model, mode: str = "default"):
     Undo with `eager_decode(model)`."""
     from transformers import CompileConfig
 
-    device = next(model.parameters()).device
-    if device.type == "cpu" and cpu_compiler() is None:
-        raise CompileUnavailable("Compiled decoding on CPU needs a C++ compiler (torch.compile builds C++ kernels): "
-                                 "install one (e.g. `apt-get install g++`) or decode eagerly.")
-    import torch._dynamo.config as dynamo_config
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
+    _check_can_compile(model)
+    _allow_many_models()
     config = CompileConfig(fullgraph=True, dynamic=False, mode=mode)
     config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
     model.generation_config.cache_implementation = "static"
@@ -132,8 +140,7 @@ _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _decode_step(model):
     """The model's compiled forward for single-token steps, built once per model."""
     if model not in _STEPS:
-        import torch._dynamo.config as dynamo_config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
+        _allow_many_models()
         _STEPS[model] = torch.compile(model.forward, fullgraph=True, dynamic=False)
     return _STEPS[model]
 
@@ -165,10 +172,7 @@ def compiled_greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Te
     No end-of-text stop: it always produces `new_tokens` ids."""
     if new_tokens < 2:
         raise ValueError("compiled_greedy needs at least 2 new tokens (decode time runs from the first to the last).")
-    device = next(model.parameters()).device
-    if device.type == "cpu" and cpu_compiler() is None:
-        raise CompileUnavailable("Compiled decoding on CPU needs a C++ compiler (torch.compile builds C++ kernels): "
-                                 "install one (e.g. `apt-get install g++`) or decode eagerly.")
+    _check_can_compile(model)
     step = _decode_step(model)
     cache = _static_cache(model, ids.shape[0], ids.shape[1] + new_tokens)
     batch, length = ids.shape
