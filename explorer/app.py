@@ -7,6 +7,7 @@ whole app can be driven by gradio_client (the tests do).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import queue
@@ -27,6 +28,7 @@ from core.methods import all_methods, get_method
 from core.models import BUNDLED, DEFAULT_MODEL
 from core.pruning import calibrate, cut, update_cut_params
 from core.structured.plan import plan_from_maskset
+from core.structured.slicing import slice_model
 from core.structured.units import all_block_units
 
 from . import figures, structured_view
@@ -424,14 +426,16 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         masks = session.masks
         texts, rates = {"dense": "", "pruned": ""}, {}
         try:
+            sliced = _sliced_model(session, entry, masks)
             for which in ("dense", "pruned"):
-                for text, tps in _locked_stream(entry, masks if which == "pruned" else None, prompt,
-                                                settings, bool(chat)):
+                stream = _locked_stream(entry, masks if which == "pruned" else None, prompt, settings, bool(chat)) \
+                    if which == "dense" or sliced is None else stream_generate(sliced, prompt, settings, chat=bool(chat))
+                for text, tps in stream:
                     texts[which], rates[which] = text, tps
-                    yield texts["dense"], texts["pruned"], _rates_md(rates, masks)
+                    yield texts["dense"], texts["pruned"], _rates_md(rates, masks, entry, sliced)
         except Exception as exc:
             raise _fail(exc) from exc
-        yield texts["dense"], texts["pruned"], _rates_md(rates, masks)
+        yield texts["dense"], texts["pruned"], _rates_md(rates, masks, entry, sliced)
 
     def _measure(session: Session, entry: ModelEntry, windows, protocol, masks_list, progress) -> dict:
         """Perplexity of the dense model (once per protocol) and of each mask set, under the lock."""
@@ -778,9 +782,29 @@ def _locked_stream(entry: ModelEntry, masks, prompt: str, settings: GenerationSe
             return
 
 
-def _rates_md(rates: dict, masks) -> str:
+def _sliced_model(session: Session, entry: ModelEntry, masks):
+    """For structured masks, the physically smaller model they stand for (built once per mask
+    set, kept on the session), so the pruned side's tokens/s is the smaller model's; None for
+    other masks (those run as the dense model with zeroed weights: same size, same speed)."""
+    if masks.meta.get("pattern") != "structured":
+        return None
+    if session.sliced is None or session.sliced[0] is not masks:
+        session.sliced = None  # drop the previous copy before making the next
+        with MODEL_LOCK:  # the copy must be taken from the dense weights, not another tab's masked ones
+            entry.dense.restore()
+            model = slice_model(entry.lm, plan_from_maskset(entry.lm, masks))
+        session.sliced = (masks, dataclasses.replace(entry.lm, model=model))
+    return session.sliced[1]
+
+
+def _rates_md(rates: dict, masks, entry: ModelEntry | None = None, sliced=None) -> str:
     parts = [f"{k}: {v:.1f} tokens/s" for k, v in rates.items()]
-    return " | ".join(parts) + f" | pruned at {masks.total_sparsity():.1%} sparsity, same settings and seed"
+    text = " | ".join(parts) + f" | pruned at {masks.total_sparsity():.1%} sparsity, same settings and seed"
+    if sliced is not None and entry is not None:
+        n_pruned = sum(p.numel() for p in sliced.model.parameters())
+        n_dense = sum(p.numel() for p in entry.lm.model.parameters())
+        text += f" | pruned side: the sliced model, {n_pruned:,} of {n_dense:,} parameters"
+    return text
 
 
 def theme() -> gr.themes.Theme:

@@ -72,6 +72,8 @@ class Session:
     # what the page's plots show: (the MaskSet drawn in the allocation, the matrix drawn below it)
     shown: tuple = (None, None)
     structured: object | None = None  # explorer.structured_view.StructuredRun of a structured method
+    # (the structured MaskSet, its physically sliced LoadedModel): what generation runs as "pruned"
+    sliced: tuple | None = None
     _tmp: str | None = None
 
     def __deepcopy__(self, memo):  # gr.State deep-copies its initial value; an Event cannot be
@@ -81,6 +83,7 @@ class Session:
         self.artifact = None
         self.structured = None
         self.masks = None
+        self.sliced = None
         self.prepared.clear()
         self.shown = (None, None)
 

@@ -6,6 +6,7 @@ so the whole file runs in well under two minutes on a CPU.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 
@@ -340,8 +341,11 @@ def test_structured_method_prunes_reprunes_and_exports_a_smaller_model(app_url, 
     first = summary["total_sparsity"]
     status, _a, _h, _hi, summary = client.predict(sparsity=0.5, pattern="unstructured", api_name="/cut")
     assert summary["total_sparsity"] > first  # re-pruned at the new sparsity
-    dense, pruned, _ = client.predict(**GEN, api_name="/generate")
+    dense, pruned, rates = client.predict(**GEN, api_name="/generate")
     assert dense and pruned
+    # the pruned side is the physically sliced model (its speed is the smaller model's)
+    match = re.search(r"the sliced model, ([\d,]+) of ([\d,]+) parameters", rates)
+    assert match and int(match[1].replace(",", "")) < 0.8 * int(match[2].replace(",", "")), rates
 
     # a sweep re-prunes at each sparsity and leaves the slider's state (50%) as it was
     md, _plot, runs = client.predict(sparsities_text="0.2, 0.5", source="python-docs", seqlen=32, max_windows=2,
