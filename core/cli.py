@@ -344,6 +344,8 @@ def cmd_generate(args) -> int:
 
     if args.new_tokens < 2:
         raise PruneError("--new-tokens must be at least 2 (the decode rate is timed from the first new token).")
+    if not args.prompt.strip():
+        raise PruneError("--prompt is empty: give some text to continue.")
     if args.compile and args.device == "cpu" and cpu_compiler() is None:
         raise CompileUnavailable("--compile on CPU needs a C++ compiler (torch.compile builds C++ kernels): install "
                                  "one (e.g. `apt-get install g++`) or leave --compile out.")
@@ -351,6 +353,8 @@ def cmd_generate(args) -> int:
     if args.masks:
         DenseWeights(lm).apply(load_masks(args.masks, lm))
     ids = lm.tokenizer(args.prompt, return_tensors="pt").input_ids.to(lm.device)
+    if ids.shape[1] == 0:
+        raise PruneError("--prompt gives no tokens: give some text to continue.")
     decode = timed_greedy
     if args.compile:
         decode = compiled_greedy

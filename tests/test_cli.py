@@ -192,3 +192,5 @@ def test_generate_compiled_gives_the_eager_text(tiny_llama_dir):
 def test_generate_refuses_too_few_tokens(tiny_llama_dir):
     result = run_cli("generate", "--model", str(tiny_llama_dir), "--new-tokens", "1")
     assert result.returncode == 2 and "at least 2" in result.stderr
+    result = run_cli("generate", "--model", str(tiny_llama_dir), "--prompt", "  ")
+    assert result.returncode == 2 and "--prompt is empty" in result.stderr
