@@ -339,16 +339,15 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     """Greedy continuation of a prompt with its decode speed: a quick check of a pruned or
     sliced model (load_model reads sliced folders), eager or compiled (core.fast_decode)."""
-    from .fast_decode import CompileUnavailable, compiled_greedy, cpu_compiler, timed_greedy
+    from .fast_decode import check_can_compile, compiled_greedy, timed_greedy
     from .masks import DenseWeights, load_masks
 
     if args.new_tokens < 2:
         raise PruneError("--new-tokens must be at least 2 (the decode rate is timed from the first new token).")
     if not args.prompt.strip():
         raise PruneError("--prompt is empty: give some text to continue.")
-    if args.compile and args.device == "cpu" and cpu_compiler() is None:
-        raise CompileUnavailable("--compile on CPU needs a C++ compiler (torch.compile builds C++ kernels): install "
-                                 "one (e.g. `apt-get install g++`) or leave --compile out.")
+    if args.compile:
+        check_can_compile(args.device)  # before the model is loaded
     lm = _load(args)
     if args.masks:
         DenseWeights(lm).apply(load_masks(args.masks, lm))

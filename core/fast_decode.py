@@ -53,8 +53,10 @@ def cpu_compiler() -> str | None:
     return None
 
 
-def _check_can_compile(model) -> None:
-    if next(model.parameters()).device.type == "cpu" and cpu_compiler() is None:
+def check_can_compile(device: str | torch.device) -> None:
+    """Raise CompileUnavailable (with what to do) where compiled decoding cannot run on `device`:
+    on CPU, torch.compile needs a C++ compiler. Cheap: callers can check before loading a model."""
+    if torch.device(device).type == "cpu" and cpu_compiler() is None:
         raise CompileUnavailable("Compiled decoding on CPU needs a C++ compiler (torch.compile builds C++ kernels): "
                                  "install one (e.g. `apt-get install g++`) or decode eagerly.")
 
@@ -73,7 +75,7 @@ def compile_for_decode(model, mode: str = "default"):
     Undo with `eager_decode(model)`."""
     from transformers import CompileConfig
 
-    _check_can_compile(model)
+    check_can_compile(next(model.parameters()).device)
     _allow_many_models()
     config = CompileConfig(fullgraph=True, dynamic=False, mode=mode)
     config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
@@ -172,10 +174,10 @@ def compiled_greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Te
     No end-of-text stop: it always produces `new_tokens` ids."""
     if new_tokens < 2:
         raise ValueError("compiled_greedy needs at least 2 new tokens (decode time runs from the first to the last).")
-    _check_can_compile(model)
-    step = _decode_step(model)
-    cache = _static_cache(model, ids.shape[0], ids.shape[1] + new_tokens)
+    check_can_compile(next(model.parameters()).device)
     batch, length = ids.shape
+    step = _decode_step(model)
+    cache = _static_cache(model, batch, length + new_tokens)
     # Positions are passed explicitly: a model that derives them from a mask and the cache's
     # length (OPT) would otherwise slice by a data-dependent size, which a static graph cannot hold.
     positions = torch.arange(length, device=ids.device).expand(batch, -1)
