@@ -119,12 +119,11 @@ def _prompt(lm: LoadedModel, tokens: int) -> tuple[torch.Tensor, str]:
 
 @torch.no_grad()
 def time_once(model, ids: torch.Tensor, new_tokens: int, runtime: str = "eager") -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) of one run."""
+    """(prefill tokens/s, decode tokens/s) of one run, decoding as `runtime` does."""
     start = time.perf_counter()
     model(ids, use_cache=True, logits_to_keep=1)
     elapsed = time.perf_counter() - start
-    decode = compiled_greedy if runtime == "compiled-loop" else timed_greedy
-    return ids.shape[1] / elapsed, decode(model, ids, new_tokens)[1]
+    return ids.shape[1] / elapsed, RUNTIMES[runtime][1](model, ids, new_tokens)[1]
 
 
 def time_interleaved(models: list, ids: torch.Tensor, new_tokens: int, runs: int, runtime: str = "eager",
@@ -146,6 +145,17 @@ def time_interleaved(models: list, ids: torch.Tensor, new_tokens: int, runs: int
         progress(f"round {round_}/{runs} done")
     return [{"prefill_tok_s": statistics.median(p), "decode_tok_s": statistics.median(d),
              "prefill_all": p, "decode_all": d} for p, d in zip(prefill, decode)]
+
+
+# runtime -> (what it sets in the model's generation settings, how it decodes: ids, tokens/s)
+RUNTIMES = {"eager": (eager_decode, timed_greedy),
+            "compiled": (compile_for_decode, timed_greedy),
+            "compiled-loop": (eager_decode, compiled_greedy)}
+
+
+def _set_runtime(models: list, runtime: str) -> None:
+    for model in models:
+        RUNTIMES[runtime][0](model)
 
 
 # operator groups of a decode step's profile (self CPU time; everything else is "other")
@@ -209,14 +219,6 @@ def allocation_variants(lm: LoadedModel, results: dict, sparsities, methods=()) 
     if not out:
         raise SystemExit(f"No rows at sparsities {list(sparsities)} in those results.")
     return out
-
-
-RUNTIMES = ("eager", "compiled", "compiled-loop")
-
-
-def _set_runtime(models: list, runtime: str) -> None:
-    for model in models:
-        (compile_for_decode if runtime == "compiled" else eager_decode)(model)  # generate's settings
 
 
 def run(lm: LoadedModel, variants: list[Variant], prompt_tokens: int = 512, new_tokens: int = 128,
