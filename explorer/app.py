@@ -427,15 +427,18 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         texts, rates = {"dense": "", "pruned": ""}, {}
         try:
             sliced = _sliced_model(session, entry, masks)
+            note = _sliced_note(entry, sliced)
             for which in ("dense", "pruned"):
-                stream = _locked_stream(entry, masks if which == "pruned" else None, prompt, settings, bool(chat)) \
-                    if which == "dense" or sliced is None else stream_generate(sliced, prompt, settings, chat=bool(chat))
+                if which == "pruned" and sliced is not None:
+                    stream = stream_generate(sliced, prompt, settings, chat=bool(chat))
+                else:
+                    stream = _locked_stream(entry, masks if which == "pruned" else None, prompt, settings, bool(chat))
                 for text, tps in stream:
                     texts[which], rates[which] = text, tps
-                    yield texts["dense"], texts["pruned"], _rates_md(rates, masks, entry, sliced)
+                    yield texts["dense"], texts["pruned"], _rates_md(rates, masks) + note
         except Exception as exc:
             raise _fail(exc) from exc
-        yield texts["dense"], texts["pruned"], _rates_md(rates, masks, entry, sliced)
+        yield texts["dense"], texts["pruned"], _rates_md(rates, masks) + note
 
     def _measure(session: Session, entry: ModelEntry, windows, protocol, masks_list, progress) -> dict:
         """Perplexity of the dense model (once per protocol) and of each mask set, under the lock."""
@@ -797,14 +800,18 @@ def _sliced_model(session: Session, entry: ModelEntry, masks):
     return session.sliced[1]
 
 
-def _rates_md(rates: dict, masks, entry: ModelEntry | None = None, sliced=None) -> str:
+def _sliced_note(entry: ModelEntry, sliced) -> str:
+    """What the rates line adds when the pruned side is the sliced model (counted once per generation)."""
+    if sliced is None:
+        return ""
+    n_pruned = sum(p.numel() for p in sliced.model.parameters())
+    n_dense = sum(p.numel() for p in entry.lm.model.parameters())
+    return f" | pruned side: the sliced model, {n_pruned:,} of {n_dense:,} parameters"
+
+
+def _rates_md(rates: dict, masks) -> str:
     parts = [f"{k}: {v:.1f} tokens/s" for k, v in rates.items()]
-    text = " | ".join(parts) + f" | pruned at {masks.total_sparsity():.1%} sparsity, same settings and seed"
-    if sliced is not None and entry is not None:
-        n_pruned = sum(p.numel() for p in sliced.model.parameters())
-        n_dense = sum(p.numel() for p in entry.lm.model.parameters())
-        text += f" | pruned side: the sliced model, {n_pruned:,} of {n_dense:,} parameters"
-    return text
+    return " | ".join(parts) + f" | pruned at {masks.total_sparsity():.1%} sparsity, same settings and seed"
 
 
 def theme() -> gr.themes.Theme:
