@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, SHARED, print_table, save  # noqa: E402
 from core.fast_decode import compile_for_decode, compiled_greedy, eager_decode, timed_greedy  # noqa: E402
+from core.kv_cache import output_cache, with_cache  # noqa: E402
 from core.masks import DenseWeights  # noqa: E402
 from core.models import LoadedModel, load_model  # noqa: E402
 from core.structured.plan import StructuredPlan  # noqa: E402
@@ -174,12 +175,12 @@ def profile_decode(model, ids: torch.Tensor, steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     out = model(ids, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
 
     def steps_from(token, cache):
         for _ in range(steps):
-            out = model(token, past_key_values=cache, use_cache=True)
-            token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
+            out = model(token, **with_cache(model, cache), use_cache=True)
+            token, cache = out.logits[:, -1:].argmax(-1), output_cache(out)
         return token, cache
 
     start = time.perf_counter()

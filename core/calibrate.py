@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import Cancelled
+from .kv_cache import CACHE_ARG_NAMES
 from .models import LoadedModel
 
 STAT_KINDS = frozenset({"sum_x2", "sum_x", "xtx", "window_x2"})
@@ -111,7 +112,7 @@ def _accumulate(stats: LayerStats, x: torch.Tensor, kinds: frozenset) -> None:
         stats.xtx.addmm_(x.t(), x)
 
 
-_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions", "cache_position")
+_CACHE_ARGS = (*CACHE_ARG_NAMES, "use_cache", "output_attentions", "cache_position")
 
 
 def _as_keywords(block: nn.Module, hidden_states, args: tuple, kwargs: dict) -> dict:

@@ -35,6 +35,7 @@ import weakref
 import torch
 
 from .errors import PruneError
+from .kv_cache import with_cache
 
 # Every compiled model adds guarded entries for the same code objects (the model class's
 # forward); the default of 8 would fall back to eager after a few models in one process.
@@ -181,14 +182,15 @@ def compiled_greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Te
     # Positions are passed explicitly: a model that derives them from a mask and the cache's
     # length (OPT) would otherwise slice by a data-dependent size, which a static graph cannot hold.
     positions = torch.arange(length, device=ids.device).expand(batch, -1)
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1, position_ids=positions)
+    cache_kw = with_cache(model, cache)
+    out = model(ids, **cache_kw, use_cache=True, logits_to_keep=1, position_ids=positions)
     token = out.logits[:, -1:].argmax(-1)
     tokens = [token]
     position = positions[:, -1:].clone()
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
         position += 1  # in place: the same tensor every step, only its value changes
-        out = step(token, past_key_values=cache, use_cache=True, position_ids=position)
+        out = step(token, **cache_kw, use_cache=True, position_ids=position)
         token = out.logits[:, -1:].argmax(-1)
         tokens.append(token)
     elapsed = time.perf_counter() - start

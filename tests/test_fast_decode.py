@@ -12,6 +12,7 @@ from transformers import DynamicCache, StaticCache
 
 from core.fast_decode import (CompileUnavailable, compile_for_decode, compiled_greedy, eager_decode, greedy_ids,
                               cpu_compiler, has_compiled_step, is_compiled_for_decode)
+from core.kv_cache import output_cache
 from core.structured.slicing import slice_model
 from test_slicing import _ids, _plan
 
@@ -24,7 +25,7 @@ def _generate_with_cache(model, ids, new_tokens=6):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True)
-    return out.sequences, out.past_key_values
+    return out.sequences, output_cache(out)
 
 
 def _dense_and_sliced(lm):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from core.export import export_sliced_model
+from core.kv_cache import with_cache
 from core.masks import DenseWeights
 from core.models import fingerprint, load_model
 from core.structured.plan import StructuredPlan
@@ -145,8 +146,8 @@ def _cached_steps(model, ids, prefix: int) -> torch.Tensor:
 
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(ids[:, :prefix], past_key_values=cache, use_cache=True)
-        steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+        model(ids[:, :prefix], **with_cache(model, cache), use_cache=True)
+        steps = [model(ids[:, t:t + 1], **with_cache(model, cache), use_cache=True).logits
                  for t in range(prefix, ids.shape[1])]
     return torch.cat(steps, dim=1)
 

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..families import Family, family_for_config, head_info
+from ..kv_cache import find_cache
 from ..models import LoadedModel
 from .plan import StructuredPlan
 from .units import all_block_units, unit_out_columns, unit_rows
@@ -62,7 +63,7 @@ class EmptyAttention(nn.Module):
     """Stands in for an attention sublayer whose every unit was pruned.
 
     Returns `(zeros + output bias, None)` for any call signature the families use (hidden
-    states first; the cache as `past_key_values`, or `layer_past` for GPT-NeoX). The output
+    states first; the cache under whatever name the release passes it: core.kv_cache). The output
     projection is kept, with zero input columns, under its original attribute name, so its
     bias keeps its checkpoint key. With a cache it appends a (batch, 1, tokens, 1) zero
     placeholder, so the cache's length for this layer grows like any other layer's.
@@ -75,7 +76,7 @@ class EmptyAttention(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+        cache = find_cache(kwargs)
         if cache is not None:
             cache = getattr(cache, "self_attention_cache", cache)  # an EncoderDecoderCache's own
             # One head of width 1: transformers reads a layer's length as 0 when its keys are empty
