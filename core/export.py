@@ -7,29 +7,53 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from .models import LoadedModel
+from .outputs import EXPORT_MARKER, OutputError, check_replaceable, fix_modes
 
 
-def write_folder_atomically(out: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(staging)` on a fresh folder beside `out`, then rename it to `out` (replacing
-    an old one): the folder appears only once complete, and a failed write leaves no trace."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+def write_folder_atomically(out: str | Path, write: Callable[[Path], None], *, force: bool = False,
+                            inputs: Iterable[str | Path] = ()) -> Path:
+    """Run `write(staging)` on a fresh folder beside `out`, then rename it to `out`: the folder
+    appears only once complete, and a failed write leaves no trace.
+
+    An existing `out` is replaced only if it is empty or an earlier export (it carries
+    EXPORT_MARKER, which every folder written here gets); any other folder needs `force`, and a
+    folder holding one of `inputs` is never replaced (core.outputs.check_replaceable). The old
+    folder is moved aside under a unique name, removed only once the new one is in place, and put
+    back if that fails. Files and folders get the umask's ordinary modes (0644 / 0755)."""
+    out = check_replaceable(out, inputs, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-", suffix=".partial"))
+    except OSError as exc:
+        raise OutputError(f"Cannot write the export folder {out}: {exc.strerror or exc}. Choose a folder "
+                          f"you can write to.") from None
     try:
         write(staging)
-        if out.exists():
-            backup = out.with_name(out.name + ".old")
-            out.rename(backup)
-            staging.rename(out)
-            shutil.rmtree(backup, ignore_errors=True)
+        if not (staging / EXPORT_MARKER).exists():
+            (staging / EXPORT_MARKER).write_text(json.dumps({"written_by": "pruning-explorer export"}))
+        fix_modes(staging)
+        if out.exists() or out.is_symlink():
+            # A unique name for the old folder (no fixed "out.old" to collide with): inside a
+            # fresh folder beside it, so the rename never lands on something that exists.
+            holder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-", suffix=".old"))
+            backup = holder / out.name
+            os.rename(out, backup)
+            try:
+                os.rename(staging, out)
+            except BaseException:
+                os.rename(backup, out)  # put the old folder back
+                os.rmdir(holder)
+                raise
+            shutil.rmtree(holder, ignore_errors=True)  # the new folder is in place: now the old goes
         else:
-            staging.rename(out)
+            os.rename(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -39,10 +63,12 @@ def _provenance(lm: LoadedModel, meta: dict | None) -> dict:
     return {"source_model": lm.model_id, "source_fingerprint": lm.fingerprint, **(meta or {})}
 
 
-def export_pruned_model(lm: LoadedModel, out: str | Path, meta: dict | None = None) -> Path:
+def export_pruned_model(lm: LoadedModel, out: str | Path, meta: dict | None = None, *, force: bool = False,
+                        inputs: Iterable[str | Path] = ()) -> Path:
     """save_pretrained the model as it is now (masks applied) plus a PRUNING.json of metadata.
 
-    The folder appears only once complete: it is written beside the target and renamed."""
+    The folder appears only once complete: it is written beside the target and renamed. `force`
+    and `inputs`: see write_folder_atomically (what may be replaced)."""
 
     def write(staging: Path) -> None:
         lm.model.save_pretrained(staging)
@@ -50,13 +76,15 @@ def export_pruned_model(lm: LoadedModel, out: str | Path, meta: dict | None = No
             lm.tokenizer.save_pretrained(staging)
         (staging / "PRUNING.json").write_text(json.dumps(_provenance(lm, meta), indent=2, default=str))
 
-    return write_folder_atomically(out, write)
+    return write_folder_atomically(out, write, force=force, inputs=inputs)
 
 
-def export_sliced_model(lm: LoadedModel, plan, out: str | Path, meta: dict | None = None) -> Path:
+def export_sliced_model(lm: LoadedModel, plan, out: str | Path, meta: dict | None = None, *, force: bool = False,
+                        inputs: Iterable[str | Path] = ()) -> Path:
     """Slice `plan` out of `lm` (which is left unchanged) and save the smaller model, its
     tokenizer and a PRUNING.json (provenance, the kept attention units per block, parameter
-    counts). Load it back with core.models.load_model(out)."""
+    counts). Load it back with core.models.load_model(out). `force` and `inputs`: see
+    write_folder_atomically (what may be replaced)."""
     from .structured.slicing import save_sliced, slice_model
     from .structured.units import all_block_units
 
@@ -70,4 +98,4 @@ def export_sliced_model(lm: LoadedModel, plan, out: str | Path, meta: dict | Non
                  "kept_attention_units": [k.nonzero().flatten().tolist() for k in plan.keep_attn],
                  "channels_kept": [int(k.sum()) for k in plan.keep_channels],
                  "parameters_dense": dense_params, "parameters_sliced": sliced_params})
-    return save_sliced(model, out, tokenizer=lm.tokenizer, meta=info)
+    return save_sliced(model, out, tokenizer=lm.tokenizer, meta=info, force=force, inputs=inputs)

@@ -1,0 +1,198 @@
+"""Where the commands write, checked before any work starts, and with ordinary permissions.
+
+- `check_writable(path, kind)`: can `path` be created / written? A clear PruneError at once
+  (a read-only place, a file where a folder is expected, a folder where a file is expected),
+  before a model is loaded.
+- `check_replaceable(out, inputs, force)`: may an export replace the folder `out`? Only if it
+  is missing, empty or an earlier export (it carries the EXPORT_MARKER); anything else needs
+  `force`; a folder that holds the export's inputs (or the home folder, or the current folder)
+  never.
+- `check_run_folder(out, force)`: may prune / cut write masks.safetensors and result.json into
+  `out`? They overwrite only their own earlier files of those names.
+- `file_mode()` / `dir_mode()` / `fix_modes(path)`: 0644 / 0755 under umask 022 (tempfile
+  makes 0600 / 0700).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterable
+
+from .errors import PruneError
+
+EXPORT_MARKER = "PRUNING.json"  # every folder an export writes has it (write_folder_atomically sees to it)
+RUN_FILES = ("masks.safetensors", "result.json")  # what prune / cut write into their --out
+
+
+class OutputError(PruneError):
+    """An output location that cannot or must not be written."""
+
+
+# ---------------------------------------------------------------- permissions
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # elsewhere: set and restore at once
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~current_umask()
+
+
+def fix_modes(path: str | Path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the modes a plain `open` /
+    `mkdir` would have: tempfile.mkstemp / mkdtemp make them private (0600 / 0700)."""
+    path = Path(path)
+    fmode, dmode = file_mode(), dir_mode()
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        os.chmod(path, fmode)
+        return
+    os.chmod(path, dmode)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, dmode)
+        for name in files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
+
+
+# ---------------------------------------------------------------- can it be written?
+
+def _deepest_existing(path: Path, what: str) -> Path:
+    """The nearest existing ancestor of `path` (or path itself); refuse a file on the way."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise OutputError(f"{what} {path}: {candidate} is a file, not a folder, so nothing can be "
+                                  f"created under it. Choose another {what}.")
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def check_writable(path: str | Path, kind: str = "file", what: str = "--out") -> Path:
+    """Check at once that `path` can be written, before any work. `kind`:
+    "file" (a file written at `path`), "folder" (files written into the folder `path`),
+    "replace" (the folder `path` written beside itself and renamed into place: its parent must be
+    writable). Probes by creating and removing a temporary file. Returns the absolute path."""
+    path = Path(os.path.expanduser(str(path))).absolute()
+    if kind == "file" and path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file name (for example {path / 'out'}).")
+    if kind in ("folder", "replace") and path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder. Remove it or choose another {what}.")
+    target = path if kind == "folder" else path.parent
+    base = _deepest_existing(target, what)
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise OutputError(f"Cannot write {what} {path}: {base} is not writable ({exc.strerror or exc}). "
+                          f"Choose a folder you can write to, or fix its permissions.") from None
+    return path
+
+
+# ---------------------------------------------------------------- may it be replaced?
+
+def is_export_folder(path: str | Path) -> bool:
+    """A folder an export wrote: it carries EXPORT_MARKER (a JSON object)."""
+    marker = Path(path) / EXPORT_MARKER
+    try:
+        return marker.is_file() and isinstance(json.loads(marker.read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(os.path.expanduser(str(path))).resolve()
+
+
+def _safe(where) -> Path | None:
+    try:
+        return where()
+    except (OSError, RuntimeError):  # a deleted current folder, no home
+        return None
+
+
+def check_replaceable(out: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> Path:
+    """Refuse (OutputError, touching nothing) to replace the folder `out` unless it is missing,
+    empty or an earlier export; `force` allows any other folder, except one that holds an input
+    (a path in `inputs`), the home folder or the current folder: those never."""
+    out_path = Path(os.path.expanduser(str(out)))
+    real = _resolved(out_path)
+    for item in inputs:
+        if item is not None and _within(_resolved(item), real):
+            raise OutputError(f"--out {out_path} holds this export's input {item}; exporting there would "
+                              f"delete it. Choose another --out folder (for example {out_path / 'model'}); "
+                              f"--force does not allow this.")
+    for name, keep in (("your home folder", _safe(Path.home)), ("the current folder", _safe(Path.cwd))):
+        if keep is not None and _within(_resolved(keep), real):
+            raise OutputError(f"--out {out_path} is or contains {name}, which an export never replaces. "
+                              f"Choose a new folder for the export (for example {out_path / 'model'}).")
+    if not out_path.exists() and not out_path.is_symlink():
+        return out_path
+    if not out_path.is_dir():
+        raise OutputError(f"--out {out_path} is a file, not a folder. Remove it or choose another --out.")
+    if is_export_folder(out_path) or not any(out_path.iterdir()) or force:
+        return out_path
+    raise OutputError(f"--out {out_path} already exists and is not an earlier export (it has no "
+                      f"{EXPORT_MARKER}); the export would replace everything in it. Choose a new or empty "
+                      f"folder, or pass --force to replace it (the old folder is removed only once the new "
+                      f"one is complete).")
+
+
+def _is_run_file(path: Path) -> bool:
+    """masks.safetensors / result.json as prune and cut write them."""
+    try:
+        if path.name == "masks.safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                return (fh.metadata() or {}).get("format") == "pruning-explorer-masks"
+        data = json.loads(path.read_text())
+        return isinstance(data, dict) and "method" in data and "achieved_sparsity" in data
+    except Exception:  # unreadable, not safetensors, not JSON: not ours
+        return False
+
+
+def check_run_folder(out: str | Path, force: bool = False) -> Path:
+    """prune / cut write RUN_FILES into `out` (other files there are left alone). Refuse at once
+    if `out` cannot be written, or if it holds a file of those names that they did not write,
+    unless `force`."""
+    path = check_writable(out, "folder")
+    for name in RUN_FILES:
+        existing = path / name
+        if existing.is_dir():
+            raise OutputError(f"--out {path} has a folder named {name}, where this command writes a file. "
+                              f"Choose another --out folder.")
+        if existing.exists() and not force and not _is_run_file(existing):
+            raise OutputError(f"--out {path} already has a {name} that this tool did not write; it would be "
+                              f"overwritten. Choose another --out folder, or pass --force to overwrite it.")
+    return path
