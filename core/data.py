@@ -138,6 +138,28 @@ def _check_length(ids: torch.Tensor, seqlen: int, source: str, need: int | None 
         )
 
 
+def check_seqlen(model, seqlen: int) -> None:
+    """Refuse windows longer than the model's context, before any forward pass.
+
+    `model`: a LoadedModel or a transformers config. Beyond its context GPT-2 and OPT fail deep
+    in the position embedding (IndexError), and RoPE models run on silently, out of the range
+    they were trained on; either way the numbers would mean nothing.
+    """
+    from .families import context_length
+
+    config = getattr(model, "config", model)
+    context = context_length(config)
+    seqlen = int(seqlen)
+    if seqlen < 2:
+        raise DataError(f"seqlen must be at least 2, not {seqlen}.")
+    if context is not None and seqlen > context:
+        name = getattr(model, "model_id", None) or getattr(config, "name_or_path", None) or "the model"
+        raise DataError(
+            f"seqlen {seqlen} is longer than the context of {name} ({context} tokens, the most "
+            f"positions it takes in one window). Use a seqlen of at most {context}."
+        )
+
+
 def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0,
                         source: str = "?") -> tuple[torch.Tensor, WindowProtocol]:
     """`n` windows of `seqlen` tokens at seeded random starts: (n, seqlen) int64."""

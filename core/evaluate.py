@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .data import check_seqlen
 from .errors import Cancelled
 from .models import LoadedModel
 
@@ -32,6 +33,7 @@ def perplexity(lm: LoadedModel, windows: torch.Tensor, protocol: dict, batch_siz
     """ppl = exp(mean over windows of the mean next-token NLL in each window), in fp32.
 
     Only the logits of one batch exist at a time, computed as fp32 log-softmax."""
+    check_seqlen(lm, windows.shape[-1])  # before any forward pass
     nlls = []
     total = windows.shape[0]
     for start in range(0, total, batch_size):

