@@ -51,6 +51,24 @@ def save_artifact(path: str | Path, artifact: Artifact, lm: LoadedModel) -> Path
     return path
 
 
+def read_artifact_meta(path: str | Path) -> dict:
+    """An artifact's string metadata (method, parameters, the model it was calibrated on), read
+    from the file's header alone: no tensor is loaded, so it can decide which model to load."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MaskFileError(f"No calibration artifact at {path}.")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:
+        raise MaskFileError(f"{path} is not a readable safetensors artifact ({exc}); calibrate again.") from exc
+    if meta.get("format") != ARTIFACT_FORMAT:
+        raise MaskFileError(f"{path} is not a calibration artifact written by this tool.")
+    return meta
+
+
 def load_artifact(path: str | Path, lm: LoadedModel, dense: DenseWeights | None = None) -> Artifact:
     """Read an artifact for the loaded model; refuse a corrupt file or one made for another model."""
     from safetensors import safe_open

@@ -216,10 +216,18 @@ class MaskSet:
     pruned: dict[str, int] | None = None  # pruned weights per matrix; counted once, on demand
     # output biases to set (structured bias compensation, FLAP); a module without a bias gets one
     biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    # prunable matrices deliberately left dense (N:M misfits skipped): no mask, 0 pruned, but
+    # counted in the whole-model sparsity, the allocation and the saved file's metadata
+    dense_layers: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """Each mask's shape (no lazy mask is made)."""
         return mask_shapes(self.masks)
+
+    @property
+    def skipped_layers(self) -> list[str]:
+        """Names of the matrices left dense on purpose (see dense_layers)."""
+        return list(self.dense_layers)
 
     def pruned_counts(self) -> dict[str, int]:
         """Pruned weights per matrix. Counted once per mask set (a pass over ~100M mask entries
@@ -231,12 +239,18 @@ class MaskSet:
         return self.pruned
 
     def sparsity_per_matrix(self) -> dict[str, float]:
+        """Every matrix's pruned fraction, the layers left dense (0.0) included."""
         counts = self.pruned_counts()
-        return {name: counts[name] / math.prod(shape) for name, shape in self.shapes().items()}
+        out = {name: counts[name] / math.prod(shape) for name, shape in self.shapes().items()}
+        out.update({name: 0.0 for name in self.dense_layers if name not in out})
+        return out
 
     def total_sparsity(self) -> float:
+        """Pruned fraction of every matrix the set covers: masked ones and those left dense."""
         pruned = sum(self.pruned_counts().values())
-        total = sum(math.prod(shape) for shape in self.shapes().values())
+        shapes = self.shapes()
+        total = sum(math.prod(shape) for shape in shapes.values())
+        total += sum(math.prod(shape) for name, shape in self.dense_layers.items() if name not in shapes)
         return pruned / max(total, 1)
 
 
@@ -249,11 +263,18 @@ def allocation_table(masks: "dict[str, torch.Tensor] | MaskSet", lm: LoadedModel
         shapes = mask_shapes(masks)
     rows = []
     prefix = lm.family.blocks_path + "."
+    dense_left = masks.dense_layers if isinstance(masks, MaskSet) else {}
     for name, shape in shapes.items():
         block_text, rel = name[len(prefix):].split(".", 1)
         pruned, params = counts[name], math.prod(shape)
         rows.append({"name": name, "block": int(block_text), "type": lm.family.matrix_type(rel),
-                     "params": params, "pruned": pruned, "sparsity": pruned / params})
+                     "params": params, "pruned": pruned, "sparsity": pruned / params, "skipped": False})
+    for name, shape in dense_left.items():  # left dense on purpose: 0 pruned, still the model's weights
+        if name in shapes:
+            continue
+        block_text, rel = name[len(prefix):].split(".", 1)
+        rows.append({"name": name, "block": int(block_text), "type": lm.family.matrix_type(rel),
+                     "params": math.prod(shape), "pruned": 0, "sparsity": 0.0, "skipped": True})
     return rows
 
 
@@ -317,12 +338,16 @@ class DenseWeights:
 # ---------------------------------------------------------------- files
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
+    """Write through a temporary file in the same folder, then rename: never a half file. The
+    file gets the umask's ordinary mode (0644 under umask 022), not mkstemp's 0600."""
+    from .outputs import file_mode
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -349,6 +374,8 @@ def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
         "layout": "canonical (d_out, d_in), True/1 = keep",
         "achieved_sparsity": f"{mask_set.total_sparsity():.6f}",
         "allocation": json.dumps({n: round(s, 6) for n, s in mask_set.sparsity_per_matrix().items()}),
+        # the matrices this file has no mask for on purpose (left dense); load_masks refuses others
+        "skipped_layers": json.dumps(mask_set.skipped_layers),
     })
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
@@ -393,5 +420,38 @@ def load_masks(path: str | Path, lm: LoadedModel, allow_other_model: bool = Fals
             masks[name] = tensor.bool()
         else:
             (biases if kind == "bias" else weights)[name] = tensor
+    # A matrix without a mask would silently stay dense: only those the file records as left
+    # dense on purpose (N:M misfits skipped) may be missing.
+    recorded = set(_json_list(meta.get("skipped_layers")))
+    missing = [name for name in shapes if name not in masks]
+    unexplained = [name for name in missing if name not in recorded]
+    if unexplained:
+        shown = ", ".join(unexplained[:5]) + (f" and {len(unexplained) - 5} more" if len(unexplained) > 5 else "")
+        raise MaskFileError(
+            f"{path} has no mask for {len(unexplained)} of the model's {len(shapes)} prunable matrices "
+            f"({shown}), and does not record them as left dense; applying it would leave them dense. "
+            "The file is incomplete: export the masks again.")
     keep = {k: v for k, v in meta.items() if k not in ("allocation",)}
-    return MaskSet(masks=masks, weights=weights, meta=keep, biases=biases)
+    return MaskSet(masks=masks, weights=weights, meta=keep, biases=biases,
+                   dense_layers={name: shapes[name] for name in missing})
+
+
+def _json_list(value) -> list:
+    """A list kept in metadata: a list, or its JSON text (as files store it); else []."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return []
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def dense_note(mask_set: MaskSet) -> str | None:
+    """One line naming the matrices a mask set leaves dense on purpose, or None."""
+    names = mask_set.skipped_layers
+    if not names:
+        return None
+    total = len(names) + len(mask_set.shapes())
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"{len(names)} of {total} matrices left dense (N:M does not fit their width): {shown}; "
+            f"whole-model sparsity {mask_set.total_sparsity():.1%}.")
