@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import inspect
 import json
 import os
 import queue
@@ -19,11 +21,12 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from core.data import DEFAULT_SOURCE, calibration_set, evaluation_set
+from core.data import DEFAULT_SOURCE, calibration_set, check_seqlen, evaluation_set
 from core.errors import Cancelled, PruneError
 from core.evaluate import GenerationSettings, perplexity, stream_generate
 from core.export import export_pruned_model, export_sliced_model
 from core.masks import allocation_table, load_masks, parse_pattern, save_masks
+from core.memory import APP_HINTS, ModelShapes, available_bytes, check_calibration_memory, largest_fitting
 from core.methods import all_methods, get_method
 from core.models import BUNDLED, DEFAULT_MODEL
 from core.pruning import calibrate, cut, update_cut_params
@@ -32,7 +35,7 @@ from core.structured.slicing import slice_model
 from core.structured.units import all_block_units
 
 from . import figures, structured_view
-from .state import MODEL_LOCK, ModelEntry, Session, get_model
+from .state import MODEL_LOCK, ModelEntry, Session, get_model, release_session
 
 # Gradio's queue rebuilds a pandas summary of every recorded event (up to 10,000) after each
 # event, for its monitoring page: 15-35 ms of CPU (and the GIL) after every slider move, growing
@@ -42,6 +45,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "500")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PATTERNS = ["unstructured", "2:4", "4:8"]
 HEAVY = "heavy"  # one concurrency slot shared by every job that runs the model
+CALIB_BATCH = 8  # windows per forward in the app's calibrations (core.pruning.calibrate's default)
+# A session idle this long (no event) is released like a closed tab: artifact, masks, files.
+SESSION_TTL_S = float(os.environ.get("EXPLORER_SESSION_TTL", 2 * 3600))
+# Files handed to the browser (exports) are copied into gradio's cache: every 30 min those older
+# than 2 h are deleted, and all of them when the server stops.
+DELETE_CACHE = (1800, 2 * 3600)
 
 HOW_TO_READ = """
 **Allocation chart**: one group of bars per transformer block, one bar per matrix type
@@ -112,6 +121,32 @@ def _method_choices() -> list[tuple[str, str]]:
 
 def _pool_size() -> int:
     return max([len(m.params) for m in all_methods().values()] + [1])
+
+
+DEFAULT_WINDOWS, DEFAULT_SEQLEN = 16, 256  # the calibration widgets' initial values
+FALLBACK_LIMITS = (1024, 4096)  # used only when the default model's config cannot be read
+
+
+def calibration_limits(spec: str, method: str = "wanda", available: int | None = None) -> tuple[int, int]:
+    """The calibration widgets' maxima, from this machine: the most windows (at the default
+    seqlen) and the longest seqlen (at the default windows, at most the model's context) whose
+    estimated calibration memory (core.memory) fits the memory available now. The calibrate
+    handler still checks the actual request against the memory free when it runs."""
+    from core.models import load_config
+
+    try:
+        _source, _kwargs, config = load_config(spec)
+        shapes = ModelShapes.from_config(config)
+    except Exception:  # an unreadable spec fails properly when it is loaded
+        return FALLBACK_LIMITS
+    have = available_bytes("cpu") if available is None else available
+    if have is None:
+        return FALLBACK_LIMITS
+    seqlen = min(DEFAULT_SEQLEN, shapes.context or DEFAULT_SEQLEN)
+    max_windows = largest_fitting(shapes, method, have, seqlen=seqlen, batch_size=CALIB_BATCH)
+    max_seqlen = largest_fitting(shapes, method, have, n_windows=DEFAULT_WINDOWS, batch_size=CALIB_BATCH,
+                                 upper=shapes.context or 1 << 20)
+    return max(max_windows, 1), max(max_seqlen, 8)
 
 
 def _param_updates(method_name: str, pool: int) -> list:
@@ -217,6 +252,8 @@ def _allocation(masks, rows: list[dict], target, title: str) -> dict:
 def _matrix_views(session: Session, name: str | None) -> tuple:
     """(heatmap, histogram) of one matrix: its mask is the only one a lazy cut makes here."""
     mask = session.masks.masks.get(name) if name else None
+    if mask is None and name in session.masks.dense_layers:  # left dense on purpose: all kept
+        mask = torch.ones(session.masks.dense_layers[name], dtype=torch.bool)
     scope, label = "row", "saliency"
     if session.artifact is not None:
         method_obj = session.artifact.method_obj
@@ -243,8 +280,41 @@ def _status(session: Session) -> str:
     meta = session.masks.meta
     took = meta.get("cut_seconds")
     took = f" in {float(took) * 1000:.0f} ms" if took else ""
-    return (f"Masks: **{meta.get('method', 'imported')}**, pattern {meta.get('pattern', '?')}, "
-            f"achieved sparsity **{session.masks.total_sparsity():.1%}**{took}.")
+    skipped = session.masks.skipped_layers
+    whole = " of the whole model" if skipped else ""
+    status = (f"Masks: **{meta.get('method', 'imported')}**, pattern {meta.get('pattern', '?')}, "
+              f"achieved sparsity **{session.masks.total_sparsity():.1%}**{whole}{took}.")
+    if skipped:  # N:M misfits left dense: they count in the sparsity above, at 0
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        status += (f" {len(skipped)} of {len(skipped) + len(session.masks.shapes())} matrices left dense "
+                   f"(the pattern does not fit their width): {shown}.")
+    return status
+
+
+def _cancelled_status(session: Session, exc: Cancelled, resume: str) -> str:
+    """What a cancelled calibration or cut left: the session's masks are the previous ones (a
+    cancelled cut never replaces them), and what was already computed is kept for a retry."""
+    kept = ("The previous masks are unchanged. " + _status(session) if session.masks is not None
+            else "No masks were made.")
+    solved = getattr(exc, "solved", 0)
+    if session.interrupted is not None:  # on_calibrate: the statistics are kept too
+        again = (f" The calibration{f' and the {solved} matrices already solved' if solved else ''} "
+                 f"are kept: {resume} to continue from there.")
+    elif solved:
+        again = f" The {solved} matrices already solved at that sparsity are kept: {resume} to finish only the rest."
+    else:
+        again = ""
+    return f"Cancelled: {exc} {kept}{again}"
+
+
+def _resumable(session: Session, entry: ModelEntry, method, params: dict, protocol: dict):
+    """The session's interrupted calibration if it was made with these exact settings, else None."""
+    artifact = session.interrupted
+    if artifact is None or artifact.dense is not entry.dense or artifact.method != method.name:
+        return None
+    if artifact.params != method.resolve_params(params):
+        return None
+    return artifact if {k: v for k, v in artifact.protocol.items() if k != "mode"} == protocol else None
 
 
 # ---------------------------------------------------------------- the app
@@ -253,6 +323,7 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
     """Build the explorer. `model` is the default model spec (bundled name, folder, .gguf, hub id)."""
     default_spec = str(model)
     methods = all_methods()
+    max_windows, max_seqlen = calibration_limits(default_spec, "wanda" if "wanda" in methods else next(iter(methods)))
     pool = _pool_size()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     model_choices = list(BUNDLED) + ([default_spec] if default_spec not in BUNDLED else [])
@@ -296,6 +367,10 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         try:
             params = _collect_params(method_name, pool_values, pool_for, params_json)
             method = get_method(method_name)
+            check_seqlen(lm, int(seqlen))  # a window the model cannot take: refuse before any work
+            # what calibration will hold, from the shapes, against the memory free now: refuse before allocating
+            check_calibration_memory(lm, method, int(windows), int(seqlen), CALIB_BATCH,
+                                     "structured" if method.structured else "calibrate", params, hints=APP_HINTS)
             progress(0, desc="tokenizing the calibration text")
             data, protocol = calibration_set(lm.tokenizer, (source or DEFAULT_SOURCE).strip(),
                                              int(windows), int(seqlen), seed=0)
@@ -318,24 +393,32 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
                 yield (f"Pruned **{method_name}** (structured) on {protocol.describe()} in {run.seconds:.1f} s; "
                        "moving the sparsity slider re-prunes. " + _status(session), *_views(session, block, mtype))
                 return
-            with MODEL_LOCK:  # the forward passes need the weights dense
-                entry.dense.restore()
-                artifact = calibrate(lm, method, data, protocol.as_dict(), params, dense=entry.dense,
-                                     progress=_progress_fn(progress, "calibrating: "),
-                                     should_stop=session.cancel.is_set)
-            session.artifact = artifact
-            session.prepared.clear()
-            session.masks = None
+            artifact = _resumable(session, entry, method, params, protocol.as_dict())
+            session.interrupted = None
+            if artifact is None:
+                with MODEL_LOCK:  # the forward passes need the weights dense
+                    entry.dense.restore()
+                    artifact = calibrate(lm, method, data, protocol.as_dict(), params, dense=entry.dense,
+                                         progress=_progress_fn(progress, "calibrating: "),
+                                         should_stop=session.cancel.is_set)
             pat = parse_pattern(pattern)
             if pat.is_nm and "nm" not in method.patterns:
                 pattern = "unstructured"
-            session.masks = cut(artifact, float(sparsity), parse_pattern(pattern),
-                                skip_misfits=True, progress=_progress_fn(progress, "cutting: "),
-                                should_stop=session.cancel.is_set)
+            try:  # the session's masks are replaced only once the new ones are complete
+                masks = cut(artifact, float(sparsity), parse_pattern(pattern),
+                            skip_misfits=True, progress=_progress_fn(progress, "cutting: "),
+                            should_stop=session.cancel.is_set)
+            except Cancelled:
+                session.interrupted = artifact  # Calibrate at these settings resumes from it
+                raise
+            session.artifact = artifact
+            session.prepared.clear()
+            session.masks = masks
             session.sparsity, session.pattern = float(sparsity), pattern
         except Cancelled as exc:
             gr.Warning(str(exc))
-            yield (f"Cancelled: {exc}", *_views(session, block, mtype))
+            yield (_cancelled_status(session, exc, resume="press **Calibrate** again at the same settings"),
+                   *_views(session, block, mtype))
             return
         except Exception as exc:
             raise _fail(exc) from exc
@@ -368,6 +451,8 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
                 session.sparsity, session.pattern = float(sparsity), str(pattern)
         except Cancelled as exc:
             gr.Warning(str(exc))
+            return (_cancelled_status(session, exc, resume="move the slider back to it"),
+                    *_views(session, block, mtype, skip_shown=True))
         except Exception as exc:
             raise _fail(exc) from exc
         return (_status(session), *_views(session, block, mtype, skip_shown=True))
@@ -474,6 +559,7 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
             raise gr.Error("No pruned model yet: calibrate (or import a mask file) first.")
         session.cancel.clear()
         try:
+            check_seqlen(entry.lm, int(seqlen))  # a window the model cannot take: refuse before any work
             progress(0, desc="tokenizing the evaluation text")
             windows, protocol = evaluation_set(entry.lm.tokenizer, (source or DEFAULT_SOURCE).strip(),
                                                int(seqlen), int(max_windows))
@@ -498,6 +584,7 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
             values = [float(v) for v in str(sparsities_text).replace(";", ",").split(",") if v.strip()]
             if not values:
                 raise ValueError("Give sparsities separated by commas, e.g. 0.3, 0.5, 0.7.")
+            check_seqlen(entry.lm, int(seqlen))  # before pruning at each sparsity
             if structured:
                 masks_list = _sweep_structured(session, entry, values, progress)
                 how = f"**{session.structured.method}** (structured), pruned at each of {len(values)} sparsities"
@@ -605,8 +692,10 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
 
     # ------------------------------------------------------------ layout
 
-    with gr.Blocks(title="Pruning explorer") as demo:
-        session = gr.State(lambda: Session(), delete_callback=lambda s: s.cleanup())
+    with gr.Blocks(title="Pruning explorer", delete_cache=DELETE_CACHE) as demo:
+        # Released (release_session) when the tab closes (demo.unload below) or after SESSION_TTL_S
+        # without an event (every handler that takes the session also returns it: see _touching).
+        session = gr.State(lambda: Session(), time_to_live=SESSION_TTL_S, delete_callback=release_session)
         gr.Markdown("# Pruning explorer\nCalibrate once, then slide the sparsity and watch what goes.")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
@@ -635,8 +724,11 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
                     source_tb = gr.Textbox(DEFAULT_SOURCE, label="Calibration text",
                                            info="python-docs (offline), wikitext2, c4, or a .txt/.jsonl/.json/.parquet path")
                     with gr.Row():
-                        windows_nb = gr.Number(16, precision=0, minimum=1, maximum=1024, label="windows")
-                        seqlen_nb = gr.Number(256, precision=0, minimum=8, maximum=4096, label="seqlen")
+                        # maxima from this machine's memory and the model's context (calibration_limits)
+                        windows_nb = gr.Number(min(DEFAULT_WINDOWS, max_windows), precision=0, minimum=1,
+                                               maximum=max_windows, label="windows")
+                        seqlen_nb = gr.Number(min(DEFAULT_SEQLEN, max_seqlen), precision=0, minimum=8,
+                                              maximum=max_seqlen, label="seqlen")
                     with gr.Row():
                         calib_btn = gr.Button("Calibrate", variant="primary")
                         cancel_btn = gr.Button("Cancel", variant="stop")
@@ -707,43 +799,94 @@ def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
         # ------------------------------------------------------------ wiring
         views = [alloc_plot, heat_plot, hist_plot, summary_js]
         model_outputs = [facts, status_md, block_sl, mtype_dd, *views]
-        load_btn.click(on_load_model, [model_dd, dtype_dd, device_dd, session], model_outputs,
-                       api_name="load_model", concurrency_id=HEAVY)
-        demo.load(on_page_load, [model_dd, dtype_dd, device_dd, session], model_outputs,
-                  api_name="page_load", api_visibility="undocumented", concurrency_id=HEAVY)
+        # Handlers that take the session also return it (_touching): its time-to-live restarts
+        load_btn.click(_touching(on_load_model, model_outputs, at=3), [model_dd, dtype_dd, device_dd, session],
+                       [*model_outputs, session], api_name="load_model", concurrency_id=HEAVY)
+        demo.load(_touching(on_page_load, model_outputs, at=3), [model_dd, dtype_dd, device_dd, session],
+                  [*model_outputs, session], api_name="page_load", api_visibility="undocumented",
+                  concurrency_id=HEAVY)
         method_dd.change(on_method, [method_dd], [method_md, pool_for, *pool_widgets], api_name="method",
                          api_visibility="undocumented",
                          queue=False)
-        calib_btn.click(on_calibrate, [session, method_dd, source_tb, windows_nb, seqlen_nb, sparsity_sl,
-                                       pattern_rd, block_sl, mtype_dd, params_tb, pool_for, *pool_widgets],
-                        [status_md, *views], api_name="calibrate", concurrency_id=HEAVY)
+        calib_btn.click(_touching(on_calibrate, [status_md, *views]),
+                        [session, method_dd, source_tb, windows_nb, seqlen_nb, sparsity_sl,
+                         pattern_rd, block_sl, mtype_dd, params_tb, pool_for, *pool_widgets],
+                        [status_md, *views, session], api_name="calibrate", concurrency_id=HEAVY)
         cancel_btn.click(on_cancel, [session], [status_md], api_name="cancel", concurrency_limit=None,
                          concurrency_id="cancel")
         cut_inputs = [session, sparsity_sl, pattern_rd, block_sl, mtype_dd]
-        sparsity_sl.release(on_cut, cut_inputs, [status_md, *views], api_name="cut", trigger_mode="always_last",
-                            concurrency_limit=4, concurrency_id="cut", show_progress="minimal")
-        pattern_rd.input(on_cut, cut_inputs, [status_md, *views], api_name="pattern", api_visibility="undocumented",
-                         trigger_mode="always_last", concurrency_limit=4, concurrency_id="cut")
-        gr.on([w.input for w in pool_widgets], on_params,
+        cut_outputs = [status_md, *views]
+        sparsity_sl.release(_touching(on_cut, cut_outputs), cut_inputs, [*cut_outputs, session], api_name="cut",
+                            trigger_mode="always_last", concurrency_limit=4, concurrency_id="cut",
+                            show_progress="minimal")
+        pattern_rd.input(_touching(on_cut, cut_outputs), cut_inputs, [*cut_outputs, session], api_name="pattern",
+                         api_visibility="undocumented", trigger_mode="always_last", concurrency_limit=4,
+                         concurrency_id="cut")
+        gr.on([w.input for w in pool_widgets], _touching(on_params, cut_outputs),
               [session, method_dd, pool_for, sparsity_sl, pattern_rd, block_sl, mtype_dd, *pool_widgets],
-              [status_md, *views], api_name="params", api_visibility="undocumented", trigger_mode="always_last",
+              [*cut_outputs, session], api_name="params", api_visibility="undocumented", trigger_mode="always_last",
               concurrency_limit=4, concurrency_id="cut", show_progress="minimal")
-        gr.on([block_sl.release, mtype_dd.input], on_view, [session, block_sl, mtype_dd], [heat_plot, hist_plot],
+        gr.on([block_sl.release, mtype_dd.input], _touching(on_view, [heat_plot, hist_plot]),
+              [session, block_sl, mtype_dd], [heat_plot, hist_plot, session],
               api_name="view", trigger_mode="always_last", concurrency_limit=4, concurrency_id="cut",
               show_progress="minimal")
-        gen_btn.click(on_generate, [session, prompt_tb, max_new_nb, sample_cb, temp_nb, seed_nb, chat_cb],
-                      [dense_out, pruned_out, rates_md], api_name="generate", concurrency_id=HEAVY)
-        ppl_btn.click(on_perplexity, [session, eval_src_tb, eval_seqlen_nb, eval_windows_nb],
-                      [ppl_md, ppl_js, compare_plot, runs_js], api_name="perplexity", concurrency_id=HEAVY)
-        sweep_btn.click(on_sweep, [session, sweep_tb, eval_src_tb, eval_seqlen_nb, eval_windows_nb],
-                        [sweep_md, compare_plot, runs_js], api_name="sweep", concurrency_id=HEAVY)
-        exp_masks_btn.click(on_export_masks, [session], [masks_file], api_name="export_masks")
-        exp_alloc_btn.click(on_export_allocation, [session], [alloc_files], api_name="export_allocation")
-        exp_model_btn.click(on_export_model, [session], [model_file], api_name="export_model",
-                            concurrency_id=HEAVY)
-        import_btn.click(on_import, [session, import_file, block_sl, mtype_dd], [status_md, *views],
-                         api_name="import_masks", concurrency_id=HEAVY)
+        gen_outputs = [dense_out, pruned_out, rates_md]
+        gen_btn.click(_touching(on_generate, gen_outputs),
+                      [session, prompt_tb, max_new_nb, sample_cb, temp_nb, seed_nb, chat_cb],
+                      [*gen_outputs, session], api_name="generate", concurrency_id=HEAVY)
+        ppl_outputs = [ppl_md, ppl_js, compare_plot, runs_js]
+        ppl_btn.click(_touching(on_perplexity, ppl_outputs), [session, eval_src_tb, eval_seqlen_nb, eval_windows_nb],
+                      [*ppl_outputs, session], api_name="perplexity", concurrency_id=HEAVY)
+        sweep_outputs = [sweep_md, compare_plot, runs_js]
+        sweep_btn.click(_touching(on_sweep, sweep_outputs),
+                        [session, sweep_tb, eval_src_tb, eval_seqlen_nb, eval_windows_nb],
+                        [*sweep_outputs, session], api_name="sweep", concurrency_id=HEAVY)
+        exp_masks_btn.click(_touching(on_export_masks, [masks_file]), [session], [masks_file, session],
+                            api_name="export_masks")
+        exp_alloc_btn.click(_touching(on_export_allocation, [alloc_files]), [session], [alloc_files, session],
+                            api_name="export_allocation")
+        exp_model_btn.click(_touching(on_export_model, [model_file]), [session], [model_file, session],
+                            api_name="export_model", concurrency_id=HEAVY)
+        import_btn.click(_touching(on_import, cut_outputs), [session, import_file, block_sl, mtype_dd],
+                         [*cut_outputs, session], api_name="import_masks", concurrency_id=HEAVY)
+        # A closed tab (its heartbeat gone; a gradio_client's close()) releases its session at once,
+        # instead of gradio's hour-long grace for closed sessions.
+        def on_unload(request: gr.Request) -> None:
+            _unload(demo, request)
+
+        demo.unload(on_unload)
     return demo
+
+
+def _touching(fn, outputs: list, at: int = 0):
+    """`fn`, a handler whose input number `at` is the session, returning the session too (wire
+    it with `[*outputs, session]`): gradio stores a returned State again, which restarts its
+    time-to-live, so a session expires after SESSION_TTL_S without events, not that long after
+    it was made, and the unload event can release it (gradio only deletes states it stored)."""
+    single = len(outputs) == 1
+
+    def tail(out, args):
+        return (out, args[at]) if single else (*out, args[at])
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            for out in fn(*args, **kwargs):
+                yield tail(out, args)
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return tail(fn(*args, **kwargs), args)
+    return call
+
+
+def _unload(demo: gr.Blocks, request) -> None:
+    """The unload event: delete the closing session's states now (each State's delete_callback,
+    here release_session, runs), rather than an hour after the tab closed."""
+    holder = getattr(demo, "state_holder", None)
+    if holder is not None and request is not None and request.session_hash:
+        holder.delete_state(request.session_hash)
 
 
 def _kw(update: dict) -> dict:

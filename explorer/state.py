@@ -6,6 +6,9 @@ put back dense before the lock is released, so no session can see another's mask
 """
 from __future__ import annotations
 
+import atexit
+import gc
+import os
 import shutil
 import tempfile
 import threading
@@ -14,6 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.calibrate import release_free_memory
 from core.masks import DenseWeights, MaskSet
 from core.models import LoadedModel, load_model
 
@@ -74,6 +78,10 @@ class Session:
     structured: object | None = None  # explorer.structured_view.StructuredRun of a structured method
     # (the structured MaskSet, its physically sliced LoadedModel): what generation runs as "pruned"
     sliced: tuple | None = None
+    # a calibration whose first cut was cancelled (a weight-updating method's solve): the session
+    # kept its previous masks; Calibrate at the same settings resumes from this artifact and the
+    # matrices it already solved instead of calibrating and solving again
+    interrupted: object | None = None
     _tmp: str | None = None
 
     def __deepcopy__(self, memo):  # gr.State deep-copies its initial value; an Event cannot be
@@ -84,14 +92,72 @@ class Session:
         self.structured = None
         self.masks = None
         self.sliced = None
+        self.interrupted = None
         self.prepared.clear()
         self.shown = (None, None)
 
     def tmpdir(self) -> Path:
+        """This session's folder for exports, under the app's one temporary root (tmp_root)."""
         if self._tmp is None or not Path(self._tmp).is_dir():
-            self._tmp = tempfile.mkdtemp(prefix=f"explorer-{self.id}-")
+            self._tmp = tempfile.mkdtemp(prefix=f"session-{self.id}-", dir=tmp_root())
         return Path(self._tmp)
 
     def cleanup(self) -> None:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def release(self) -> None:
+        """Drop everything this session holds (artifact, masks, prepared figures, sliced model,
+        its temporary folder) and hand the freed memory back to the OS. Gradio calls it when
+        the tab closes (the app's unload event) or the session has been idle for its state's
+        time-to-live. A job still running for the session is cancelled at its next block."""
+        self.cancel.set()
+        self.reset_pruning()
+        self.model = None
+        self.ppl_runs.clear()
+        self.ppl_dense.clear()
+        self.cleanup()
+        gc.collect()  # figures and masks can sit in reference cycles
+        release_free_memory()  # glibc keeps freed heap pages resident otherwise
+
+
+def release_session(value) -> None:
+    """gr.State's delete_callback: release a Session (anything else is left alone)."""
+    if isinstance(value, Session):
+        value.release()
+
+
+_TMP_ROOT: str | None = None
+_TMP_ROOT_LOCK = threading.Lock()
+_TMP_PREFIX = "explorer-app-"
+
+
+def tmp_root() -> Path:
+    """The one temporary folder this server process owns (every session's folder lives in it),
+    made on first use and removed when the process exits (atexit; launch.py turns SIGTERM into
+    a normal exit). Roots left by servers that were killed outright are removed here too."""
+    global _TMP_ROOT
+    with _TMP_ROOT_LOCK:
+        if _TMP_ROOT is None or not Path(_TMP_ROOT).is_dir():
+            _remove_stale_roots()
+            _TMP_ROOT = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-")
+            atexit.register(shutil.rmtree, _TMP_ROOT, True)
+        return Path(_TMP_ROOT)
+
+
+def _remove_stale_roots() -> None:
+    for folder in Path(tempfile.gettempdir()).glob(f"{_TMP_PREFIX}*"):
+        pid = folder.name[len(_TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True

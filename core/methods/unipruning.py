@@ -54,6 +54,7 @@ class UniPruning(Method):
     stats = frozenset({"window_x2"})
     scope = "sorted"  # calibration sorts each matrix's scores: cuts are then counts, never a sort
     also_rank_by = ("row",)  # and ranks them per row, for the global-row and row controllers
+    extra_bytes_per_weight = 2  # the artifact's first-activation step (int16), for core.memory's estimate
     sequential = False
     score_label = "|Gamma| / mean (mirror descent)"
 
