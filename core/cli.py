@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import PruneError
+from .outputs import check_replaceable, check_run_folder, check_writable
 
 
 def _progress_bar(desc: str):
@@ -41,12 +42,15 @@ def _progress_bar(desc: str):
     return update
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, from_artifact: bool = False) -> None:
+    """from_artifact: the command may read an --artifact, which names its model; --model then
+    defaults to None and _load fills it in (the artifact's model, else the default model)."""
     from .models import BUNDLED, DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    default_text = f"the model --artifact was calibrated on, else {DEFAULT_MODEL}" if from_artifact else DEFAULT_MODEL
+    p.add_argument("--model", default=None if from_artifact else DEFAULT_MODEL,
                    help=f"bundled name ({', '.join(BUNDLED)}), local folder, .gguf file or hub id "
-                        f"(default: {DEFAULT_MODEL})")
+                        f"(default: {default_text})")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -87,11 +91,76 @@ def _params(items: list[str]) -> dict:
     return out
 
 
+def _fill_model(args) -> None:
+    """--model not given (cut, sweep): the model the --artifact names, else the default model."""
+    from .artifacts import read_artifact_meta
+    from .models import DEFAULT_MODEL
+
+    artifact = getattr(args, "artifact", None)
+    if not artifact:
+        args.model = DEFAULT_MODEL
+        return
+    named = read_artifact_meta(artifact).get("model_id")  # the header only: no tensor is read
+    if not named:
+        raise PruneError(f"{artifact} does not name the model it was calibrated on; give --model.")
+    args.model = named
+    print(f"--model not given: using {named!r}, the model {artifact} was calibrated on.", file=sys.stderr)
+
+
 def _load(args):
+    from .data import check_seqlen
+    from .errors import ModelLoadError
     from .models import load_model
 
+    from_artifact = getattr(args, "model", None) is None and bool(getattr(args, "artifact", None))
+    if getattr(args, "model", None) is None:
+        _fill_model(args)
     print(f"Loading {args.model} ...", file=sys.stderr)
-    return load_model(args.model, args.dtype, args.device)
+    try:
+        lm = load_model(args.model, args.dtype, args.device)
+    except ModelLoadError as exc:
+        if not from_artifact:
+            raise
+        raise ModelLoadError(f"{args.artifact} was calibrated on {args.model!r}, which cannot be loaded here "
+                             f"({exc}). Give --model with that model's folder or name.") from exc
+    # Refuse a --seqlen the model cannot take now, before any text is tokenized or forward run.
+    calibrates = hasattr(args, "calib_text") and not getattr(args, "artifact", None)
+    evaluates = hasattr(args, "seqlen") and (args.command == "eval" or not args.no_eval)
+    if calibrates or evaluates:
+        check_seqlen(lm, args.seqlen)
+    return lm
+
+
+def _check_args(args) -> None:
+    """Validate what argparse cannot, before any model is loaded."""
+    from .masks import check_sparsity, parse_pattern
+
+    if hasattr(args, "sparsity"):
+        args.sparsity = check_sparsity(args.sparsity)
+    if getattr(args, "sparsities", None) is not None:
+        for text in args.sparsities.split(","):
+            try:
+                check_sparsity(text.strip())
+            except PruneError as exc:
+                raise PruneError(f"--sparsities {args.sparsities!r}: {exc} Give comma-separated numbers "
+                                 "in [0, 1), e.g. 0.3,0.5,0.7.") from None
+    if getattr(args, "patterns", None) is not None:
+        for text in args.patterns.split(","):
+            try:
+                parse_pattern(text)
+            except PruneError as exc:
+                raise PruneError(f"--patterns {args.patterns!r}: {exc}") from None
+
+
+def _read_masks(path, lm):
+    """load_masks, and a stderr note naming the matrices the file leaves dense on purpose."""
+    from .masks import dense_note, load_masks
+
+    masks = load_masks(path, lm)
+    note = dense_note(masks)
+    if note:
+        print(f"note: {path}: {note}", file=sys.stderr)
+    return masks
 
 
 def _eval(lm, args, label: str):
@@ -121,9 +190,14 @@ def cmd_methods(args) -> int:
 
 def _save_run(folder: str, masks, lm, results: dict) -> int:
     """What prune and cut leave behind: masks.safetensors and result.json, a summary printed."""
-    from .masks import save_masks
+    from .masks import dense_note, save_masks
 
     out = Path(folder)
+    # achieved_sparsity counts every prunable weight, those of matrices left dense (skipped) at 0
+    results["skipped_layers"] = masks.skipped_layers
+    note = dense_note(masks)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     save_masks(out / "masks.safetensors", masks, lm)
     (out / "result.json").write_text(json.dumps(results, indent=2, default=str))
     print(json.dumps({k: v for k, v in results.items() if k != "eval_protocol"}, indent=2))
@@ -135,7 +209,12 @@ def _add_cut_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", default=0.5, help="fraction of weights to prune, in [0, 1) (default 0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M such as 2:4; "
                    "structured methods (wanda-sp, flap, spap, structprune, tyr) always prune whole units")
-    p.add_argument("--out", default="runs/latest", help="folder for masks.safetensors and result.json")
+    p.add_argument("--out", default="runs/latest",
+                   help="folder for masks.safetensors and result.json (default runs/latest). Other files in it "
+                        "are left alone; its own earlier masks.safetensors / result.json are overwritten, files "
+                        "of those names that this tool did not write only with --force")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite a masks.safetensors / result.json in --out that this tool did not write")
 
 
 def cmd_prune(args) -> int:
@@ -145,8 +224,10 @@ def cmd_prune(args) -> int:
 
     structured = _is_structured(args.method)
     pattern = None if structured else parse_pattern(args.pattern)
+    check_run_folder(args.out, args.force)  # before any work
     lm = _load(args)
     dense = DenseWeights(lm)
+    _check_memory(args, lm, "structured" if structured else "prune")  # before any data or activation
     results = {"model": lm.model_id, "method": args.method, "pattern": "structured" if structured else str(pattern),
                "sparsity": args.sparsity}
     if not args.no_eval and args.eval_dense:
@@ -180,6 +261,15 @@ def cmd_prune(args) -> int:
     return _save_run(args.out, masks, lm, results)
 
 
+def _check_memory(args, lm, mode: str) -> None:
+    """Refuse, before anything is allocated, a calibration whose estimated memory (core.memory:
+    activations, statistics, artifact, temporaries from the model's shapes) will not fit."""
+    from .memory import CLI_HINTS, check_calibration_memory
+
+    check_calibration_memory(lm, args.method, args.calib_windows, args.seqlen, args.batch_size, mode,
+                             _params(args.param), device=args.device, hints=CLI_HINTS)
+
+
 def _calibrate_or_load(args, lm, dense):
     """The sweep's / cut's artifact: read from --artifact, else calibrated now (and saved with
     --save-artifact)."""
@@ -192,6 +282,7 @@ def _calibrate_or_load(args, lm, dense):
         print(f"Loaded the {artifact.method} artifact {args.artifact} (calibrated on "
               f"{artifact.protocol.get('source', '?')}).", file=sys.stderr)
         return artifact
+    _check_memory(args, lm, "calibrate")
     windows, protocol = calibration_set(lm.tokenizer, args.calib_text, args.calib_windows, args.seqlen, args.seed)
     artifact = calibrate(lm, args.method, windows, protocol.as_dict(), _params(args.param), dense,
                          args.batch_size, _progress_bar("calibrating"))
@@ -205,6 +296,7 @@ def cmd_calibrate(args) -> int:
     from .masks import DenseWeights
 
     _refuse_structured(args, "calibrate")
+    check_writable(args.out, "file")  # before any work
     args.save_artifact = args.out
     lm = _load(args)
     artifact = _calibrate_or_load(args, lm, DenseWeights(lm))
@@ -218,6 +310,7 @@ def cmd_cut(args) -> int:
     from .pruning import cut, update_cut_params
 
     _refuse_structured(args, "cut")
+    check_run_folder(args.out, args.force)  # before any work
     lm = _load(args)
     dense = DenseWeights(lm)
     artifact = _calibrate_or_load(args, lm, dense)
@@ -259,6 +352,7 @@ def _sweep_structured(args) -> int:
 
     lm = _load(args)
     dense = DenseWeights(lm)
+    _check_memory(args, lm, "structured")
     units = all_block_units(lm)
     windows, protocol = calibration_set(lm.tokenizer, args.calib_text, args.calib_windows, args.seqlen, args.seed)
     rows = [{"pattern": "dense", "target": 0.0, "achieved": 0.0, "prune_s": 0.0,
@@ -285,9 +379,13 @@ def _sweep_structured(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .masks import DenseWeights, parse_pattern
+    from .masks import DenseWeights, dense_note, parse_pattern
     from .pruning import cut
 
+    if args.out:  # before any work
+        check_writable(args.out, "file")
+    if args.save_artifact:
+        check_writable(args.save_artifact, "file", "--save-artifact")
     if _is_structured(args.method):
         return _sweep_structured(args)
     lm = _load(args)
@@ -301,9 +399,13 @@ def cmd_sweep(args) -> int:
         pattern = parse_pattern(pattern_text)
         sparsities = [pattern.sparsity] if pattern.is_nm else [float(s) for s in args.sparsities.split(",")]
         plans += [(pattern, s) for s in sparsities]
+    noted = set()
     for pattern, sparsity in plans:
         start = time.perf_counter()
         masks = cut(artifact, sparsity, pattern, args.skip_misfit_layers)
+        if masks.skipped_layers and str(pattern) not in noted:  # achieved counts them, at 0: say so once
+            print(f"note: {pattern}: {dense_note(masks)}", file=sys.stderr)
+            noted.add(str(pattern))
         cut_s = time.perf_counter() - start
         dense.apply(masks)
         ppl = None if args.no_eval else _eval(lm, args, f"{pattern} {sparsity:.2f}").value
@@ -329,7 +431,7 @@ def cmd_eval(args) -> int:
 
     lm = _load(args)
     if args.masks:
-        DenseWeights(lm).apply(load_masks(args.masks, lm))
+        DenseWeights(lm).apply(_read_masks(args.masks, lm))
     ppl = _eval(lm, args, "masked" if args.masks else "dense")
     print(json.dumps({"model": lm.model_id, "masks": args.masks, "ppl": ppl.value, "protocol": ppl.protocol},
                      indent=2))
@@ -350,7 +452,7 @@ def cmd_generate(args) -> int:
         check_can_compile(args.device)  # before the model is loaded
     lm = _load(args)
     if args.masks:
-        DenseWeights(lm).apply(load_masks(args.masks, lm))
+        DenseWeights(lm).apply(_read_masks(args.masks, lm))
     ids = lm.tokenizer(args.prompt, return_tensors="pt").input_ids.to(lm.device)
     if ids.shape[1] == 0:
         raise PruneError("--prompt gives no tokens: give some text to continue.")
@@ -370,22 +472,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _model_paths(spec: str) -> list[Path]:
+    """The local files / folders a --model spec reads (an export must never replace them)."""
+    import os
+
+    from .models import BUNDLED, cache_dir
+
+    if spec in BUNDLED:  # converted once into the model cache
+        return [cache_dir()]
+    path = Path(os.path.expanduser(spec))
+    return [path] if path.exists() else []
+
+
 def cmd_export(args) -> int:
     from .export import export_pruned_model
     from .masks import DenseWeights, load_masks
 
+    # Before any work: --out must be writable, and replaceable (missing, empty, an earlier export,
+    # or --force), and must not hold the mask file or the model's own folder (never, even with --force).
+    inputs = [args.masks, *_model_paths(args.model)]
+    check_writable(args.out, "replace")
+    check_replaceable(args.out, inputs, args.force)
     lm = _load(args)
-    masks = load_masks(args.masks, lm)
+    masks = _read_masks(args.masks, lm)
     if masks.meta.get("pattern") == "structured" and not args.masked:
         from .export import export_sliced_model
         from .structured.plan import plan_from_maskset
 
-        path = export_sliced_model(lm, plan_from_maskset(lm, masks), args.out, masks.meta)
+        path = export_sliced_model(lm, plan_from_maskset(lm, masks), args.out, masks.meta, force=args.force,
+                                   inputs=inputs)
         print(f"Sliced (physically smaller) model written to {path}; load it with "
               f"core.models.load_model({str(path)!r}) or core.structured.slicing.load_sliced({str(path)!r})")
         return 0
     DenseWeights(lm).apply(masks)
-    path = export_pruned_model(lm, args.out, masks.meta)
+    path = export_pruned_model(lm, args.out, masks.meta, force=args.force, inputs=inputs)
     print(f"Pruned model written to {path}; load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
     return 0
 
@@ -417,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("cut", help="masks at any sparsity / pattern from a saved artifact (no calibration)")
-    _add_model_args(p)
+    _add_model_args(p, from_artifact=True)
     _add_method_args(p)
     _add_data_args(p)
     p.add_argument("--artifact", required=True, help="an artifact written by `calibrate` (or --save-artifact)")
@@ -425,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cut)
 
     p = sub.add_parser("sweep", help="one calibration, many sparsities and patterns, one table")
-    _add_model_args(p)
+    _add_model_args(p, from_artifact=True)
     _add_method_args(p)
     _add_data_args(p)
     p.add_argument("--artifact", default=None, help="cut from this saved artifact instead of calibrating")
@@ -454,7 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the pruned model as a transformers folder")
     _add_model_args(p)
     p.add_argument("--masks", required=True, help="a mask file written by prune / the explorer")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True,
+                   help="output folder, written atomically. An existing one is replaced only if it is empty or an "
+                        "earlier export (it has a PRUNING.json); never the folder holding --masks or the model")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out folder that is not an earlier export (the old folder is "
+                        "removed only once the new one is complete)")
     p.add_argument("--masked", action="store_true",
                    help="structured masks: write the full-size model with zeroed units instead of slicing")
     p.set_defaults(func=cmd_export)
@@ -463,14 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if hasattr(args, "sparsity"):
-        from .masks import check_sparsity
-
-        try:
-            args.sparsity = check_sparsity(args.sparsity)
-        except PruneError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    try:
+        _check_args(args)
+    except PruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except PruneError as exc:

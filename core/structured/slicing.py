@@ -69,11 +69,19 @@ class EmptyAttention(nn.Module):
     placeholder, so the cache's length for this layer grows like any other layer's.
     """
 
-    def __init__(self, out_name: str, out: nn.Module, layer_idx: int):
+    # Plain attributes some decoder layers read from their attention module (Gemma 3 before
+    # transformers 5 picks its mask by `self_attn.is_sliding`); copied from the replaced module.
+    LAYER_READS = ("is_sliding", "sliding_window", "attention_type")
+
+    def __init__(self, out_name: str, out: nn.Module, layer_idx: int, replaced: nn.Module | None = None):
         super().__init__()
         self.out_name = out_name
         self.add_module(out_name, out)
         self.layer_idx = layer_idx
+        for name in self.LAYER_READS:
+            value = getattr(replaced, name, None) if replaced is not None else None
+            if isinstance(value, (bool, int, str)):
+                setattr(self, name, value)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         cache = find_cache(kwargs)
@@ -152,7 +160,7 @@ def _shape_block(family: Family, block: nn.Module, layer_idx: int, head_dim: int
     attn = block.get_submodule(att_parent)
     if q_heads == 0:
         block.set_submodule(att_parent, EmptyAttention(att_out, linears[family.attention.out],
-                                                       getattr(attn, "layer_idx", layer_idx)))
+                                                       getattr(attn, "layer_idx", layer_idx), attn))
     else:
         if hasattr(attn, "num_heads"):  # OPT (used in its view), GPT-2
             attn.num_heads = q_heads
@@ -249,9 +257,12 @@ def structure_of(model: nn.Module) -> dict | None:
 
 # ---------------------------------------------------------------- save / load
 
-def save_sliced(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
+def save_sliced(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dict | None = None, *,
+                force: bool = False, inputs=()) -> Path:
     """save_pretrained a sliced model (config.json keeps its structure key), plus the tokenizer
-    and, with `meta`, a PRUNING.json; the folder appears only once complete."""
+    and a PRUNING.json (`meta`, or a bare marker); the folder appears only once complete. An
+    existing `out_dir` is replaced only as core.export.write_folder_atomically allows (`force`,
+    `inputs`)."""
     from ..export import write_folder_atomically
 
     structure = structure_of(model)
@@ -275,7 +286,7 @@ def save_sliced(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dic
         if meta is not None:
             (staging / "PRUNING.json").write_text(json.dumps(meta, indent=2, default=str))
 
-    return write_folder_atomically(out_dir, write)
+    return write_folder_atomically(out_dir, write, force=force, inputs=inputs)
 
 
 def is_sliced_folder(path: str | Path) -> bool:
