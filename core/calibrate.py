@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import inspect
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,26 +92,56 @@ def release_free_memory() -> None:
         _malloc_trim(0)
 
 
+# The dtype statistics are summed in. float32 by default (as the reference code); float64 is for
+# checking how much fp32 summation moves a result (bench/high_sparsity.py). Either way a block's
+# statistics reach the methods as float32 (see _as_float32).
+_STATS_DTYPE: ContextVar[torch.dtype] = ContextVar("stats_dtype", default=torch.float32)
+
+
+@contextmanager
+def statistics_dtype(dtype: torch.dtype):
+    """Within the with-block, calibration sums its statistics in `dtype` (torch.float64 or the
+    default torch.float32)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"statistics are summed in float32 or float64, not {dtype}")
+    token = _STATS_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _STATS_DTYPE.reset(token)
+
+
 def _accumulate(stats: LayerStats, x: torch.Tensor, kinds: frozenset) -> None:
+    dtype = _STATS_DTYPE.get()
     if "window_x2" in kinds:  # before flattening: x is (windows, tokens, d_in)
         if stats.window_x2 is None:
             stats.window_x2 = []
-        per_window = x.to(torch.float32).reshape(x.shape[0], -1, x.shape[-1])
+        per_window = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])
         stats.window_x2.append(per_window.pow(2).mean(dim=1))
-    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    x = x.reshape(-1, x.shape[-1]).to(dtype)
     if stats.sum_x2 is None:
         d = x.shape[1]
-        stats.sum_x2 = torch.zeros(d, device=x.device)
+        stats.sum_x2 = torch.zeros(d, device=x.device, dtype=dtype)
         if "sum_x" in kinds:
-            stats.sum_x = torch.zeros(d, device=x.device)
+            stats.sum_x = torch.zeros(d, device=x.device, dtype=dtype)
         if "xtx" in kinds:
-            stats.xtx = torch.zeros(d, d, device=x.device)
+            stats.xtx = torch.zeros(d, d, device=x.device, dtype=dtype)
     stats.n_tokens += x.shape[0]
     stats.sum_x2.add_((x * x).sum(0))
     if stats.sum_x is not None:
         stats.sum_x.add_(x.sum(0))
     if stats.xtx is not None:
         stats.xtx.addmm_(x.t(), x)
+
+
+def _as_float32(stats: LayerStats) -> None:
+    """Round statistics summed in float64 to the float32 every method computes with."""
+    for name in ("sum_x2", "sum_x", "xtx"):
+        value = getattr(stats, name)
+        if value is not None and value.dtype != torch.float32:
+            setattr(stats, name, value.float())
+    if stats.window_x2 is not None:
+        stats.window_x2 = [w.float() for w in stats.window_x2]
 
 
 _CACHE_ARGS = (*CACHE_ARG_NAMES, "use_cache", "output_attentions", "cache_position")
@@ -266,4 +298,6 @@ def _gather(block, linears, inputs, kwargs_per_batch, index, sizes, outputs, kin
     finally:
         for handle in handles:
             handle.remove()
+    for stats in {id(v): v for v in per_module.values()}.values():  # shared objects once
+        _as_float32(stats)
     return per_module
