@@ -74,16 +74,12 @@ def load_artifact(path: str | Path, lm: LoadedModel, dense: DenseWeights | None 
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise MaskFileError(f"No calibration artifact at {path}.")
+    meta = read_artifact_meta(path)  # refuses a missing, unreadable or foreign file
     try:
         with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}
     except Exception as exc:
         raise MaskFileError(f"{path} is not a readable safetensors artifact ({exc}); calibrate again.") from exc
-    if meta.get("format") != ARTIFACT_FORMAT:
-        raise MaskFileError(f"{path} is not a calibration artifact written by this tool.")
     if meta.get("format_version") != ARTIFACT_VERSION:
         raise MaskFileError(f"{path} has artifact format {meta.get('format_version')}; this tool reads "
                             f"{ARTIFACT_VERSION}. Calibrate again.")
