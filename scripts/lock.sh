@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
   echo "# Made by scripts/lock.sh on $(date -u +%Y-%m-%d) with $(.venv/bin/python --version 2>&1)."
   echo "# torch is the CPU build (2.13.0+cpu on the build machine); '==2.13.0' also admits that local label."
   # The project itself is installed editable by setup.sh, so it is not pinned here.
-  .venv/bin/python -m pip freeze --exclude-editable \
-    | grep -v -E '^(pip|setuptools|wheel)==' \
+  .venv/bin/python -m pip freeze --exclude-editable --all \
+    | grep -v -E '^pip==' \
     | sed -E 's/^(torch==[0-9.]+)\+cpu$/\1/' \
     | LC_ALL=C sort -f
 } > requirements.lock.tmp
