@@ -277,9 +277,9 @@ def available_bytes(device: str | torch.device = "cpu") -> int | None:
     if device.type == "cuda" and torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    from .models import _available_memory_bytes
+    from .models import available_memory_bytes
 
-    return _available_memory_bytes()
+    return available_memory_bytes()
 
 
 def fits(estimate: MemoryEstimate, available: int) -> bool:

@@ -151,7 +151,8 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _available_memory_bytes() -> int | None:
+def available_memory_bytes() -> int | None:
+    """MemAvailable (Linux), the RAM a new allocation can still take; None where the OS does not say."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -176,7 +177,7 @@ def _check_fits(config, dtype: torch.dtype, device: str) -> None:
     except Exception:  # the size check is advice; the real load reports real errors
         return
     need = n_params * torch.finfo(dtype).bits // 8
-    have = _available_memory_bytes()
+    have = available_memory_bytes()
     # Keep room for the dense copy kept for restore and calibration activations.
     if have is not None and need * 2.2 > have:
         raise ModelLoadError(

@@ -13,7 +13,7 @@ import torch
 from .calibrate import ProgressFn
 from .errors import Cancelled, PruneError
 from .masks import DenseWeights
-from .models import LoadedModel, _available_memory_bytes
+from .models import LoadedModel, available_memory_bytes
 from .unipruning import FirstStep, backprop_memory_bytes, mirror_descent_step, prox_nm, raw_window_saliency, subset_size
 
 
@@ -23,7 +23,7 @@ def check_backprop_memory(lm: LoadedModel, seqlen: int) -> None:
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     need = backprop_memory_bytes(n_trainable, len(lm.blocks), heads.num_heads * heads.head_dim,
                                  heads.num_heads, seqlen, vocab, n_trainable)
-    available = _available_memory_bytes()
+    available = available_memory_bytes()
     if available is not None and need > 0.9 * available:
         raise PruneError(
             f"UniPruning's AdamW variant needs about {need / 2**30:.1f} GiB more for backprop "

@@ -157,10 +157,10 @@ def test_model_too_big_for_memory_is_refused_before_loading(tmp_path, tiny_token
     module.save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
     # Pretend the machine has 64 KiB free: the tiny model's weights alone need more.
-    monkeypatch.setattr(models, "_available_memory_bytes", lambda: 64 * 1024)
+    monkeypatch.setattr(models, "available_memory_bytes", lambda: 64 * 1024)
     with pytest.raises(ModelLoadError) as info:
         load_model(str(tmp_path))
     message = str(info.value)
     assert "memory is free" in message and "smaller model" in message
-    monkeypatch.setattr(models, "_available_memory_bytes", lambda: 64 * 2**30)
+    monkeypatch.setattr(models, "available_memory_bytes", lambda: 64 * 2**30)
     assert load_model(str(tmp_path)).family.name == "llama"
