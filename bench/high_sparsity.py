@@ -31,7 +31,8 @@ from bench.common import RESULTS, PeakRSS, Timer, add_protocol_args, print_table
 from core.calibrate import statistics_dtype  # noqa: E402
 from core.data import calibration_set, evaluation_set  # noqa: E402
 from core.evaluate import perplexity  # noqa: E402
-from core.masks import DenseWeights, parse_pattern  # noqa: E402
+from core.masks import parse_pattern  # noqa: E402
+from core.dense import DenseWeights  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.pruning import calibrate, cut, prune_sequential, update_cut_params  # noqa: E402
 

@@ -13,7 +13,8 @@ import torch
 
 from .calibrate import LayerStats
 from .errors import MaskFileError
-from .masks import DenseWeights, _atomic_write
+from .masks import _atomic_write
+from .dense import DenseWeights
 from .models import LoadedModel
 from .pruning import Artifact, _block_names, _scope
 

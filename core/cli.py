@@ -219,7 +219,8 @@ def _add_cut_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_prune(args) -> int:
     from .data import calibration_set
-    from .masks import DenseWeights, parse_pattern
+    from .masks import parse_pattern
+    from .dense import DenseWeights
     from .pruning import calibrate, cut, prune_sequential
 
     structured = _is_structured(args.method)
@@ -293,7 +294,7 @@ def _calibrate_or_load(args, lm, dense):
 
 
 def cmd_calibrate(args) -> int:
-    from .masks import DenseWeights
+    from .dense import DenseWeights
 
     _refuse_structured(args, "calibrate")
     check_writable(args.out, "file")  # before any work
@@ -306,7 +307,8 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_cut(args) -> int:
-    from .masks import DenseWeights, parse_pattern
+    from .masks import parse_pattern
+    from .dense import DenseWeights
     from .pruning import cut, update_cut_params
 
     _refuse_structured(args, "cut")
@@ -346,7 +348,7 @@ def _refuse_structured(args, command: str) -> None:
 def _sweep_structured(args) -> int:
     """Structured methods solve per sparsity: one prune per row, same calibration windows."""
     from .data import calibration_set
-    from .masks import DenseWeights
+    from .dense import DenseWeights
     from .structured.pipeline import prune_structured
     from .structured.units import all_block_units
 
@@ -379,7 +381,8 @@ def _sweep_structured(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .masks import DenseWeights, dense_note, parse_pattern
+    from .masks import dense_note, parse_pattern
+    from .dense import DenseWeights
     from .pruning import cut
 
     if args.out:  # before any work
@@ -427,7 +430,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .masks import DenseWeights, load_masks
+    from .masks import load_masks
+    from .dense import DenseWeights
 
     lm = _load(args)
     if args.masks:
@@ -442,7 +446,8 @@ def cmd_generate(args) -> int:
     """Greedy continuation of a prompt with its decode speed: a quick check of a pruned or
     sliced model (load_model reads sliced folders), eager or compiled (core.fast_decode)."""
     from .fast_decode import check_can_compile, compiled_greedy, timed_greedy
-    from .masks import DenseWeights, load_masks
+    from .masks import load_masks
+    from .dense import DenseWeights
 
     if args.new_tokens < 2:
         raise PruneError("--new-tokens must be at least 2 (the decode rate is timed from the first new token).")
@@ -486,7 +491,8 @@ def _model_paths(spec: str) -> list[Path]:
 
 def cmd_export(args) -> int:
     from .export import export_pruned_model
-    from .masks import DenseWeights, load_masks
+    from .masks import load_masks
+    from .dense import DenseWeights
 
     # Before any work: --out must be writable, and replaceable (missing, empty, an earlier export,
     # or --force), and must not hold the mask file or the model's own folder (never, even with --force).

@@ -20,8 +20,8 @@ import torch
 
 from .calibrate import BlockContext, LayerStats, ProgressFn, release_free_memory, run_layerwise
 from .data import check_seqlen
-from .masks import (DenseWeights, LazyMasks, MaskSet, Pattern, ascending_ranks, check_nm_fits, check_sparsity,
-                    cut_mask, pruned_count)
+from .masks import LazyMasks, MaskSet, Pattern, ascending_ranks, check_nm_fits, check_sparsity, cut_mask, pruned_count
+from .dense import DenseWeights
 from .methods import Method, get_method
 from .models import LoadedModel
 

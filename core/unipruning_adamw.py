@@ -12,7 +12,7 @@ import torch
 
 from .calibrate import ProgressFn
 from .errors import Cancelled, PruneError
-from .masks import DenseWeights
+from .dense import DenseWeights
 from .models import LoadedModel, available_memory_bytes
 from .unipruning import FirstStep, backprop_memory_bytes, mirror_descent_step, prox_nm, raw_window_saliency, subset_size
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.calibrate import release_free_memory
-from core.masks import DenseWeights, MaskSet
+from core.masks import MaskSet
+from core.dense import DenseWeights
 from core.models import LoadedModel, load_model
 
 # One lock for every model: held while weights are masked or a forward pass needs them dense.

@@ -137,7 +137,8 @@ def test_structured_prune_then_export_a_smaller_model(tiny_llama_dir, tmp_path):
     smaller, loads through core.models.load_model, and computes what the masked model computes."""
     import torch
 
-    from core.masks import DenseWeights, load_masks
+    from core.masks import load_masks
+    from core.dense import DenseWeights
     from core.models import load_model
 
     out = tmp_path / "flap"

@@ -12,7 +12,8 @@ import torch
 
 from core.cli import main
 from core.errors import Cancelled, MaskFileError
-from core.masks import DenseWeights, Pattern, allocation_table, load_masks
+from core.masks import Pattern, allocation_table, load_masks
+from core.dense import DenseWeights
 from core.models import load_model
 from core.pruning import calibrate, cut
 

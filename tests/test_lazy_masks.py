@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from core.masks import (DenseWeights, LazyMasks, Pattern, allocation_table, cut_mask, load_masks,
-                        save_masks)
+from core.masks import LazyMasks, Pattern, allocation_table, cut_mask, load_masks, save_masks
+from core.dense import DenseWeights
 from core.pruning import _scope, calibrate, cut, matrix_sparsities
 from tiny import build_tiny
 

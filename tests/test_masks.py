@@ -8,21 +8,9 @@ import pytest
 import torch
 
 from core.errors import MaskFileError, PatternError
-from core.masks import (
-    DenseWeights,
-    MaskSet,
-    Pattern,
-    ascending_ranks,
-    check_nm_fits,
-    check_sparsity,
-    cut_from_ranks,
-    cut_mask,
-    cut_nm,
-    cut_unstructured,
-    load_masks,
-    parse_pattern,
-    save_masks,
-)
+from core.masks import (MaskSet, Pattern, ascending_ranks, check_nm_fits, check_sparsity, cut_from_ranks, cut_mask,
+                        cut_nm, cut_unstructured, load_masks, parse_pattern, save_masks)
+from core.dense import DenseWeights
 from tiny import build_tiny
 
 T, F = True, False

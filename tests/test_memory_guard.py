@@ -18,7 +18,7 @@ import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from core.masks import DenseWeights  # noqa: E402
+from core.dense import DenseWeights  # noqa: E402
 from core.memory import (CalibrationMemoryError, ModelShapes, check_calibration_memory,  # noqa: E402
                          estimate_calibration)
 from core.pruning import calibrate  # noqa: E402
@@ -97,7 +97,7 @@ import gc, json, sys
 sys.path.insert(0, "tests")
 import torch
 from core.calibrate import release_free_memory
-from core.masks import DenseWeights
+from core.dense import DenseWeights
 from core.pruning import calibrate
 from tiny import build_tiny
 

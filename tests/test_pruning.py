@@ -7,7 +7,8 @@ import torch
 
 from core.calibrate import LayerStats, run_layerwise
 from core.errors import Cancelled, PatternError
-from core.masks import DenseWeights, Pattern
+from core.masks import Pattern
+from core.dense import DenseWeights
 from core.methods import all_methods
 from core.pruning import calibrate, cut, prune_sequential
 from tiny import FAMILY_NAMES, build_tiny

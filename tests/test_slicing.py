@@ -14,7 +14,7 @@ import torch
 
 from core.export import export_sliced_model
 from core.kv_cache import with_cache
-from core.masks import DenseWeights
+from core.dense import DenseWeights
 from core.models import fingerprint, load_model
 from core.structured.plan import StructuredPlan
 from core.structured.slicing import (STRUCTURE_KEY, EmptyAttention, EmptyMLP, load_sliced, save_sliced,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.errors import Cancelled
-from core.masks import DenseWeights
+from core.dense import DenseWeights
 from core.structured.pipeline import prune_structured
 from core.structured.plan import StructuredPlan, plan_from_maskset
 from core.structured.reconstruct import admm_select, spap_select

@@ -7,7 +7,8 @@ import torch
 
 from ..data import check_seqlen
 from ..errors import PatternError
-from ..masks import DenseWeights, MaskSet, check_sparsity
+from ..masks import MaskSet, check_sparsity
+from ..dense import DenseWeights
 from ..methods import get_method
 from ..methods.base import StructuredMethod
 from ..models import LoadedModel
