@@ -1,13 +1,16 @@
 """Masks: cut them from scores, apply and restore them reversibly, count, save and load.
 
 Masks are bool tensors in the canonical (d_out, d_in) layout, True = keep, keyed by the
-prunable module's full name (e.g. 'model.layers.3.mlp.up_proj').
+prunable module's full name (e.g. 'model.layers.3.mlp.up_proj'). They can be held and saved
+one bit per weight (pack_mask, PackedMasks): files of format version 2 store them that way.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -19,7 +22,11 @@ import torch
 from .errors import MaskFileError, PatternError
 from .models import LoadedModel
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # what save_masks writes: masks packed 8 inputs per byte
+READABLE_VERSIONS = ("1", "2")  # 1: one uint8 per weight, as written before packing
+# How version 2 packs a row; written to every file so that other readers need not guess.
+PACKING = ("rows along d_in, 8 inputs per byte, first input in the most significant bit "
+           "(numpy.packbits bitorder='big'), last byte of a row zero-padded")
 
 
 # ---------------------------------------------------------------- patterns and sparsity checks
@@ -199,18 +206,216 @@ class LazyMasks(Mapping):
         return f"LazyMasks({len(self._shapes)} matrices, {len(self.made())} made)"
 
 
+# ---------------------------------------------------------------- one bit per weight (pure functions)
+
+def packed_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """The packed tensor's shape for a (d_out, d_in) mask: (d_out, ceil(d_in / 8))."""
+    d_out, d_in = shape
+    return (d_out, -(-d_in // 8))
+
+
+# Multiplying 8 bytes that are each 0 or 1, read as one little-endian int64, by this constant
+# moves byte i's bit to bit 63 - i; every other partial product lands on a distinct lower bit
+# or overflows away, so nothing carries into the top byte. The constant is 0x8040201008040201
+# as a signed int64 (torch's int64 multiply wraps).
+_GATHER_BITS = 0x8040201008040201 - (1 << 64)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+# Mask entries handled per step: the int64 intermediates of a whole large matrix would be fresh
+# memory pages on every call, whose first touch costs more than the arithmetic.
+_STEP_ENTRIES = 1 << 22
+
+
+def _row_steps(d_out: int, n_bytes: int) -> Iterator[slice]:
+    rows = max(1, _STEP_ENTRIES // max(8 * n_bytes, 1))
+    return (slice(start, start + rows) for start in range(0, d_out, rows))
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A (d_out, d_in) keep-mask as uint8 (d_out, ceil(d_in / 8)), packed as PACKING says."""
+    if mask.dim() != 2:
+        raise ValueError(f"pack_mask needs a 2-D (d_out, d_in) mask, got shape {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    d_out, d_in = mask.shape
+    out = torch.empty(packed_shape((d_out, d_in)), dtype=torch.uint8, device=mask.device)
+    if mask.numel() == 0:
+        return out
+    bytes_ = mask.contiguous().view(torch.uint8)  # bool is one byte, 0 or 1: no copy
+    for rows in _row_steps(d_out, out.shape[1]):
+        block = bytes_[rows]
+        if d_in % 8:
+            block = torch.nn.functional.pad(block, (0, -d_in % 8))
+        if not _LITTLE_ENDIAN:
+            out[rows] = _pack_shifts(block.view(block.shape[0], -1, 8))
+            continue
+        if block.storage_offset() % 8:  # an int64 view must start on a whole int64
+            block = block.clone()
+        gathered = block.view(torch.int64) * _GATHER_BITS
+        out[rows] = gathered.bitwise_right_shift_(56)  # the copy keeps the low byte
+    return out
+
+
+def _pack_shifts(groups: torch.Tensor) -> torch.Tensor:
+    """pack_mask's bytes from (d_out, n_bytes, 8) uint8 0/1 groups, any byte order (slower)."""
+    out = groups[..., 0] << 7
+    for i in range(1, 8):
+        out |= groups[..., i] << (7 - i)
+    return out
+
+
+def _bit_table() -> torch.Tensor:
+    """(256, 8) bool: row b is byte b's bits, most significant first."""
+    return ((torch.arange(256).unsqueeze(1) >> torch.arange(7, -1, -1)) & 1).bool()
+
+
+# Each byte's 8 bools read as one int64: unpacking is then one gather of 8 bytes per byte.
+_UNPACK_TABLE = _bit_table().contiguous().view(torch.int64).squeeze(1)
+_POPCOUNT_TABLE = _bit_table().sum(dim=1)
+_tables_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpack and popcount tables on `device` (copied there once)."""
+    if device.type == "cpu":
+        return _UNPACK_TABLE, _POPCOUNT_TABLE
+    if device not in _tables_on:
+        _tables_on[device] = (_UNPACK_TABLE.to(device), _POPCOUNT_TABLE.to(device))
+    return _tables_on[device]
+
+
+def unpack_mask(packed: torch.Tensor, d_in: int) -> torch.Tensor:
+    """The bool (d_out, d_in) mask pack_mask packed; padding bits are ignored."""
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_mask needs a 2-D uint8 tensor, got {packed.dtype} of shape "
+                         f"{tuple(packed.shape)}")
+    d_out, n_bytes = packed.shape
+    if n_bytes != -(-d_in // 8):
+        raise ValueError(f"a packed row of {n_bytes} bytes cannot hold {d_in} inputs "
+                         f"(needs {-(-d_in // 8)})")
+    unpack, _ = _tables(packed.device)
+    out = torch.empty(d_out, d_in, dtype=torch.bool, device=packed.device)
+    if out.numel() == 0:
+        return out
+    for rows in _row_steps(d_out, n_bytes):
+        index = packed[rows].reshape(-1).int()
+        if d_in == 8 * n_bytes:  # gather straight into the result, seen as int64
+            torch.index_select(unpack, 0, index, out=out[rows].view(torch.int64).view(-1))
+        else:
+            out[rows] = unpack.index_select(0, index).view(torch.bool).view(-1, 8 * n_bytes)[:, :d_in]
+    return out
+
+
+def packed_kept_count(packed: torch.Tensor) -> int:
+    """Kept entries (1 bits) of a packed mask, without unpacking: a histogram of its byte values
+    weighted by each value's popcount. Padding bits must be 0, as pack_mask leaves them."""
+    _, popcount = _tables(packed.device)
+    return int(torch.bincount(packed.flatten(), minlength=256).mul_(popcount).sum())
+
+
+def _clear_padding(packed: torch.Tensor, d_in: int) -> torch.Tensor:
+    """`packed` with the bits past d_in in each row's last byte set to 0 (a copy only when
+    some are set): counts read every bit, reads never see them."""
+    spare = -d_in % 8
+    if not spare or packed.numel() == 0:
+        return packed
+    junk = packed[:, -1] & ((1 << spare) - 1)
+    if not bool(junk.any()):
+        return packed
+    packed = packed.clone()
+    packed[:, -1] &= 0xFF ^ ((1 << spare) - 1)
+    return packed
+
+
+class PackedMasks(Mapping):
+    """Masks held one bit per weight: a read-only dict of bool masks to every reader.
+
+    A model's masks as bool take a byte per weight (8 GB for 8B parameters); packed they take
+    1/8 of that. Each read unpacks a fresh bool mask and keeps nothing unpacked, so only the
+    masks in use at a time cost a byte per weight. Shapes, kept counts (hence
+    MaskSet.pruned_counts) and save_masks use the packed bits without unpacking.
+
+    Built from bool masks (a dict, LazyMasks, another PackedMasks: packed here), and/or from
+    tensors already packed by pack_mask with the masks' (d_out, d_in) shapes (d_in cannot be
+    read from a packed row's byte count)."""
+
+    def __init__(self, masks: Mapping[str, torch.Tensor] | None = None, *,
+                 packed: Mapping[str, torch.Tensor] | None = None,
+                 shapes: Mapping[str, tuple[int, int]] | None = None):
+        self._packed: dict[str, torch.Tensor] = {}
+        self._shapes: dict[str, tuple[int, int]] = {}
+        if isinstance(masks, PackedMasks):  # already packed: share, do not unpack
+            self._packed.update(masks._packed)
+            self._shapes.update(masks._shapes)
+        elif masks is not None:
+            for name, mask in masks.items():
+                self._packed[name] = pack_mask(mask)
+                self._shapes[name] = tuple(mask.shape)
+        packed, shapes = dict(packed or {}), dict(shapes or {})
+        if set(packed) != set(shapes):
+            odd = sorted(set(packed) ^ set(shapes))
+            raise ValueError(f"packed masks need a shape each and shapes a packed mask each; "
+                             f"unmatched: {', '.join(odd[:5])}")
+        for name, tensor in packed.items():
+            if name in self._packed:
+                raise ValueError(f"{name} is given both as a mask and as a packed mask")
+            shape = tuple(int(n) for n in shapes[name])
+            if tensor.dtype != torch.uint8 or tuple(tensor.shape) != packed_shape(shape):
+                raise ValueError(f"{name}: a {shape} mask packs to uint8 {packed_shape(shape)}, "
+                                 f"got {tensor.dtype} {tuple(tensor.shape)}")
+            self._packed[name] = _clear_padding(tensor, shape[1])
+            self._shapes[name] = shape
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return unpack_mask(self._packed[name], self._shapes[name][1])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def __contains__(self, name) -> bool:
+        return name in self._packed
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self._shapes)
+
+    def packed(self, name: str) -> torch.Tensor:
+        """The packed uint8 tensor itself (shared, not a copy: do not modify it)."""
+        return self._packed[name]
+
+    def kept_count(self, name: str) -> int:
+        """Kept entries of one mask, counted on the packed bits."""
+        return packed_kept_count(self._packed[name])
+
+    def nbytes(self) -> int:
+        """Bytes the packed masks hold."""
+        return sum(t.numel() for t in self._packed.values())
+
+    def __repr__(self) -> str:
+        return f"PackedMasks({len(self._packed)} matrices, {self.nbytes()} bytes packed)"
+
+
 def mask_shapes(masks: Mapping) -> dict[str, tuple[int, int]]:
-    """Every mask's shape, without making lazy masks."""
-    if isinstance(masks, LazyMasks):
+    """Every mask's shape, without making lazy masks or unpacking packed ones."""
+    if isinstance(masks, (LazyMasks, PackedMasks)):
         return masks.shapes()
     return {name: tuple(mask.shape) for name, mask in masks.items()}
+
+
+def count_pruned(masks: Mapping) -> dict[str, int]:
+    """Pruned entries per mask; packed masks are counted without unpacking."""
+    if isinstance(masks, PackedMasks):
+        return {name: math.prod(shape) - masks.kept_count(name) for name, shape in masks.shapes().items()}
+    # count_nonzero, not (~mask).sum(): no temporary tensor, ~30x faster on big masks
+    return {name: mask.numel() - int(mask.count_nonzero()) for name, mask in masks.items()}
 
 
 @dataclass
 class MaskSet:
     """Masks for one model, optional updated weights (methods that update weights), metadata."""
 
-    masks: Mapping[str, torch.Tensor]  # a dict, or LazyMasks (made on first read)
+    masks: Mapping[str, torch.Tensor]  # a dict, LazyMasks (made on first read) or PackedMasks
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     pruned: dict[str, int] | None = None  # pruned weights per matrix; counted once, on demand
@@ -232,10 +437,10 @@ class MaskSet:
     def pruned_counts(self) -> dict[str, int]:
         """Pruned weights per matrix. Counted once per mask set (a pass over ~100M mask entries
         costs tens of ms, and the explorer needs the counts three times per slider move); a cut
-        knows them without counting, and then no lazy mask is made for them."""
+        knows them without counting, and then no lazy mask is made for them; packed masks are
+        counted on their bits, none unpacked."""
         if self.pruned is None or set(self.pruned) != set(self.masks):
-            # count_nonzero, not (~mask).sum(): no temporary tensor, ~30x faster on big masks
-            self.pruned = {name: mask.numel() - int(mask.count_nonzero()) for name, mask in self.masks.items()}
+            self.pruned = count_pruned(self.masks)
         return self.pruned
 
     def sparsity_per_matrix(self) -> dict[str, float]:
@@ -259,8 +464,7 @@ def allocation_table(masks: "dict[str, torch.Tensor] | MaskSet", lm: LoadedModel
     if isinstance(masks, MaskSet):
         counts, shapes = masks.pruned_counts(), masks.shapes()  # no lazy mask is made
     else:
-        counts = {name: mask.numel() - int(mask.count_nonzero()) for name, mask in masks.items()}
-        shapes = mask_shapes(masks)
+        counts, shapes = count_pruned(masks), mask_shapes(masks)
     rows = []
     prefix = lm.family.blocks_path + "."
     dense_left = masks.dense_layers if isinstance(masks, MaskSet) else {}
@@ -298,11 +502,15 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
-    """safetensors: one uint8 tensor per mask (canonical layout), string metadata."""
+    """safetensors: one packed uint8 tensor per mask (canonical layout, PACKING), string metadata."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {f"mask/{name}": mask.to(torch.uint8).contiguous() for name, mask in mask_set.masks.items()}
+    masks = mask_set.masks
+    if isinstance(masks, PackedMasks):  # already packed: written as held, nothing unpacked
+        tensors = {f"mask/{name}": masks.packed(name).contiguous() for name in masks}
+    else:
+        tensors = {f"mask/{name}": pack_mask(mask) for name, mask in masks.items()}
     tensors.update({f"weight/{name}": w.contiguous() for name, w in mask_set.weights.items()})
     tensors.update({f"bias/{name}": b.contiguous() for name, b in mask_set.biases.items()})
     # The mask set's own metadata first: the keys below describe this file and this model and
@@ -315,6 +523,7 @@ def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
         "model_fingerprint": lm.fingerprint,
         "model_type": lm.config.model_type,
         "layout": "canonical (d_out, d_in), True/1 = keep",
+        "packing": PACKING,
         "achieved_sparsity": f"{mask_set.total_sparsity():.6f}",
         "allocation": json.dumps({n: round(s, 6) for n, s in mask_set.sparsity_per_matrix().items()}),
         # the matrices this file has no mask for on purpose (left dense); load_masks refuses others
@@ -325,48 +534,49 @@ def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
 
 
 def load_masks(path: str | Path, lm: LoadedModel, allow_other_model: bool = False) -> MaskSet:
-    """Read a mask file; refuse it clearly if it is corrupt or made for another model."""
+    """Read a mask file; refuse it clearly if it is corrupt or made for another model.
+
+    Reads format versions 2 (packed) and 1 (a uint8 per weight); the masks come back as
+    PackedMasks either way, and a version-1 file is packed one mask at a time as it is read."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise MaskFileError(f"No mask file at {path}.")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
+    with contextlib.ExitStack() as stack:
+        try:
+            fh = stack.enter_context(safe_open(str(path), framework="pt"))
             meta = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise MaskFileError(
-            f"{path} is not a readable safetensors mask file ({exc}). It may be truncated or "
-            "corrupt; export the masks again.") from exc
-    if meta.get("format") != "pruning-explorer-masks":
-        raise MaskFileError(f"{path} is a safetensors file but not a mask file written by this tool.")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise MaskFileError(f"{path} has mask format version {meta.get('format_version')}; this tool "
-                            f"reads version {FORMAT_VERSION}.")
-    if not allow_other_model and meta.get("model_fingerprint") != lm.fingerprint:
-        raise MaskFileError(
-            f"{path} was made for model {meta.get('model_id')!r} (fingerprint "
-            f"{meta.get('model_fingerprint')}), not for the loaded {lm.model_id!r} (fingerprint "
-            f"{lm.fingerprint}). Load the model it was made for.")
-    shapes = {name: tuple(lm.family.weight_view(m).shape) for name, m in lm.prunable().items()}
-    masks, weights, biases = {}, {}, {}
-    for key, tensor in tensors.items():
-        kind, name = key.split("/", 1)
-        if name not in shapes:
-            raise MaskFileError(f"{path} has a mask for {name!r}, which the loaded model does not have.")
-        expected = shapes[name][:1] if kind == "bias" else shapes[name]
-        if tuple(tensor.shape) != expected:
-            raise MaskFileError(f"{path}: {name} has shape {tuple(tensor.shape)} but the model's is "
-                                f"{expected}; the file belongs to another model.")
-        if kind == "mask":
-            masks[name] = tensor.bool()
-        else:
-            (biases if kind == "bias" else weights)[name] = tensor
+            keys = list(fh.keys())
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise _unreadable(path, exc) from exc
+        _check_header(path, meta, lm, allow_other_model)
+        packed_file = meta["format_version"] == "2"
+        shapes = {name: tuple(lm.family.weight_view(m).shape) for name, m in lm.prunable().items()}
+        packed, weights, biases = {}, {}, {}
+        for key in keys:
+            kind, name = key.split("/", 1)
+            if name not in shapes:
+                raise MaskFileError(f"{path} has a mask for {name!r}, which the loaded model does not have.")
+            try:
+                tensor = fh.get_tensor(key)
+            except Exception as exc:
+                raise _unreadable(path, exc) from exc
+            if kind == "mask" and packed_file:
+                packed[name] = _checked_packed(path, name, tensor, shapes[name])
+                continue
+            expected = shapes[name][:1] if kind == "bias" else shapes[name]
+            if tuple(tensor.shape) != expected:
+                raise MaskFileError(f"{path}: {name} has shape {tuple(tensor.shape)} but the model's is "
+                                    f"{expected}; the file belongs to another model.")
+            if kind == "mask":  # version 1: one uint8 per weight, packed now
+                packed[name] = pack_mask(tensor.bool())
+            else:
+                (biases if kind == "bias" else weights)[name] = tensor
     # A matrix without a mask would silently stay dense: only those the file records as left
     # dense on purpose (N:M misfits skipped) may be missing.
     recorded = set(_json_list(meta.get("skipped_layers")))
-    missing = [name for name in shapes if name not in masks]
+    missing = [name for name in shapes if name not in packed]
     unexplained = [name for name in missing if name not in recorded]
     if unexplained:
         shown = ", ".join(unexplained[:5]) + (f" and {len(unexplained) - 5} more" if len(unexplained) > 5 else "")
@@ -374,9 +584,52 @@ def load_masks(path: str | Path, lm: LoadedModel, allow_other_model: bool = Fals
             f"{path} has no mask for {len(unexplained)} of the model's {len(shapes)} prunable matrices "
             f"({shown}), and does not record them as left dense; applying it would leave them dense. "
             "The file is incomplete: export the masks again.")
+    masks = PackedMasks(packed=packed, shapes={name: shapes[name] for name in packed})
     keep = {k: v for k, v in meta.items() if k not in ("allocation",)}
     return MaskSet(masks=masks, weights=weights, meta=keep, biases=biases,
                    dense_layers={name: shapes[name] for name in missing})
+
+
+def _unreadable(path: Path, exc: Exception) -> MaskFileError:
+    return MaskFileError(
+        f"{path} is not a readable safetensors mask file ({exc}). It may be truncated or "
+        "corrupt; export the masks again.")
+
+
+def _check_header(path: Path, meta: dict, lm: LoadedModel, allow_other_model: bool) -> None:
+    """Refuse a file that is not ours, of a format version this tool cannot read, or (unless
+    allowed) made for another model."""
+    if meta.get("format") != "pruning-explorer-masks":
+        raise MaskFileError(f"{path} is a safetensors file but not a mask file written by this tool.")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        found = f"mask format version {version}" if version is not None else "no mask format version"
+        raise MaskFileError(
+            f"{path} has {found}; this tool reads versions {' and '.join(READABLE_VERSIONS)} (it writes "
+            f"{FORMAT_VERSION}). The file was written by another version of this tool: open it with "
+            "that version, or export the masks again with this one.")
+    if version == "2" and meta.get("packing", PACKING) != PACKING:
+        raise MaskFileError(
+            f"{path} records its masks packed as {meta['packing']!r}; this tool reads version 2 "
+            f"packed as {PACKING!r}. Export the masks again with this tool.")
+    if not allow_other_model and meta.get("model_fingerprint") != lm.fingerprint:
+        raise MaskFileError(
+            f"{path} was made for model {meta.get('model_id')!r} (fingerprint "
+            f"{meta.get('model_fingerprint')}), not for the loaded {lm.model_id!r} (fingerprint "
+            f"{lm.fingerprint}). Load the model it was made for.")
+
+
+def _checked_packed(path: Path, name: str, tensor: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A version-2 mask tensor, refused unless it is uint8 of the model matrix's packed shape."""
+    expected = packed_shape(shape)
+    if tensor.dtype != torch.uint8:
+        raise MaskFileError(f"{path}: the mask of {name} is stored as {tensor.dtype}, not as packed uint8 "
+                            "bits; the file is damaged or not written by this tool. Export the masks again.")
+    if tuple(tensor.shape) != expected:
+        raise MaskFileError(
+            f"{path}: {name} has a packed mask of shape {tuple(tensor.shape)} but the model's {shape} matrix "
+            f"packs to {expected} (8 inputs per byte); the file belongs to another model.")
+    return tensor
 
 
 def _json_list(value) -> list:

@@ -254,7 +254,8 @@ def test_resaving_loaded_masks_records_the_current_model(llama, saved, tmp_path)
     other = build_tiny("llama", seed=1)
     loaded = load_masks(path, other, allow_other_model=True)
     name = next(iter(loaded.masks))
-    loaded.masks[name] = torch.zeros_like(loaded.masks[name])  # prune one matrix entirely
+    # loaded masks are a read-only PackedMasks: replace the mapping to prune one matrix entirely
+    loaded.masks = {**loaded.masks, name: torch.zeros_like(loaded.masks[name])}
     new_path = save_masks(tmp_path / "again.safetensors", loaded, other)
     again = load_masks(new_path, other)  # would refuse if the old fingerprint were written
     assert again.meta["model_fingerprint"] == other.fingerprint
@@ -305,7 +306,9 @@ def test_load_refuses_foreign_safetensors(llama, tmp_path, metadata):
 def test_load_refuses_wrong_shape(llama, tmp_path):
     name = "model.layers.0.mlp.up_proj"
     path = save_masks(tmp_path / "m.safetensors", MaskSet({name: torch.ones(3, 3, dtype=torch.bool)}), llama)
-    with pytest.raises(MaskFileError, match=r"up_proj has shape \(3, 3\) but the model's is \(128, 64\)"):
+    # the file holds the mask packed (format version 2): (3, 3) packs to (3, 1), (128, 64) to (128, 8)
+    with pytest.raises(MaskFileError, match=r"up_proj has a packed mask of shape \(3, 1\) but the model's "
+                                            r"\(128, 64\) matrix packs to \(128, 8\)"):
         load_masks(path, llama)
 
 
