@@ -1,39 +1,309 @@
-"""Calibration artifacts on disk: calibrate once (minutes), cut any sparsity later (seconds),
-in another session or on another day. One safetensors file: per matrix the scores, the
-method's extra tensors (UniPruning's first-step), and the input statistics (for weight-updating
-methods, and instead of the scores where those are recomputed from them: Wanda, RIA, OWL,
-magnitude; see Artifact.recomputes_scores); string metadata says which method, parameters,
-protocol and model made it. Ranks are computed again on load."""
+"""Calibration artifacts: calibrate once (minutes), cut any sparsity later (seconds), in another
+session or on another day.
+
+An `Artifact` keeps, per prunable matrix, what a cut needs: the ranks of its scores (so an
+unstructured cut is one comparison), the scores themselves where they cannot be recomputed
+cheaply from the dense weight and small input statistics (Wanda, RIA, OWL and magnitude keep the
+statistics instead, see `recomputes_scores`), sorted scores for methods that cut by counts, a
+method's extra tensors (UniPruning's first-activation step) and, for weight-updating methods, the
+input statistics. The per-weight tensors live in a tensor store (core.tensor_store): in memory for
+small models, spilled to disk while a big model is calibrated, memory-mapped from a saved file.
+
+On disk: one safetensors file (format version 2) holding those tensors, the ranks and sorted
+scores included, and string metadata (method, parameters, protocol, model, the block profile),
+so loading reads the header only and a cut reads only what it needs.
+"""
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from .calibrate import LayerStats
-from .errors import MaskFileError
-from .masks import _atomic_write
 from .dense import DenseWeights
-from .models import LoadedModel
-from .pruning import Artifact, _block_names, _scope
+from .errors import MaskFileError
+from .masks import _atomic_write, ascending_ranks
+from .methods import Method, get_method
+from .models import LoadedModel, available_memory_bytes, cache_dir
+from .tensor_store import FileStore, MemoryStore, SpillStore, write_safetensors
 
 ARTIFACT_FORMAT = "pruning-explorer-artifact"
-ARTIFACT_VERSION = "1"
+ARTIFACT_VERSION = "2"
 _STAT_FIELDS = ("sum_x2", "sum_x", "xtx")
 
 
-def save_artifact(path: str | Path, artifact: Artifact, lm: LoadedModel) -> Path:
-    from safetensors.torch import save_file
+def recomputes_scores(method: Method) -> bool:
+    """Whether an artifact of `method` recomputes scores from statistics rather than storing them:
+    the method's own `recompute_scores` if it sets one, else True for a plain score method (no
+    weight update, no own calibration or per-matrix artifacts) whose statistics are vectors
+    (sum_x2, sum_x; not X^T X or per-window ones): those scores cost milliseconds per matrix to
+    recompute, against 4 bytes per weight to keep."""
+    declared = getattr(method, "recompute_scores", None)
+    if declared is not None:
+        return bool(declared)
+    cls = type(method)
+    return (not method.updates_weights and not method.structured
+            and cls.score is not Method.score
+            and cls.matrix_artifacts is Method.matrix_artifacts
+            and cls.calibrate_model is Method.calibrate_model
+            and frozenset(method.stats) <= {"sum_x2", "sum_x"})
 
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, scores in artifact.scores.items():
-        tensors[f"score/{name}"] = scores.contiguous()
-    for name, extras in artifact.extras.items():
+
+def method_scope(method: Method, params: dict) -> str:
+    """The unstructured comparison group of a method's cut: 'row', 'matrix' or 'sorted'."""
+    return params.get("scope", method.scope)
+
+
+def block_names(lm: LoadedModel) -> dict[str, int]:
+    """Prunable matrix name -> its block index."""
+    prefix = lm.family.blocks_path + "."
+    return {name: int(name[len(prefix):].split(".", 1)[0]) for name in lm.prunable()}
+
+
+class _Prefixed(Mapping):
+    """A read-only view of a store's keys under one prefix (artifact.scores, artifact.extras)."""
+
+    def __init__(self, artifact: "Artifact", prefix: str, nested: bool = False):
+        self._artifact, self._prefix, self._nested = artifact, prefix, nested
+
+    def _names(self) -> list[str]:
+        names = []
+        for key in self._artifact._keys():
+            if key.startswith(self._prefix):
+                rest = key[len(self._prefix):]
+                name = rest.split("/", 1)[1] if self._nested else rest
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def __getitem__(self, name: str):
+        if self._nested:
+            kinds = {key[len(self._prefix):].split("/", 1)[0] for key in self._artifact._keys()
+                     if key.startswith(self._prefix) and key.endswith("/" + name)}
+            if not kinds:
+                raise KeyError(name)
+            return {kind: self._artifact._get(f"{self._prefix}{kind}/{name}") for kind in kinds}
+        tensor = self._artifact._get(self._prefix + name)
+        if tensor is None:
+            raise KeyError(name)
+        return tensor
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+class Artifact:
+    """Everything a cut needs, per prunable matrix, from one calibration."""
+
+    def __init__(self, method: str, params: dict, protocol: dict, fingerprint: str, dense: DenseWeights,
+                 block_of: dict[str, int], calibration_seconds: float = 0.0, store=None, base: FileStore | None = None):
+        self.method = method
+        self.params = params
+        self.protocol = protocol
+        self.fingerprint = fingerprint
+        self.dense = dense
+        self.block_of = block_of
+        self.calibration_seconds = calibration_seconds
+        self.stats: dict[str, LayerStats] = {}
+        self._store = store if store is not None else MemoryStore()  # what this session adds
+        self._base = base  # a loaded artifact file (read-only)
+        self._profile: list[float] | None = None
+        # N:M masks do not depend on the sparsity: the last pattern's masks are kept, so moving the
+        # slider (or switching back) at N:M costs nothing after the first cut.
+        self._nm: tuple | None = None
+        # Weight-updating methods: (settings key, {matrix: (weight, mask)}) of the latest cut's solves,
+        # kept as they finish, so a cut cancelled half way is resumed by the next at the same settings.
+        self._solved: tuple | None = None
+
+    # ---------------------------------------------------------------- tensors in the stores
+
+    def _get(self, key: str) -> torch.Tensor | None:
+        found = self._store.get(key)
+        if found is None and self._base is not None:
+            found = self._base.get(key)
+        return found
+
+    def _keys(self) -> list[str]:
+        keys = list(self._store.keys())
+        if self._base is not None:
+            seen = set(keys)
+            keys += [k for k in self._base.keys() if k not in seen]
+        return keys
+
+    @property
+    def scores(self) -> Mapping:
+        """Stored scores per matrix (read-only; recomputable scores are not stored)."""
+        return _Prefixed(self, "score/")
+
+    @property
+    def extras(self) -> Mapping:
+        """Per matrix, the method's extra tensors by kind (e.g. {'first_step': ...})."""
+        return _Prefixed(self, "extra/", nested=True)
+
+    def set_extras(self, name: str, extras: dict[str, torch.Tensor]) -> None:
         for kind, tensor in extras.items():
-            tensors[f"extra/{kind}/{name}"] = tensor.contiguous()
-    n_tokens, alias, owner_of = {}, {}, {}
+            self._store.put(f"extra/{kind}/{name}", tensor)
+
+    @property
+    def method_obj(self) -> Method:
+        return get_method(self.method)
+
+    @property
+    def recomputes_scores(self) -> bool:
+        """Whether this artifact keeps small per-matrix statistics instead of scores (see the
+        module function). Unstructured cuts never need scores: they compare ranks."""
+        return recomputes_scores(self.method_obj)
+
+    def _can_recompute(self, name: str) -> bool:
+        return self.recomputes_scores and (name in self.stats or not self.method_obj.stats)
+
+    def score(self, name: str) -> torch.Tensor:
+        """Scores of one matrix: stored ones, else computed now from the dense weight and the
+        statistics. Recomputable scores are not kept (reading every matrix's scores one after
+        another never holds more than one matrix's); others (e.g. SparseGPT's drawing saliency) are
+        kept once computed."""
+        stored = self._get(f"score/{name}")
+        if stored is not None:
+            return stored
+        scores = self.method_obj.score(self.dense.weight(name), self.stats.get(name), self.params)
+        if not self._can_recompute(name):
+            self._store.put(f"score/{name}", scores)
+        return scores
+
+    def set_scores(self, name: str, scores: torch.Tensor, scope: str, stats: LayerStats | None = None) -> None:
+        """Rank a matrix's scores now, during calibration, so that every later unstructured cut is
+        one comparison. The scores are kept only when they cannot be recomputed from `stats` (kept
+        instead) and the dense weight."""
+        if stats is not None:
+            self.stats[name] = stats
+        if not self._can_recompute(name):
+            self._store.put(f"score/{name}", scores)
+        if scope == "sorted":  # the method cuts by counts over sorted scores, not by ranks
+            self._store.put(f"sorted/{name}", scores.reshape(-1).sort().values)
+        else:
+            self._store.put(f"rank/{scope}/{name}", ascending_ranks(scores, scope))
+        for extra in self.method_obj.also_rank_by:
+            self._store.put(f"rank/{extra}/{name}", ascending_ranks(scores, extra))
+
+    def sorted_scores(self, name: str) -> torch.Tensor:
+        """A matrix's scores sorted ascending, flat (for cuts by count, e.g. a global budget)."""
+        found = self._get(f"sorted/{name}")
+        if found is None:
+            found = self.score(name).reshape(-1).sort().values
+            self._store.put(f"sorted/{name}", found)
+        return found
+
+    def ranks(self, name: str, scope: str) -> torch.Tensor:
+        found = self._get(f"rank/{scope}/{name}")
+        if found is None:
+            found = ascending_ranks(self.score(name), scope)
+            self._store.put(f"rank/{scope}/{name}", found)
+        return found
+
+    # ---------------------------------------------------------------- allocation and caches
+
+    def block_profile(self) -> list[float]:
+        """The method's per-block allocation inputs (e.g. OWL outlier ratios), computed once."""
+        if self._profile is None:
+            method = self.method_obj
+            if self.recomputes_scores:  # one block's scores at a time: a profile entry is its block's
+                self._profile = [method.block_profile([[self.score(n) for n in names]], self.params)[0]
+                                 for names in self.blocks()]
+            else:
+                groups = [[self.score(n) for n in names] for names in self.blocks()]
+                self._profile = method.block_profile(groups, self.params)
+        return self._profile
+
+    def reset_profile(self) -> None:
+        """Forget the allocation inputs (a parameter they depend on changed)."""
+        self._profile = None
+
+    def nm_masks(self, key: tuple):
+        """What earlier cuts at these N:M settings made, or None."""
+        return self._nm[1] if self._nm is not None and self._nm[0] == key else None
+
+    def remember_nm(self, key: tuple, value) -> None:
+        self._nm = (key, value)
+
+    def solved(self, key: tuple) -> dict:
+        """The weight-updating cut's solves at these settings so far (a dict the cut fills)."""
+        if self._solved is None or self._solved[0] != key:
+            self._solved = (key, {})  # other settings: earlier solves cannot be reused
+        return self._solved[1]
+
+    def nbytes(self) -> int:
+        """Memory held by the artifact's own tensors (scores, ranks, sorted scores, extras in the
+        memory store, statistics counted once each), not what is spilled or memory-mapped, nor the
+        dense weights it shares with the model."""
+        seen, total = set(), self._store.nbytes()
+        for stats in self.stats.values():
+            if id(stats) in seen:
+                continue
+            seen.add(id(stats))
+            for value in vars(stats).values():
+                tensors = value if isinstance(value, list) else [value]
+                total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        if self._solved is not None:
+            total += sum(w.numel() * w.element_size() + m.numel() for w, m in self._solved[1].values())
+        return total
+
+    def blocks(self) -> list[list[str]]:
+        n = max(self.block_of.values()) + 1
+        out = [[] for _ in range(n)]
+        for name, b in self.block_of.items():
+            out[b].append(name)
+        return out
+
+
+# ---------------------------------------------------------------- where a new artifact's tensors go
+
+def bytes_per_weight(method: Method, params: dict, d_in: int = 4096) -> float:
+    """What an artifact of `method` keeps per prunable weight (ranks, scores, sorted scores, extras)."""
+    rank = 2 if d_in < 2**15 else 4
+    scope = method_scope(method, params)
+    total = 0.0 if recomputes_scores(method) else 4.0
+    total += 4.0 if scope == "sorted" else rank
+    total += rank * len(method.also_rank_by)
+    total += float(getattr(method, "extra_bytes_per_weight", 0))
+    return 0.0 if method.updates_weights else total
+
+
+def artifact_spills(nbytes: float) -> bool:
+    """Whether an artifact of this many bytes is spilled to disk while it is made: above 2 GiB or a
+    quarter of the available memory (the explorer keeps small models' artifacts in memory, where a
+    cut reads them fastest). PRUNE_EXPLORER_ARTIFACT_STORE=memory|disk overrides."""
+    import os
+
+    choice = os.environ.get("PRUNE_EXPLORER_ARTIFACT_STORE", "").strip().lower()
+    if choice in ("memory", "disk"):
+        return choice == "disk"
+    available = available_memory_bytes() or 2**34
+    return nbytes > min(2**31, available / 4)
+
+
+def new_store(lm: LoadedModel, method: Method, params: dict):
+    """The store a new artifact's per-weight tensors go to (see artifact_spills)."""
+    n = sum(lm.family.weight_view(m).numel() for m in lm.prunable().values())
+    if artifact_spills(n * bytes_per_weight(method, params)):
+        return SpillStore(cache_dir() / "artifact-spill")
+    return MemoryStore()
+
+
+# ---------------------------------------------------------------- files
+
+def _entries(artifact: Artifact):
+    """(key, reader, dtype, shape) of every tensor an artifact file holds, in a stable order."""
+    out = []
+    for key in artifact._keys():
+        tensor = artifact._get(key)
+        out.append((key, lambda key=key: artifact._get(key), tensor.dtype, tuple(tensor.shape)))
+    owner_of, n_tokens, alias = {}, {}, {}
     for name, stats in artifact.stats.items():
         if id(stats) in owner_of:  # modules fed one input share one LayerStats: store it once
             alias[name] = owner_of[id(stats)]
@@ -43,27 +313,45 @@ def save_artifact(path: str | Path, artifact: Artifact, lm: LoadedModel) -> Path
         for field in _STAT_FIELDS:
             value = getattr(stats, field)
             if value is not None:
-                tensors[f"stats/{field}/{name}"] = value.contiguous()
+                out.append((f"stats/{field}/{name}", lambda v=value: v, value.dtype, tuple(value.shape)))
+    return out, n_tokens, alias
+
+
+def artifact_tensors(artifact: Artifact, lm: LoadedModel, prefix: str = ""):
+    """(entries, metadata) describing the artifact: entries are (key, reader, dtype, shape), read one
+    at a time by `core.tensor_store.write_safetensors`; keys start with `prefix` (several artifacts
+    can share one file, e.g. a saved explorer session)."""
+    entries, n_tokens, alias = _entries(artifact)
+    entries = [(prefix + key, read, dtype, shape) for key, read, dtype, shape in entries]
+    profile = artifact.block_profile() if artifact.method_obj.allocates else None
     meta = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "method": artifact.method,
             "params": json.dumps(artifact.params), "protocol": json.dumps(artifact.protocol, default=str),
             "model_id": lm.model_id, "model_fingerprint": lm.fingerprint,
-            "calibration_seconds": f"{artifact.calibration_seconds:.3f}", "n_tokens": json.dumps(n_tokens), "stats_alias": json.dumps(alias)}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+            "calibration_seconds": f"{artifact.calibration_seconds:.3f}", "n_tokens": json.dumps(n_tokens),
+            "stats_alias": json.dumps(alias), "block_profile": json.dumps(profile),
+            "block_of": json.dumps(artifact.block_of)}
+    return entries, meta
+
+
+def save_artifact(path: str | Path, artifact: Artifact, lm: LoadedModel) -> Path:
+    """One safetensors file, written one tensor at a time (never the whole artifact in memory)."""
+    path = Path(path)
+    entries, meta = artifact_tensors(artifact, lm)
+    _atomic_write(path, lambda tmp: write_safetensors(tmp, entries, meta))
     return path
 
 
 def read_artifact_meta(path: str | Path) -> dict:
     """An artifact's string metadata (method, parameters, the model it was calibrated on), read
     from the file's header alone: no tensor is loaded, so it can decide which model to load."""
-    from safetensors import safe_open
+    from .tensor_store import read_header
 
     path = Path(path)
     if not path.is_file():
         raise MaskFileError(f"No calibration artifact at {path}.")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as exc:
+        meta, _, _ = read_header(path)
+    except (OSError, ValueError) as exc:
         raise MaskFileError(f"{path} is not a readable safetensors artifact ({exc}); calibrate again.") from exc
     if meta.get("format") != ARTIFACT_FORMAT:
         raise MaskFileError(f"{path} is not a calibration artifact written by this tool.")
@@ -71,56 +359,78 @@ def read_artifact_meta(path: str | Path) -> dict:
 
 
 def load_artifact(path: str | Path, lm: LoadedModel, dense: DenseWeights | None = None) -> Artifact:
-    """Read an artifact for the loaded model; refuse a corrupt file or one made for another model."""
-    from safetensors import safe_open
-
+    """Open an artifact file for the loaded model: the header is read now, the tensors memory-mapped
+    and read when a cut needs them. Refuses a corrupt file, an older format, or another model's."""
     path = Path(path)
     meta = read_artifact_meta(path)  # refuses a missing, unreadable or foreign file
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    except Exception as exc:
-        raise MaskFileError(f"{path} is not a readable safetensors artifact ({exc}); calibrate again.") from exc
-    if meta.get("format_version") != ARTIFACT_VERSION:
-        raise MaskFileError(f"{path} has artifact format {meta.get('format_version')}; this tool reads "
-                            f"{ARTIFACT_VERSION}. Calibrate again.")
+    version = meta.get("format_version")
+    if version != ARTIFACT_VERSION:
+        raise MaskFileError(
+            f"{path} is a calibration artifact of format version {version}; this tool reads version "
+            f"{ARTIFACT_VERSION} (which stores ranks and sorted scores, so a cut never re-sorts). "
+            "Calibrate again to make a new one; its masks are unchanged.")
     if meta.get("model_fingerprint") != lm.fingerprint:
         raise MaskFileError(f"{path} was calibrated on {meta.get('model_id')!r}, not on the loaded "
                             f"{lm.model_id!r}. Load that model, or calibrate this one.")
+    return artifact_from_tensors(FileStore(path), meta, lm, dense, where=str(path))
+
+
+def artifact_from_tensors(store, meta: dict, lm: LoadedModel, dense: DenseWeights | None = None,
+                          prefix: str = "", where: str = "the artifact") -> Artifact:
+    """The artifact described by `meta` whose tensors are the `store`'s keys under `prefix` (a
+    FileStore of an artifact file or of a saved session)."""
     dense = dense or DenseWeights(lm)
     shapes = dense.shapes()
-    artifact = Artifact(meta["method"], json.loads(meta["params"]), json.loads(meta["protocol"]),
-                        lm.fingerprint, dense, block_of=_block_names(lm),
-                        calibration_seconds=float(meta.get("calibration_seconds", 0)))
-    method = artifact.method_obj
-    n_tokens = json.loads(meta.get("n_tokens", "{}"))
-    for key, tensor in tensors.items():
+    try:
+        params, protocol = json.loads(meta["params"]), json.loads(meta["protocol"])
+        n_tokens = json.loads(meta.get("n_tokens", "{}"))
+        alias = json.loads(meta.get("stats_alias", "{}"))
+        profile = json.loads(meta.get("block_profile", "null"))
+        method = get_method(meta["method"])
+    except (KeyError, ValueError) as exc:
+        raise MaskFileError(f"{where} has damaged metadata ({exc}); calibrate again.") from exc
+    base = _PrefixStore(store, prefix) if prefix else store
+    artifact = Artifact(method.name, params, protocol, lm.fingerprint, dense, block_of=block_names(lm),
+                        calibration_seconds=float(meta.get("calibration_seconds", 0)), base=base)
+    for key in base.keys():
         kind, rest = key.split("/", 1)
-        if kind == "score":
-            _check_shape(path, rest, tensor, shapes)
-            artifact.set_scores(rest, tensor, _scope(method, artifact.params))
-        elif kind == "extra":
-            extra, name = rest.split("/", 1)
-            artifact.extras.setdefault(name, {})[extra] = tensor
-        elif kind == "stats":
-            field, name = rest.split("/", 1)
+        name = rest.split("/", 1)[1] if kind in ("rank", "extra", "stats") else rest
+        if name not in shapes:
+            raise MaskFileError(f"{where}: {name} is not one of the loaded model's matrices.")
+        if kind in ("score", "rank") and tuple(base.shape(key)) != shapes[name]:
+            raise MaskFileError(f"{where}: {name} does not match the loaded model's matrices.")
+        if kind == "sorted" and tuple(base.shape(key)) != (math.prod(shapes[name]),):
+            raise MaskFileError(f"{where}: {name} does not match the loaded model's matrices.")
+        if kind == "stats":
+            field = rest.split("/", 1)[0]
             stats = artifact.stats.setdefault(name, LayerStats(n_tokens=int(n_tokens.get(name, 0))))
-            setattr(stats, field, tensor)
-    for name, owner in json.loads(meta.get("stats_alias", "{}")).items():
+            setattr(stats, field, base.get(key))
+    for name, owner in alias.items():
         artifact.stats[name] = artifact.stats[owner]
-    missing = set(shapes) - set(artifact.scores) - set(artifact.stats)
-    if method.stats == frozenset() and artifact.recomputes_scores:
-        missing = set()  # scores of the weights alone (magnitude): nothing to store
+    scope = method_scope(method, params)
+    have = {key.split("/")[-1] for key in base.keys() if key.startswith(("score/", "rank/", "sorted/"))}
+    missing = set(shapes) - have - set(artifact.stats)
+    if method.stats == frozenset() and recomputes_scores(method):
+        missing = set()  # scores of the weights alone (magnitude): nothing else is needed
     if missing:
-        raise MaskFileError(f"{path} lacks {len(missing)} of the model's matrices (e.g. {sorted(missing)[0]}); "
+        raise MaskFileError(f"{where} lacks {len(missing)} of the model's matrices (e.g. {sorted(missing)[0]}); "
                             "it is incomplete. Calibrate again.")
-    scope = _scope(method, artifact.params)
-    for name in artifact.block_of:  # scores kept as statistics: rank them now, one matrix at a time
-        if name not in artifact.scores and artifact._can_recompute(name):
-            artifact.set_scores(name, artifact.score(name), scope)
+    if profile is not None:
+        artifact._profile = list(profile)
     return artifact
 
 
-def _check_shape(path: Path, name: str, tensor: torch.Tensor, shapes: dict) -> None:
-    if name not in shapes or tuple(tensor.shape) != shapes[name]:
-        raise MaskFileError(f"{path}: {name} does not match the loaded model's matrices.")
+class _PrefixStore:
+    """The keys of a store under one prefix, without it."""
+
+    def __init__(self, store, prefix: str):
+        self._store, self._prefix = store, prefix
+
+    def get(self, key: str):
+        return self._store.get(self._prefix + key)
+
+    def keys(self) -> list[str]:
+        return [k[len(self._prefix):] for k in self._store.keys() if k.startswith(self._prefix)]
+
+    def shape(self, key: str):
+        return self._store.shape(self._prefix + key)

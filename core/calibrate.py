@@ -3,9 +3,11 @@
 Capture the inputs of block 0 for every calibration window, then for each block: run it with
 hooks on its prunable linears to gather statistics, hand the statistics to a callback (which
 may prune the block), re-run the block if its weights changed, and pass its outputs on as the
-next block's inputs. Peak memory: the model plus one block's activations for all windows
-(plus what the callback keeps); freed memory goes back to the OS after every block
-(`release_free_memory`), so the process's resident size follows that too.
+next block's inputs. Peak memory: the model (or, offloaded, the
+block being worked on) plus one block's activations for all windows, an input and an output
+buffer in the model's dtype, plus the block's statistics in float32 and what the callback keeps;
+freed memory goes back to the OS after every block (`release_free_memory`), so the process's
+resident size follows that too.
 
 The engine knows nothing about pruning methods: it gathers what it is asked for
 (``sum_x2``, ``sum_x`` for means/variances, ``xtx`` for the Hessian) and calls back.
@@ -25,6 +27,7 @@ from torch import nn
 from .errors import Cancelled
 from .kv_cache import CACHE_ARG_NAMES
 from .models import LoadedModel
+from .offload import onloaded
 
 STAT_KINDS = frozenset({"sum_x2", "sum_x", "xtx", "window_x2"})
 
@@ -189,6 +192,8 @@ def _capture_inputs(lm: LoadedModel, windows: torch.Tensor, batch_size: int):
             return hidden_states
         return recorder
 
+    # An accelerate-dispatched block already has an instance forward (its hook's): put that back after.
+    own_forward = {index: block.__dict__.get("forward") for index, block in enumerate(blocks)}
     try:
         for index, block in enumerate(blocks):
             block.forward = make_recorder(index, block)
@@ -200,8 +205,10 @@ def _capture_inputs(lm: LoadedModel, windows: torch.Tensor, batch_size: int):
                 pass
             kwargs_per_batch.append(current)
     finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)  # back to the class's forward
+        for index, block in enumerate(blocks):
+            block.__dict__.pop("forward", None)  # back to the class's forward, or the hook's
+            if own_forward[index] is not None:
+                block.forward = own_forward[index]
     return torch.cat(hidden_batches), kwargs_per_batch, [b.shape[0] for b in hidden_batches]
 
 
@@ -249,13 +256,13 @@ def run_layerwise(
             raise Cancelled(f"Cancelled before block {index} of {total}.")
         linears = {f"{lm.family.block_prefix(index)}.{rel}": module
                    for rel, module in lm.family.linear_modules(block).items()}
-        layer_stats = _gather(block, linears, inputs, kwargs_per_batch, index, sizes, outputs, kinds)
-
-        changed = False
-        if on_block is not None:
-            changed = on_block(BlockContext(index, block, linears, layer_stats, inputs))
-        if changed:
-            _run_block(block, inputs, kwargs_per_batch, index, sizes, outputs)
+        with onloaded(block):  # an offloaded block's weights, loaded once for all of this
+            layer_stats = _gather(block, linears, inputs, kwargs_per_batch, index, sizes, outputs, kinds)
+            changed = False
+            if on_block is not None:
+                changed = on_block(BlockContext(index, block, linears, layer_stats, inputs))
+            if changed:
+                _run_block(block, inputs, kwargs_per_batch, index, sizes, outputs)
         inputs, outputs = outputs, inputs
         release_free_memory()  # this block's activations, before the next block's are made
         if progress is not None:

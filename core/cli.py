@@ -51,8 +51,17 @@ def _add_model_args(p: argparse.ArgumentParser, from_artifact: bool = False) -> 
     p.add_argument("--model", default=None if from_artifact else DEFAULT_MODEL,
                    help=f"bundled name ({', '.join(BUNDLED)}), local folder, .gguf file or hub id "
                         f"(default: {default_text})")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", help="auto (default: the checkpoint's own when it is stored in "
+                   "bfloat16/float16, else float32), float32, bfloat16 or float16. Statistics are float32 either way")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where blocks run: cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
+    p.add_argument("--offload", default="none", choices=("none", "cpu", "disk"),
+                   help="where the decoder blocks' weights live: none (on --device), cpu (CPU memory, each block "
+                        "brought to the GPU when it runs), disk (read from the checkpoint when a block runs; pruned "
+                        "blocks go to an offload folder). For models bigger than the device or the RAM")
+    p.add_argument("--offload-folder", default=None,
+                   help="with --offload disk: where this run's offload folder is made (default: the cache folder); "
+                        "removed at exit")
 
 
 def _add_data_args(p: argparse.ArgumentParser, calibration: bool = True) -> None:
@@ -117,7 +126,7 @@ def _load(args):
         _fill_model(args)
     print(f"Loading {args.model} ...", file=sys.stderr)
     try:
-        lm = load_model(args.model, args.dtype, args.device)
+        lm = load_model(args.model, args.dtype, args.device, args.offload, args.offload_folder)
     except ModelLoadError as exc:
         if not from_artifact:
             raise
@@ -251,7 +260,7 @@ def cmd_prune(args) -> int:
     else:
         masks, artifact = prune_sequential(lm, args.method, windows, args.sparsity, pattern, _params(args.param),
                                            protocol.as_dict(), dense, args.skip_misfit_layers, args.batch_size,
-                                           _progress_bar("pruning block by block"))
+                                           _progress_bar("pruning block by block"), keep_artifact=False)
     results["prune_seconds"] = round(time.perf_counter() - start, 2)
     results["achieved_sparsity"] = round(masks.total_sparsity(), 6)
     if not args.no_eval:

@@ -502,8 +502,10 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
-    """safetensors: one packed uint8 tensor per mask (canonical layout, PACKING), string metadata."""
-    from safetensors.torch import save_file
+    """safetensors: one packed uint8 tensor per mask (canonical layout, PACKING), a weight-updating
+    method's new weights and biases, string metadata. Written one tensor at a time: new weights that
+    live in an offloaded model are read one matrix at a time, never all at once."""
+    from .tensor_store import write_safetensors
 
     path = Path(path)
     masks = mask_set.masks
@@ -511,8 +513,16 @@ def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
         tensors = {f"mask/{name}": masks.packed(name).contiguous() for name in masks}
     else:
         tensors = {f"mask/{name}": pack_mask(mask) for name, mask in masks.items()}
-    tensors.update({f"weight/{name}": w.contiguous() for name, w in mask_set.weights.items()})
-    tensors.update({f"bias/{name}": b.contiguous() for name, b in mask_set.biases.items()})
+    entries = [(key, lambda t=tensor: t, tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors.items()]
+    modules, shapes = lm.prunable(), mask_set.shapes()
+    for name in mask_set.weights:
+        if hasattr(mask_set.weights, "track"):  # the model's own (CurrentWeights): read when written
+            dtype, shape = modules[name].weight.dtype, shapes[name]
+        else:
+            weight = mask_set.weights[name]
+            dtype, shape = weight.dtype, tuple(weight.shape)
+        entries.append((f"weight/{name}", lambda n=name: mask_set.weights[n], dtype, shape))
+    entries += [(f"bias/{name}", lambda b=b: b, b.dtype, tuple(b.shape)) for name, b in mask_set.biases.items()]
     # The mask set's own metadata first: the keys below describe this file and this model and
     # must win over stale copies carried in by a mask set that was itself loaded from a file.
     meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in mask_set.meta.items()}
@@ -529,7 +539,7 @@ def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
         # the matrices this file has no mask for on purpose (left dense); load_masks refuses others
         "skipped_layers": json.dumps(mask_set.skipped_layers),
     })
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    _atomic_write(path, lambda tmp: write_safetensors(tmp, entries, meta))
     return path
 
 

@@ -4,7 +4,8 @@
 blocks, heads, every prunable matrix's (d_out, d_in), the widths fed to the linears), the
 number of windows, their length, the batch size, the activation dtype and the method (the
 statistics it declares, what its artifact keeps). It returns the peak memory calibration adds
-to the loaded model and its dense copy, as a breakdown:
+to the loaded model (restore reads the dense originals from disk: there is no dense copy), as a
+breakdown:
 
 - windows: the calibration token ids (int64);
 - activations: the engine's block inputs and outputs for every window (2 x windows x seqlen x
@@ -15,14 +16,18 @@ to the loaded model and its dense copy, as a breakdown:
   (one-shot calibration keeps them all), else one block's;
 - artifact: what the method keeps per prunable weight (ranks: 2 bytes where the comparison
   group is below 2^15 entries, else 4; stored scores 4; sorted scores 4; UniPruning's first
-  step 2: 12 bytes per weight in all; masks 1 where a prune keeps them; weights 4 where a
-  weight-updating method returns them);
+  step 2: 12 bytes per weight in all; nothing in memory where the artifact is spilled to disk
+  as it is made (core.artifacts.artifact_spills); masks 1 bit per weight where a prune keeps
+  them; a weight-updating prune's new weights stay in the model);
 - temporaries: the larger of one batch's intermediate tensors inside a block (the MLP's
   intermediate activations, q/k/v, attention scores batch x heads x seqlen^2 where attention
   materialises them, the statistics hooks' fp32 copies) and one matrix's scoring and ranking
   buffers (argsort indices, sorted copies; Hessians for X^T X methods);
 - overhead: what the allocator and the first forward pass add beyond those tensors (32 MiB
   where a forward pass runs, plus 15% of activations and temporaries).
+
+`memory_model` adds the weights to that: the whole model, or with --offload disk only what is
+not in a decoder block plus the one block being worked on; the README prints its table.
 
 `check_calibration_memory` compares the estimate, with a safety margin, to the memory
 available (MemAvailable on Linux; free device memory on CUDA) and raises a PruneError that
@@ -183,7 +188,7 @@ def estimate_calibration(shapes: ModelShapes, method, n_windows: int, seqlen: in
     `sweep`, `cut`), "prune" (the CLI's prune: the artifact plus the masks and, for
     weight-updating methods, the new weights) or "structured" (a structured method's prune)."""
     from .methods import Method, get_method
-    from .pruning import recomputes_scores
+    from .artifacts import recomputes_scores
 
     method = get_method(method) if isinstance(method, str) else method
     try:
@@ -221,7 +226,8 @@ def estimate_calibration(shapes: ModelShapes, method, n_windows: int, seqlen: in
             per_block += 4 * d if "sum_x" in stats else 0
             per_block += 4 * d * d if "xtx" in stats else 0
             per_block += 4 * n * d if "window_x2" in stats else 0
-    keeps_all = (mode == "calibrate" and not method.structured) or method.updates_weights
+    # the CLI's prune (sequential) keeps no artifact: one block's statistics at a time
+    keeps_all = (mode == "calibrate" and not method.structured) or (method.updates_weights and mode != "prune")
     parts["statistics"] = per_block * (shapes.n_blocks if keeps_all else 1)
 
     # the artifact (and what a prune keeps besides)
@@ -229,9 +235,8 @@ def estimate_calibration(shapes: ModelShapes, method, n_windows: int, seqlen: in
     scope = resolved.get("scope", method.scope)
     if method.structured:
         artifact = N  # the masks (1 byte per weight); the plan itself is small
-    elif not method.updates_weights:
-        recompute = recomputes_scores(method)
-        stored = not recompute or (mode == "prune" and method.sequential and bool(stats))
+    elif not method.updates_weights and not (mode == "prune" and method.sequential):
+        stored = not recomputes_scores(method)
         for d_out, d_in in shapes.matrices:
             numel = d_out * d_in
             artifact += 4 * numel if stored else 0
@@ -239,9 +244,12 @@ def estimate_calibration(shapes: ModelShapes, method, n_windows: int, seqlen: in
             for extra in method.also_rank_by:
                 artifact += _rank_bytes(extra, d_out, d_in)
             artifact += int(getattr(method, "extra_bytes_per_weight", 0) * numel)
+    from .artifacts import artifact_spills
+
+    if artifact_spills(artifact):  # written to disk as it is made (core.artifacts.new_store)
+        artifact = 0
     if mode == "prune" and not method.structured:
-        artifact += N  # the masks
-        artifact += 4 * N if method.updates_weights else 0  # the re-solved weights
+        artifact += N // 8  # the masks, one bit per weight (the re-solved weights stay in the model)
     parts["artifact"] = artifact
 
     # temporaries: one batch inside a block, or one matrix's scoring, whichever is larger
@@ -268,6 +276,35 @@ def estimate_calibration(shapes: ModelShapes, method, n_windows: int, seqlen: in
     parts["overhead"] = int((FORWARD_BYTES if forward else 0)
                             + ALLOCATOR_SLACK * (parts["activations"] + parts["temporaries"]))
     return MemoryEstimate(method.name, n, s, b, mode, parts)
+
+
+def memory_model(config, dtype: torch.dtype, method, n_windows: int, seqlen: int, batch_size: int = 8,
+                 offload: str = "none", mode: str = "prune", runtime: int = 0) -> dict[str, int]:
+    """Peak host memory of pruning a model, by part: `runtime` (the process before the model: python,
+    torch, transformers; measured by bench/scale.py), `weights` (the model once; with --offload disk
+    only the parameters outside the decoder blocks plus one block), then estimate_calibration's
+    parts. On a GPU with --offload cpu|disk the device holds one block plus the same activations,
+    statistics and temporaries."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .families import family_for_config
+
+    shapes = ModelShapes.from_config(config, dtype)
+    family = family_for_config(config)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    size = torch.finfo(dtype).bits // 8
+    prefix = family.blocks_path + "."
+    seen, total, in_blocks = set(), 0, 0
+    for name, param in skeleton.named_parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+            in_blocks += param.numel() if name.startswith(prefix) else 0
+    weights = total * size if offload == "none" else (total - in_blocks + in_blocks // shapes.n_blocks) * size
+    estimate = estimate_calibration(shapes, method, n_windows, seqlen, batch_size, mode)
+    return {"runtime": int(runtime), "weights": int(weights), **estimate.parts}
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int | None:

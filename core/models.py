@@ -87,6 +87,9 @@ class LoadedModel:
     family: Family
     model_id: str
     fingerprint: str
+    checkpoint: Path | None = None  # the safetensors folder the weights were loaded from, if any
+    compute_device: torch.device | None = None  # where blocks run (offloaded weights are brought there)
+    offload: str = "none"  # none | cpu | disk (core.offload)
 
     @property
     def config(self):
@@ -102,6 +105,9 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """The compute device: where inputs go and blocks run."""
+        if self.compute_device is not None:
+            return self.compute_device
         return next(self.model.parameters()).device
 
     def prunable(self) -> dict[str, nn.Module]:
@@ -128,6 +134,7 @@ class LoadedModel:
             "head_dim": heads.head_dim,
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "device": str(self.device),
+            "offload": self.offload,
             "fingerprint": self.fingerprint,
         }
 
@@ -142,6 +149,8 @@ def fingerprint(model: nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
+        if tensor.device.type == "meta":  # offloaded by accelerate: read it from its weights map
+            tensor = _offloaded_tensor(model, name)
         flat = tensor.detach().flatten()
         # 1024 values spread over the whole tensor: a change anywhere in a row or column shows.
         k = min(1024, flat.numel())
@@ -149,6 +158,12 @@ def fingerprint(model: nn.Module) -> str:
         sample = flat[index].to(torch.float32).cpu()
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _offloaded_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    return module._hf_hook.weights_map[attr]
 
 
 def available_memory_bytes() -> int | None:
@@ -163,37 +178,68 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def _check_fits(config, dtype: torch.dtype, device: str) -> None:
-    """Refuse before allocating when the weights alone cannot fit in RAM."""
-    if device != "cpu":
-        return
-    try:
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
+def _count_params(config) -> tuple[int, int]:
+    """(all parameters, those in decoder blocks) of a config, from a skeleton on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
 
-        with init_empty_weights():
-            skeleton = AutoModelForCausalLM.from_config(config)
-        n_params = sum(p.numel() for p in skeleton.parameters())
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    family = family_for_config(config)
+    prefix = (family.blocks_path + ".") if family is not None else "\0"
+    seen, total, in_blocks = set(), 0, 0
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        in_blocks += p.numel() if name.startswith(prefix) else 0
+    return total, in_blocks
+
+
+def _check_fits(config, dtype: torch.dtype, device: str, offload: str) -> None:
+    """Refuse before allocating when the weights cannot fit where they are asked to be, saying what
+    would fit. In memory: the weights once (restore reads the originals from the checkpoint), plus
+    room for one block's activations."""
+    try:
+        n_params, in_blocks = _count_params(config)
     except Exception:  # the size check is advice; the real load reports real errors
         return
-    need = n_params * torch.finfo(dtype).bits // 8
+    size = torch.finfo(dtype).bits // 8
+    need_host = n_params * size if offload == "none" or (offload == "cpu" and device != "cpu") else \
+        (n_params - in_blocks) * size if offload == "disk" else n_params * size
+    if device.startswith("cuda") and offload == "none":
+        free = torch.cuda.mem_get_info()[0]
+        if n_params * size * 1.1 > free:
+            raise ModelLoadError(
+                f"This model has {n_params / 1e9:.2f}B parameters: {n_params * size / 2**30:.1f} GiB in {dtype}, "
+                f"more than the {free / 2**30:.1f} GiB free on the GPU. Keep the blocks in CPU memory and bring "
+                "one at a time to the GPU: --offload cpu (or --offload disk if RAM is short too).")
+        return
     have = available_memory_bytes()
-    # Keep room for the dense copy kept for restore and calibration activations.
-    if have is not None and need * 2.2 > have:
+    if have is not None and need_host * 1.15 + 2**29 > have:
+        hint = ("--offload disk (blocks stay in the checkpoint on disk and are read one at a time), "
+                "a 16-bit dtype, or a smaller model" if offload != "disk"
+                else "a 16-bit dtype, a smaller model, or a machine with more memory")
         raise ModelLoadError(
-            f"This model has {n_params / 1e9:.2f}B parameters: about {need / 2**30:.1f} GiB in "
-            f"{dtype}, and pruning keeps a dense copy too, but only {have / 2**30:.1f} GiB of "
-            "memory is free. Pick a smaller model, a smaller dtype (--dtype bfloat16), or a GPU."
-        )
+            f"This model has {n_params / 1e9:.2f}B parameters: about {n_params * size / 2**30:.1f} GiB in "
+            f"{dtype}, and {need_host / 2**30:.1f} GiB of it must be in memory with --offload {offload}, but only "
+            f"{have / 2**30:.1f} GiB of memory is free. Use {hint}.")
 
 
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def _resolve_dtype(dtype: str | torch.dtype, config=None) -> torch.dtype:
+    """A dtype by name; "auto": the checkpoint's own where it is stored in 16 bits, else float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(stored, str):
+            stored = getattr(torch, stored, None)
+        return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise ModelLoadError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16.")
+        raise ModelLoadError(f"Unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16.")
     return table[dtype]
 
 
@@ -444,15 +490,28 @@ def load_config(spec: str):
         raise _hub_error(spec, exc, offline=bool(kwargs.get("local_files_only"))) from exc
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer; raise ModelLoadError with advice on any failure."""
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str = "cpu",
+               offload: str = "none", offload_folder: str | Path | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer; raise ModelLoadError with advice on any failure.
+
+    dtype "auto" follows the checkpoint (bf16/fp16 stay 16-bit, else float32). offload: "none"
+    (the whole model on `device`), "cpu" (blocks in CPU memory, each brought to the GPU when it
+    runs), "disk" (blocks read from the checkpoint on disk when they run; pruned blocks are written
+    to an offload folder of this process, inside `offload_folder` if given)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    torch_dtype = _resolve_dtype(dtype)
+    from .offload import OFFLOAD_CHOICES
+
+    if offload not in OFFLOAD_CHOICES:
+        raise ModelLoadError(f"Unknown offload {offload!r}; use one of {', '.join(OFFLOAD_CHOICES)}.")
+    _resolve_dtype(dtype)  # an unknown name is refused before anything is read
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError("CUDA was asked for but no GPU is visible; use --device cpu.")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ModelLoadError(f"Unknown device {device!r}; use cpu or cuda (cuda:N for one GPU).")
     source, kwargs, config = load_config(spec)
+    torch_dtype = _resolve_dtype(dtype, config)
     family = family_for_config(config)
     # transformers maps some encoder models (bert, roberta) to a causal LM class too; their
     # checkpoints name a non-causal architecture (BertForMaskedLM), which tells them apart.
@@ -471,34 +530,100 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
             f"{spec!r} is a {config.model_type!r} causal LM, a family this tool has no adapter for "
             f"yet. Supported families: {supported_summary()}."
         )
-    _check_fits(config, torch_dtype, device)
+    sliced = bool(getattr(config, "pruning_explorer_structure", None))
+    if sliced and offload != "none":
+        raise ModelLoadError("A sliced (structurally pruned) model folder loads whole: use --offload none.")
+    if offload == "cpu" and device == "cpu":
+        offload = "none"  # blocks in CPU memory already: nothing to bring anywhere
+    _check_fits(config, torch_dtype, device, offload)
+    placement = {}
+    if offload != "none":
+        folder = _new_offload_folder(offload_folder, config, torch_dtype) if offload == "disk" else None
+        placement = {"device_map": _device_map(config, family, device, offload), "offload_folder": folder}
+    elif device.startswith("cuda"):
+        placement = {"device_map": {"": device}}
     try:
-        if getattr(config, "pruning_explorer_structure", None):  # a sliced (smaller) model folder
+        if sliced:
             from .structured.slicing import load_sliced
             model = load_sliced(source, dtype=torch_dtype)
         else:
             with _reading_gguf(_gguf_of(source, kwargs)):
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placement, **kwargs)
         with _reading_gguf(_gguf_of(source, kwargs)):
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load the weights of {spec!r}: {exc}") from exc
-    return wrap_model(model, tokenizer, spec, device)
+    checkpoint = Path(source) if not kwargs.get("gguf_file") and any(Path(source).glob("*.safetensors")) else None
+    return wrap_model(model, tokenizer, spec, device, checkpoint=checkpoint, offload=offload)
 
 
-def wrap_model(model: nn.Module, tokenizer, model_id: str, device: str = "cpu") -> LoadedModel:
-    """Describe an already-built model (tests build tiny ones from a config)."""
+def _device_map(config, family: Family, device: str, offload: str) -> dict[str, str]:
+    """Every decoder block on "cpu" or "disk" (offloaded, run on `device`), the rest on `device`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    prefix = family.blocks_path + "."
+    where = "disk" if offload == "disk" else "cpu"
+    placement: dict[str, str] = {}
+    for name, _ in list(skeleton.named_parameters()) + list(skeleton.named_buffers()):
+        if name.startswith(prefix):
+            placement[prefix + name[len(prefix):].split(".", 1)[0]] = where
+        else:
+            placement[name.rpartition(".")[0]] = device
+    return placement
+
+
+_OFFLOAD_FOLDERS: list[Path] = []
+
+
+def _new_offload_folder(parent, config, dtype: torch.dtype) -> str:
+    """A fresh folder of this process for pruned blocks written during --offload disk, checked
+    writable and big enough for every block, removed when the process exits."""
+    import atexit
+
+    root = Path(parent).expanduser() if parent else cache_dir() / "offload"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"offload-{os.getpid()}-", dir=root))
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot write the offload folder in {root} ({exc.strerror or exc}). "
+                             "Point --offload-folder at a writable disk.") from exc
+    try:
+        _, in_blocks = _count_params(config)
+        need = in_blocks * (torch.finfo(dtype).bits // 8)
+    except Exception:
+        need = 0
+    free = shutil.disk_usage(folder).free
+    if need * 1.05 > free:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ModelLoadError(
+            f"--offload disk writes pruned blocks to {root}: up to {need / 2**30:.1f} GiB, but only "
+            f"{free / 2**30:.1f} GiB is free there. Point --offload-folder at a disk with more room.")
+    if not _OFFLOAD_FOLDERS:
+        atexit.register(lambda: [shutil.rmtree(f, ignore_errors=True) for f in _OFFLOAD_FOLDERS])
+    _OFFLOAD_FOLDERS.append(folder)
+    return str(folder)
+
+
+def wrap_model(model: nn.Module, tokenizer, model_id: str, device: str = "cpu", checkpoint: Path | None = None,
+               offload: str = "none") -> LoadedModel:
+    """Describe an already-built model (tests build tiny ones from a config). A model dispatched by
+    accelerate (offloaded) stays where it is; any other is moved to `device`."""
     family = family_for_config(model.config)
     if family is None:
         raise ModelLoadError(
             f"No adapter for model type {model.config.model_type!r}. Supported: {supported_summary()}."
         )
-    model.to(device)
+    if getattr(model, "hf_device_map", None) is None:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, model_id=model_id,
-                       fingerprint=fingerprint(model))
+                       fingerprint=fingerprint(model), checkpoint=checkpoint, compute_device=torch.device(device),
+                       offload=offload)

@@ -100,5 +100,6 @@ def calibrate_adamw(lm: LoadedModel, windows: torch.Tensor, params: dict, dense:
             p.requires_grad_(flags[name])
             p.grad = None
         model.train(was_training)
+        dense.note_changed()  # the optimiser wrote every trainable weight
         dense.restore()  # the transient weights are thrown away, whatever happened
     return {name: {"gamma": gamma, "first_step": first.first} for name, (_, gamma, first) in state.items()}

@@ -41,7 +41,7 @@ def test_score_methods_keep_statistics_not_scores(method, windows):
     assert artifact.recomputes_scores and artifact.scores == {}
     scope = artifact.params.get("scope", m.scope)
     for name in lm.prunable():
-        expected = m.score(artifact.dense.dense[name], artifact.stats.get(name), artifact.params)
+        expected = m.score(artifact.dense.weight(name), artifact.stats.get(name), artifact.params)
         got = artifact.score(name)
         assert torch.equal(got, expected), name
         assert torch.equal(artifact.ranks(name, scope), ascending_ranks(expected, scope)), name
@@ -75,17 +75,35 @@ def test_round_trip_without_scores(method, windows, tmp_path):
         assert _masks_equal(cut(artifact, sparsity, pattern), cut(again, sparsity, pattern)), (pattern, sparsity)
 
 
-def test_old_files_with_scores_still_load(windows, tmp_path):
-    """Artifacts written before scores were recomputed carry score/ tensors and no statistics."""
+def test_version_1_artifacts_are_refused_clearly(windows, tmp_path):
+    """Format 1 stored no ranks (every load re-sorted every matrix); such a file is refused with its
+    version named and what to do, not misread."""
+    from safetensors.torch import save_file
+
+    from core.errors import MaskFileError
+
     lm = build_tiny("llama")
     artifact = calibrate(lm, "wanda", windows, batch_size=BATCH)
-    expected = cut(artifact, 0.5)
-    old = calibrate(lm, "wanda", windows, batch_size=BATCH)
-    old.scores = {name: old.score(name) for name in lm.prunable()}
-    old.stats = {}
-    again = load_artifact(save_artifact(tmp_path / "old.safetensors", old, lm), lm, artifact.dense)
-    assert set(again.scores) == set(lm.prunable()) and again.stats == {}
-    assert _masks_equal(cut(again, 0.5), expected)
+    path = save_artifact(tmp_path / "new.safetensors", artifact, lm)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys() if k.startswith("stats/")}
+    meta["format_version"] = "1"
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=meta)
+    with pytest.raises(MaskFileError, match=r"format version 1.*reads version 2.*Calibrate again"):
+        load_artifact(old, lm)
+
+
+def test_loaded_artifact_reads_from_the_file(windows, tmp_path):
+    """A loaded artifact memory-maps its file: its ranks are not copies held in memory."""
+    lm = build_tiny("llama")
+    artifact = calibrate(lm, "unipruning", windows, batch_size=BATCH)
+    again = load_artifact(save_artifact(tmp_path / "u.safetensors", artifact, lm), lm, artifact.dense)
+    assert again.nbytes() == sum(s.numel() * s.element_size() for st in {id(v): v for v in again.stats.values()}.values()
+                                 for s in [*(st.window_x2 or []), st.sum_x2] if s is not None)
+    for sparsity in (0.3, 0.6):
+        assert _masks_equal(cut(artifact, sparsity), cut(again, sparsity))
 
 
 def test_stored_score_methods_unchanged(windows):

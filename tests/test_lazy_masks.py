@@ -9,7 +9,8 @@ import torch
 
 from core.masks import LazyMasks, Pattern, allocation_table, cut_mask, load_masks, save_masks
 from core.dense import DenseWeights
-from core.pruning import _scope, calibrate, cut, matrix_sparsities
+from core.artifacts import method_scope
+from core.pruning import calibrate, cut, matrix_sparsities
 from tiny import build_tiny
 
 
@@ -19,7 +20,7 @@ def _windows():
 
 def _eager(artifact, sparsity: float, pattern: Pattern) -> dict[str, torch.Tensor]:
     """What cut() made before it was lazy: cut_mask for every matrix at its target."""
-    scope = _scope(artifact.method_obj, artifact.params)
+    scope = method_scope(artifact.method_obj, artifact.params)
     targets = matrix_sparsities(artifact, sparsity) if not pattern.is_nm else {n: sparsity for n in artifact.block_of}
     return {name: cut_mask(artifact.score(name), targets[name], pattern, scope,
                            None if pattern.is_nm else artifact.ranks(name, scope))
@@ -69,7 +70,7 @@ def test_apply_and_save_use_the_full_masks(tmp_path):
     eager = _eager(artifact, 0.55, Pattern())
     dense.apply(masks)  # generation / perplexity / export apply the masks
     for name, module in dense.modules.items():
-        assert torch.equal(lm.family.weight_view(module), dense.dense[name] * eager[name]), name
+        assert torch.equal(lm.family.weight_view(module), dense.weight(name) * eager[name]), name
     dense.restore()
     fresh = cut(artifact, 0.55)
     loaded = load_masks(save_masks(tmp_path / "m.safetensors", fresh, lm), lm)

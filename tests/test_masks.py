@@ -181,7 +181,7 @@ def test_check_nm_fits_truncates_long_lists():
 
 def _random_masks(dense: DenseWeights, seed: int = 0, p: float = 0.5) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(w.shape, generator=g) > p for n, w in dense.dense.items()}
+    return {n: torch.rand(w.shape, generator=g) > p for n, w in ((n, dense.weight(n)) for n in dense.modules)}
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: transposed Conv1D weights
@@ -191,17 +191,17 @@ def test_dense_weights_apply_restore_bit_exact(family):
     dense = DenseWeights(lm)
     masks = _random_masks(dense)
     one = next(iter(masks))
-    updated = {one: torch.randn(dense.dense[one].shape)}
+    updated = {one: torch.randn(dense.shapes()[one])}
     dense.apply(MaskSet(masks, weights=updated))
     for name, module in dense.modules.items():
         view = lm.family.weight_view(module)
-        source = updated.get(name, dense.dense[name])
+        source = updated.get(name, dense.weight(name))
         assert torch.equal(view, source * masks[name])
         assert bool((view[~masks[name]] == 0).all())
     # applying a set that covers one layer puts every other layer back to dense
     dense.apply(MaskSet({one: masks[one]}))
     for name, module in dense.modules.items():
-        expected = dense.dense[name] * masks[name] if name == one else dense.dense[name]
+        expected = dense.weight(name) * masks[name] if name == one else dense.weight(name)
         assert torch.equal(lm.family.weight_view(module), expected)
     dense.restore()
     after = lm.model.state_dict()
@@ -221,7 +221,7 @@ def saved(llama, tmp_path):
     dense = DenseWeights(llama)
     masks = _random_masks(dense, seed=3, p=0.3)
     one = next(iter(masks))
-    ms = MaskSet(masks, weights={one: torch.randn(dense.dense[one].shape)},
+    ms = MaskSet(masks, weights={one: torch.randn(dense.shapes()[one])},
                  meta={"method": "wanda", "params": {"alpha": 0.5}})
     path = save_masks(tmp_path / "sub" / "masks.safetensors", ms, llama)
     return path, ms
@@ -324,7 +324,7 @@ def test_load_refuses_other_format_version(llama, tmp_path):
     path = tmp_path / "m.safetensors"
     from safetensors.torch import save_file
 
-    save_file({f"mask/{n}": torch.ones(w.shape, dtype=torch.uint8) for n, w in dense.dense.items()}, str(path),
+    save_file({f"mask/{n}": torch.ones(w.shape, dtype=torch.uint8) for n, w in ((n, dense.weight(n)) for n in dense.modules)}, str(path),
               metadata={"format": "pruning-explorer-masks", "format_version": "99",
                         "model_fingerprint": llama.fingerprint})
     with pytest.raises(MaskFileError, match="format version 99"):
@@ -334,14 +334,14 @@ def test_load_refuses_other_format_version(llama, tmp_path):
 def test_save_is_atomic(llama, saved, monkeypatch):
     path, ms = saved
     original = path.read_bytes()
-    import safetensors.torch
+    import core.tensor_store
 
-    def half_then_fail(tensors, filename, metadata=None):
+    def half_then_fail(filename, entries, metadata=None):
         with open(filename, "wb") as fh:
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    monkeypatch.setattr(core.tensor_store, "write_safetensors", half_then_fail)
     other = MaskSet({n: torch.zeros_like(m) for n, m in ms.masks.items()})
     with pytest.raises(OSError, match="disk full"):
         save_masks(path, other, llama)

@@ -33,6 +33,7 @@ def prune_structured(lm: LoadedModel, method: str | StructuredMethod, windows: t
     params = method.resolve_params(params)
     dense = dense or DenseWeights(lm)
     start = time.perf_counter()
+    dense.note_changed()  # the method writes weights itself (block by block, or a search's candidates)
     try:
         plan = method.prune_structured(lm, windows, sparsity, params, progress, should_stop, on_plan)
         units = all_block_units(lm)

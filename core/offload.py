@@ -1,0 +1,110 @@
+"""Models bigger than the compute device: accelerate's device maps and offload hooks.
+
+A model loaded with `--offload cpu` or `--offload disk` keeps its decoder blocks' weights off
+the compute device: transformers dispatches it through accelerate, whose AlignDevicesHook on
+every leaf module loads that module's weights from a weights map (CPU tensors, or the
+checkpoint's safetensors / an offload folder on disk) before its forward and drops them (back
+to the meta device) after. This module adds the three things pruning needs on top:
+
+- `onloaded(block)`: the block's weights materialised once for as long as the engine works on
+  it (every calibration batch, the pruning, the re-run), not once per forward call;
+- `write_offloaded(module, weight)`: a changed weight written into the weights map (accelerate's
+  own `offload_weight` into the offload folder, or the CPU tensor), so later forwards see it;
+- `offload_entry` / `set_offload_entry`: where a weight's original lives (the checkpoint file),
+  so restore points back to it instead of keeping a copy.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+OFFLOAD_CHOICES = ("none", "cpu", "disk")
+
+
+def _hook(module: nn.Module):
+    hook = getattr(module, "_hf_hook", None)
+    return hook if hook is not None and getattr(hook, "offload", False) else None
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether the module's own weights live in an accelerate weights map (not on the module)."""
+    return _hook(module) is not None or (
+        getattr(module, "_hf_hook", None) is not None and getattr(module, "_pe_onloaded", False))
+
+
+def has_offloaded(model: nn.Module) -> bool:
+    return any(is_offloaded(m) for m in model.modules())
+
+
+@contextmanager
+def onloaded(block: nn.Module) -> Iterator[None]:
+    """Within the with-block, the block's offloaded weights are on its execution device and stay
+    there across forward calls (one load, not one per batch). Changes to them are dropped on exit
+    unless written with `write_offloaded`. A no-op for a block held in memory."""
+    hooked = [m for m in block.modules() if _hook(m) is not None]
+    done = []
+    try:
+        for module in hooked:
+            module._hf_hook.pre_forward(module)  # loads the weights from the weights map
+            module._hf_hook.offload = False  # forwards now reuse them instead of reloading
+            module._pe_onloaded = True
+            done.append(module)
+        yield
+    finally:
+        for module in done:
+            module._hf_hook.offload = True
+            module._pe_onloaded = False
+            module._hf_hook.post_forward(module, None)  # back to the meta device
+
+
+def _weights_map(module: nn.Module):
+    """(the mapping holding the module's weights, its full key of `weight`)."""
+    hook = module._hf_hook
+    wmap = hook.weights_map
+    prefix = getattr(wmap, "prefix", "")
+    return getattr(wmap, "dataset", wmap), f"{prefix}weight"
+
+
+def offload_entry(module: nn.Module) -> dict | None:
+    """Where the offloaded weight is read from: an index entry of accelerate's
+    OffloadedWeightsLoader ({'safetensors_file': ..., 'weight_name': ..., 'dtype': ...} for a
+    weight read straight from the checkpoint); None when it is a tensor in CPU memory."""
+    loader, key = _weights_map(module)
+    state = getattr(loader, "state_dict", None)
+    if state is not None and key in state or not hasattr(loader, "index"):
+        return None
+    entry = loader.index.get(key)
+    return dict(entry) if entry is not None else None
+
+
+def set_offload_entry(module: nn.Module, entry: dict) -> None:
+    """Point the module's weight back at `entry` (from offload_entry), e.g. the checkpoint."""
+    loader, key = _weights_map(module)
+    loader.index[key] = dict(entry)
+
+
+def read_offloaded(module: nn.Module) -> torch.Tensor:
+    """The module's weight as its weights map holds it now (parameter layout, on the CPU)."""
+    loader, key = _weights_map(module)
+    return loader[key]
+
+
+@torch.no_grad()
+def write_offloaded(module: nn.Module, weight: torch.Tensor) -> None:
+    """Store a changed weight (parameter layout) where the module's hook will load it from, and
+    on the module itself when it is onloaded now."""
+    from accelerate.utils import offload_weight
+
+    loader, key = _weights_map(module)
+    state = getattr(loader, "state_dict", None)
+    if state is not None and key in state:  # --offload cpu: the weights map is CPU tensors
+        state[key].copy_(weight)
+    elif hasattr(loader, "index"):  # --offload disk: a .dat file in the offload folder, read next time
+        offload_weight(weight.detach().to("cpu").contiguous(), key, loader.save_folder, index=loader.index)
+    else:  # a plain mapping of tensors
+        loader[key].copy_(weight)
+    if module.weight.device.type != "meta":
+        module.weight.data.copy_(weight.to(module.weight.device))
