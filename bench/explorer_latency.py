@@ -103,14 +103,16 @@ def serve(port: int, spec: str, parts_path: str) -> None:
     import core.masks
     import explorer.app as app
     from explorer import figures
+    from explorer import views as views_module
+    from explorer.tabs import live as live_tab
 
     parts = _Parts()
     gr.Blocks.process_api = parts.wrap_async(gr.Blocks.process_api, "gradio process_api")
-    app.cut = parts.wrap_sync(app.cut, "cut()")
-    app.allocation_table = parts.wrap_sync(core.masks.allocation_table, "allocation table")
-    for name in ("allocation_figure", "saliency_figure", "histogram_figure", "to_plot"):
+    live_tab.cut = parts.wrap_sync(live_tab.cut, "cut()")
+    views_module.allocation_table = parts.wrap_sync(core.masks.allocation_table, "allocation table")
+    for name in ("allocation_figure", "allocation_overlay_figure", "saliency_figure", "histogram_figure", "to_plot"):
         setattr(figures, name, parts.wrap_sync(getattr(figures, name), name))
-    app._views = parts.wrap_sync(app._views, "views (all figures)")
+    live_tab.views = parts.wrap_sync(live_tab.views, "views (all figures)")
 
     demo = app.build_app(model=spec, autoload=False)
     demo.queue(default_concurrency_limit=1)

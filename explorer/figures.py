@@ -21,6 +21,10 @@ MATRIX_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "fc1", "fc2", "
 MAX_SIDE = 256
 PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#ff9da6",
            "#9d755d", "#bab0ac", "#1f77b4", "#17becf")
+# Several runs on one chart: colour-blind-safe (Okabe-Ito) colours that stay apart on a projector,
+# and a marker shape per run, so the runs differ even where colours wash out.
+RUN_COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#8C564B", "#7F7F7F")
+RUN_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "star", "hexagon")
 _AXIS = {"gridcolor": "rgba(128,128,128,0.25)", "zerolinecolor": "rgba(128,128,128,0.4)"}
 
 
@@ -252,22 +256,30 @@ def histogram_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, nam
                    yaxis={"title": {"text": "weights" + (" (evenly sampled)" if prep.sampled else "")}})
 
 
-def perplexity_figure(runs: list[dict], dense: dict[str, float] | None = None) -> dict:
-    """Perplexity against sparsity, one line per method and pattern run in this session.
+def _ppl_key(r: dict):
+    """A measured point's line: its run (runs keep their own line), else its method and pattern."""
+    return ("run", r["run"]) if r.get("run") else (r["method"], r["pattern"])
 
-    runs: {"method", "pattern", "sparsity", "ppl", "protocol"}; only runs that share the latest
-    run's protocol are drawn (numbers from different texts do not compare)."""
+
+def perplexity_figure(runs: list[dict], dense: dict[str, float] | None = None) -> dict:
+    """Perplexity against sparsity, one line per run of this session (points measured before
+    runs were named: one line per method and pattern).
+
+    runs: {"method", "pattern", "sparsity", "ppl", "protocol"[, "run"]}; only points that share
+    the latest point's protocol are drawn (numbers from different texts do not compare)."""
     if not runs:
         return empty_figure("Measure perplexity (or run a sweep) to compare methods here.")
     protocol = runs[-1]["protocol"]
     same = [r for r in runs if r["protocol"] == protocol]
     data = []
-    for i, key in enumerate(dict.fromkeys((r["method"], r["pattern"]) for r in same)):
-        points = sorted({r["sparsity"]: r["ppl"] for r in same if (r["method"], r["pattern"]) == key}.items())
-        data.append({"type": "scatter", "mode": "lines+markers", "name": f"{key[0]} ({key[1]})",
+    for i, key in enumerate(dict.fromkeys(_ppl_key(r) for r in same)):
+        points = sorted({r["sparsity"]: r["ppl"] for r in same if _ppl_key(r) == key}.items())
+        name = key[1] if key[0] == "run" else f"{key[0]} ({key[1]})"
+        data.append({"type": "scatter", "mode": "lines+markers", "name": name,
                      "x": [p[0] for p in points], "y": [p[1] for p in points],
-                     "line": {"color": PALETTE[i % len(PALETTE)]},
-                     "hovertemplate": f"{key[0]}: %{{x:.1%}} sparse, ppl %{{y:.2f}}<extra></extra>"})
+                     "line": {"color": RUN_COLORS[i % len(RUN_COLORS)], "width": 3},
+                     "marker": {"size": 8, "symbol": RUN_SYMBOLS[i % len(RUN_SYMBOLS)]},
+                     "hovertemplate": f"{name}: %{{x:.1%}} sparse, ppl %{{y:.2f}}<extra></extra>"})
     shapes, notes = [], []
     if dense and protocol in dense:
         shape, note = _hline(dense[protocol], f"dense {dense[protocol]:.2f}")
@@ -279,6 +291,158 @@ def perplexity_figure(runs: list[dict], dense: dict[str, float] | None = None) -
     return _figure(data, title, 400, shapes=shapes, annotations=notes, legend={"orientation": "h", "y": -0.25},
                    xaxis={"title": {"text": "achieved sparsity"}, "tickformat": ".0%"},
                    yaxis={"title": {"text": "perplexity (log scale)"}, "type": "log"})
+
+
+# ---------------------------------------------------------------- several runs
+
+def _block_sparsity(rows: list[dict]) -> dict[int, float]:
+    acc: dict[int, tuple[int, int]] = {}
+    for r in rows:
+        p, n = acc.get(r["block"], (0, 0))
+        acc[r["block"]] = (p + r["pruned"], n + r["params"])
+    return {b: p / max(n, 1) for b, (p, n) in acc.items()}
+
+
+def allocation_overlay_figure(series: list[dict], target: float | None = None, mode: str = "block") -> dict:
+    """Several runs' allocations on one chart, one trace per run.
+
+    series: {"name", "rows" (core.masks.allocation_table of its masks), "structured" (the
+    per-block structured allocation, or None), "pattern"}. mode "block": the pruned fraction of
+    each block's weights; "type": of each matrix type within each block (x = "block type").
+    A structured run's matrix masks remove whole rows / columns, so on the same axes its q/k/v/o
+    points are the attention units removed and gate/up/down the MLP channels removed."""
+    series = [s for s in series if s.get("rows")]
+    if not series:
+        return empty_figure("No run shown: tick a run in the run list.")
+    data = []
+    blocks = sorted({r["block"] for s in series for r in s["rows"]})
+    categories: list[str] = []
+    if mode == "type":
+        types = _type_order(r["type"] for s in series for r in s["rows"])
+        categories = [f"{b} {t}" for b in blocks for t in types
+                      if any(r["block"] == b and r["type"] == t for s in series for r in s["rows"])]
+    for i, s in enumerate(series):
+        rows = s["rows"]
+        pruned = sum(r["pruned"] for r in rows)
+        total = sum(r["params"] for r in rows)
+        name = f"{s['name']}: total {pruned / max(total, 1):.1%}"
+        style = {"color": RUN_COLORS[i % len(RUN_COLORS)]}
+        marker = {**style, "size": 9, "symbol": RUN_SYMBOLS[i % len(RUN_SYMBOLS)]}
+        structured = {r["block"]: r for r in (s.get("structured") or [])}
+        if mode == "type":
+            acc: dict[str, tuple[int, int]] = {}
+            for r in rows:
+                key = f"{r['block']} {r['type']}"
+                p, n = acc.get(key, (0, 0))
+                acc[key] = (p + r["pruned"], n + r["params"])
+            xs = [c for c in categories if c in acc]
+            ys = [acc[c][0] / max(acc[c][1], 1) for c in xs]
+            what = "of the matrix's weights" + (" (whole rows / columns: units and channels)" if structured else "")
+            data.append({"type": "scatter", "mode": "markers", "name": name, "x": xs, "y": ys, "marker": marker,
+                         "hovertemplate": f"{s['name']}, block %{{x}}: %{{y:.1%}} {what}<extra></extra>"})
+        else:
+            per_block = _block_sparsity(rows)
+            ys = [per_block.get(b) for b in blocks]
+            trace = {"type": "scatter", "mode": "lines+markers", "name": name, "x": blocks, "y": ys,
+                     "line": {**style, "width": 3}, "marker": marker,
+                     "hovertemplate": f"{s['name']}, block %{{x}}: %{{y:.1%}} of its weights<extra></extra>"}
+            if structured:
+                trace["customdata"] = [
+                    f"{structured[b]['attn_units'] - structured[b]['attn_units_kept']}/{structured[b]['attn_units']} "
+                    f"attention units, {structured[b]['channels'] - structured[b]['channels_kept']}/"
+                    f"{structured[b]['channels']} MLP channels removed" if b in structured else "" for b in blocks]
+                trace["hovertemplate"] = (f"{s['name']}, block %{{x}}: %{{y:.1%}} of its weights; "
+                                          "%{customdata}<extra></extra>")
+            data.append(trace)
+    shapes, notes = [], []
+    if target is not None:
+        shape, note = _hline(target, f"target {target:.0%}")
+        shape["line"] = {"dash": "dash", "color": "#777", "width": 2}
+        note["font"] = {"color": "#777", "size": 13}
+        shapes, notes = [shape], [note]
+    per = "per matrix type within each block" if mode == "type" else "per block"
+    title = f"Sparsity {per}: {len(series)} runs" + (f" at target {target:.0%}" if target is not None else "")
+    xaxis = ({"title": {"text": "block and matrix type"}, "type": "category", "categoryorder": "array",
+              "categoryarray": categories, "tickangle": -90, "tickfont": {"size": 9}}
+             if mode == "type" else {"title": {"text": "block"}, "dtick": 1 if len(blocks) <= 32 else None})
+    return _figure(data, title, 420 if mode == "type" else 380, shapes=shapes, annotations=notes,
+                   legend={"orientation": "h", "y": -0.35 if mode == "type" else -0.2, "font": {"size": 14}},
+                   yaxis={"title": {"text": "sparsity (pruned fraction)"}, "range": [0, 1], "tickformat": ".0%"},
+                   xaxis=xaxis, font={"color": "#888", "size": 13})
+
+
+AGREEMENT_COLORS = ("#f0f0f0", "#E69F00", "#0072B2", "#303030")  # pruned by both, only B, only A, kept by both
+
+
+def agreement_figure(dominant: np.ndarray, agree: np.ndarray, shape: tuple[int, int], tile: tuple[int, int],
+                     name: str, label_a: str, label_b: str, counts: dict) -> dict:
+    """Two panels for one matrix and two runs: each (pooled) cell coloured by its most common case
+    (kept by both, only by A, only by B, pruned by both), and the percentage of its weights on
+    which the two runs agree. `dominant` holds compare.CLASSES codes, `agree` percents (uint8)."""
+    h, w = shape
+    kh, kw = tile
+    pooled = kh > 1 or kw > 1
+    ys, xs = list(range(0, h, kh)), list(range(0, w, kw))
+    where = f"rows %{{y}}..+{kh}, cols %{{x}}..+{kw}" if pooled else "row %{y}, col %{x}"
+    classes = ("pruned by both", f"kept only by B ({label_b})", f"kept only by A ({label_a})", "kept by both")
+    scale = []
+    for i, color in enumerate(AGREEMENT_COLORS):
+        scale += [[i / 4, color], [(i + 1) / 4, color]]
+    code_text = "; ".join(f"{i} = {c}" for i, c in enumerate(("pruned by both", "only B", "only A", "kept by both")))
+    panels = [
+        ("most common case per tile" if pooled else "kept / pruned by each run",
+         {"type": "heatmap", "z": typed_array(dominant.astype(np.uint8)), "x": xs, "y": ys, "colorscale": scale,
+          "zmin": -0.5, "zmax": 3.5,
+          "colorbar": {"tickvals": [0, 1, 2, 3], "ticktext": list(classes), "len": 0.9, "thickness": 12},
+          "hovertemplate": where + ": case %{z} (" + code_text + ")<extra></extra>"}),
+        ("% of weights on which A and B agree" + (" (mean-pooled)" if pooled else ""),
+         {"type": "heatmap", "z": typed_array(agree.astype(np.uint8)), "x": xs, "y": ys, "colorscale": "Greys",
+          "reversescale": False, "zmin": 0, "zmax": 100, "colorbar": {"len": 0.9, "thickness": 12},
+          "hovertemplate": where + ": %{z}% agree<extra></extra>"}),
+    ]
+    gap, width = 0.22, 0.36
+    data, layout, notes = [], {}, []
+    for i, (title, trace) in enumerate(panels):
+        suffix = "" if i == 0 else str(i + 1)
+        x0 = i * (width + gap)
+        trace.update(xaxis=f"x{suffix}", yaxis=f"y{suffix}")
+        trace["colorbar"] = {**trace["colorbar"], "x": x0 + width + 0.005}
+        data.append(trace)
+        layout[f"xaxis{suffix}"] = {**_AXIS, "domain": [x0, x0 + width], "anchor": f"y{suffix}",
+                                    "title": {"text": "input column"}}
+        layout[f"yaxis{suffix}"] = {**_AXIS, "anchor": f"x{suffix}", "autorange": "reversed",
+                                    "title": {"text": "output row" if i == 0 else ""}}
+        notes.append({"text": title, "x": x0 + width / 2, "y": 1.0, "xref": "paper", "yref": "paper",
+                      "xanchor": "center", "yanchor": "bottom", "showarrow": False})
+    n = max(sum(counts[k] for k in ("kept_both", "only_a", "only_b", "pruned_both")), 1)
+    title = (f"{name}: A = {label_a}, B = {label_b}; kept by both {counts['kept_both'] / n:.1%}, only A "
+             f"{counts['only_a'] / n:.1%}, only B {counts['only_b'] / n:.1%}, pruned by both "
+             f"{counts['pruned_both'] / n:.1%}; Jaccard {counts['jaccard']:.3f}")
+    if pooled:
+        title += f" (pooled {kh}x{kw} tiles)"
+    return _figure(data, title, 440, annotations=notes, **layout)
+
+
+def jaccard_figure(rows: list[dict], whole: float, label_a: str, label_b: str) -> dict:
+    """Blocks x matrix type heatmap of the Jaccard overlap of two runs' kept weights.
+
+    rows: {"block", "type", "jaccard"} (explorer.compare.overlaps)."""
+    if not rows:
+        return empty_figure("Choose two runs to compare.")
+    blocks = sorted({r["block"] for r in rows})
+    types = _type_order(r["type"] for r in rows)
+    z = np.full((len(types), len(blocks)), np.nan, dtype=np.float32)
+    bi, ti = {b: i for i, b in enumerate(blocks)}, {t: i for i, t in enumerate(types)}
+    for r in rows:
+        z[ti[r["type"]], bi[r["block"]]] = r["jaccard"]
+    trace = {"type": "heatmap", "z": typed_array(z), "x": blocks, "y": types, "colorscale": "Viridis",
+             "zmin": 0, "zmax": 1, "colorbar": {"title": {"text": "Jaccard"}, "thickness": 12},
+             "hovertemplate": "block %{x} %{y}: Jaccard %{z:.3f}<extra></extra>"}
+    title = (f"Overlap of kept weights (Jaccard, 1 = the same weights kept), {label_a} vs {label_b}: "
+             f"whole model {whole:.3f}")
+    return _figure([trace], title, 120 + 28 * len(types),
+                   xaxis={"title": {"text": "block"}, "dtick": 1 if len(blocks) <= 32 else None},
+                   yaxis={"title": {"text": "matrix type"}, "autorange": "reversed", "type": "category"})
 
 
 def summary(rows: list[dict]) -> dict:

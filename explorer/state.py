@@ -1,7 +1,7 @@
 """Shared model cache and per-session state.
 
 The loaded models are shared by every session (they are big); each session keeps its own
-artifact, masks and cancel flag. Weights are only ever changed under MODEL_LOCK, and always
+runs (calibration artifacts and masks, `Runs`), perplexities and cancel flag. Weights are only ever changed under MODEL_LOCK, and always
 put back dense before the lock is released, so no session can see another's masks.
 """
 from __future__ import annotations
@@ -61,41 +61,226 @@ def cached_keys() -> list[tuple[str, str, str]]:
 
 
 @dataclass
+class Run:
+    """One calibration (or imported mask file) of a session: its settings and what cuts it.
+
+    A run with an artifact is re-cut by the slider; a structured run is pruned again; a run made
+    from a mask file is a fixed mask (the slider leaves it as it is)."""
+
+    id: str
+    name: str
+    method: str
+    params: dict = field(default_factory=dict)
+    pattern: str = "unstructured"
+    text: str = ""  # the calibration text (protocol), in words
+    origin: str = "calibrated"  # "calibrated", "imported" (a mask file), "reopened" (a session file)
+    artifact: object | None = None  # the calibration artifact (core.pruning.calibrate), if any
+    structured: object | None = None  # explorer.structured_view.StructuredRun of a structured method
+    masks: MaskSet | None = None  # the current masks
+    sparsity: float | None = None  # the slider value the masks were cut at (None: a fixed mask)
+    visible: bool = True
+    prepared: dict = field(default_factory=dict)  # (id(artifact), matrix) -> figures.PreparedScores
+    files: list = field(default_factory=list)  # files the run owns (a reopened artifact), removed with it
+
+    def drop_files(self) -> None:
+        for path in self.files:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        self.files.clear()
+
+    @property
+    def cuttable(self) -> bool:
+        """Whether the slider re-cuts this run (a calibration, or a structured method's run)."""
+        return self.artifact is not None or self.structured is not None
+
+    @property
+    def kind(self) -> str:
+        if self.structured is not None or (self.masks is not None and self.masks.meta.get("pattern") == "structured"):
+            return "structured" if self.cuttable else "structured (fixed mask)"
+        return "cut from calibration" if self.artifact is not None else "fixed mask"
+
+    def describe(self) -> dict:
+        """The run as a table row / JSON (no tensors)."""
+        return {"id": self.id, "name": self.name, "method": self.method, "params": dict(self.params),
+                "pattern": self.current_pattern(), "text": self.text, "origin": self.origin, "kind": self.kind,
+                "sparsity": self.sparsity, "visible": self.visible,
+                "achieved": None if self.masks is None else round(self.masks.total_sparsity(), 6)}
+
+    def current_pattern(self) -> str:
+        if self.masks is not None:
+            return str(self.masks.meta.get("pattern", self.pattern))
+        return self.pattern
+
+
+class Runs:
+    """A session's runs, in the order they were made, and which one is active (the one the
+    heatmap, the status and the exports show)."""
+
+    def __init__(self):
+        self._runs: "OrderedDict[str, Run]" = OrderedDict()
+        self.active_id: str | None = None
+        self._counter = 0
+
+    def __iter__(self):
+        return iter(list(self._runs.values()))
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def __contains__(self, run_id) -> bool:
+        return run_id in self._runs
+
+    def new_id(self) -> str:
+        self._counter += 1
+        return f"r{self._counter}"
+
+    def unique_name(self, base: str, exclude: str | None = None) -> str:
+        names = {r.name for r in self._runs.values() if r.id != exclude}
+        base = (base or "run").strip() or "run"
+        if base not in names:
+            return base
+        i = 2
+        while f"{base} #{i}" in names:
+            i += 1
+        return f"{base} #{i}"
+
+    def add(self, run: Run, activate: bool = True) -> Run:
+        if not run.id or run.id in self._runs:
+            run.id = self.new_id()
+        else:  # ids restored from a session file: later ids must not collide
+            digits = run.id[1:] if run.id.startswith("r") else ""
+            if digits.isdigit():
+                self._counter = max(self._counter, int(digits))
+        run.name = self.unique_name(run.name, exclude=run.id)
+        self._runs[run.id] = run
+        if activate or self.active_id is None:
+            self.active_id = run.id
+        return run
+
+    def get(self, run_id: str | None) -> Run | None:
+        return self._runs.get(run_id) if run_id else None
+
+    def require(self, run_id: str | None) -> Run:
+        run = self.get(run_id) or self.by_name(run_id)
+        if run is None:
+            raise ValueError(f"No run {run_id!r} in this session"
+                             + (f": the runs are {', '.join(r.name for r in self)}." if self._runs else
+                                ": calibrate or import a mask file first."))
+        return run
+
+    def by_name(self, name: str | None) -> Run | None:
+        for run in self._runs.values():
+            if run.name == name:
+                return run
+        return None
+
+    @property
+    def active(self) -> Run | None:
+        return self._runs.get(self.active_id) if self.active_id else None
+
+    def activate(self, run_id: str) -> Run:
+        run = self.require(run_id)
+        self.active_id = run.id
+        return run
+
+    def visible(self) -> list[Run]:
+        return [r for r in self._runs.values() if r.visible and r.masks is not None]
+
+    def rename(self, run_id: str, name: str) -> Run:
+        run = self.require(run_id)
+        name = (name or "").strip()
+        if not name:
+            raise ValueError("Type a new name for the run.")
+        run.name = self.unique_name(name, exclude=run.id)
+        return run
+
+    def remove(self, run_id: str) -> Run:
+        run = self.require(run_id)
+        del self._runs[run.id]
+        if self.active_id == run.id:
+            self.active_id = next(reversed(self._runs), None) if self._runs else None
+        return run
+
+    def clear(self) -> None:
+        self._runs.clear()
+        self.active_id = None
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, id) pairs for the dropdowns and the visibility checkboxes."""
+        return [(r.name, r.id) for r in self._runs.values()]
+
+
+@dataclass
 class Session:
-    """What one browser tab (or one gradio_client.Client) owns."""
+    """What one browser tab (or one gradio_client.Client) owns: its runs (each a calibration
+    or an imported mask file), the perplexities it measured, and its temporary files."""
 
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     model: ModelEntry | None = None
-    artifact: object | None = None  # core.pruning.Artifact
-    masks: MaskSet | None = None
-    sparsity: float = 0.5
+    default_spec: str = ""  # the app's default model, loaded by the first handler that needs one
+    runs: Runs = field(default_factory=Runs)
+    sparsity: float = 0.5  # the slider's last value, and its pattern
     pattern: str = "unstructured"
+    alloc_mode: str = "block"  # the overlaid allocation: "block", or "type" (per matrix type in a block)
     cancel: threading.Event = field(default_factory=threading.Event)
-    prepared: dict = field(default_factory=dict)  # (id(artifact), matrix) -> figures.PreparedScores
-    ppl_runs: list = field(default_factory=list)  # {"method", "pattern", "sparsity", "ppl", "protocol"}
+    ppl_runs: list = field(default_factory=list)  # {"run", "run_id", "method", "pattern", "sparsity", "ppl", "protocol"}
     ppl_dense: dict = field(default_factory=dict)  # protocol text -> dense perplexity
-    # what the page's plots show: (the MaskSet drawn in the allocation, the matrix drawn below it)
+    # what the page's plots show: (the allocation's signature, (the MaskSet and matrix drawn below it))
     shown: tuple = (None, None)
-    structured: object | None = None  # explorer.structured_view.StructuredRun of a structured method
-    # (the structured MaskSet, its physically sliced LoadedModel): what generation runs as "pruned"
-    sliced: tuple | None = None
+    # [(structured MaskSet, its physically sliced LoadedModel)]: what generation runs as "pruned"
+    sliced: list = field(default_factory=list)
     # a calibration whose first cut was cancelled (a weight-updating method's solve): the session
     # kept its previous masks; Calibrate at the same settings resumes from this artifact and the
     # matrices it already solved instead of calibrating and solving again
     interrupted: object | None = None
+    compare_cache: dict = field(default_factory=dict)  # (id(masks A), id(masks B)) -> per-matrix counts
     _tmp: str | None = None
 
     def __deepcopy__(self, memo):  # gr.State deep-copies its initial value; an Event cannot be
         return self
 
+    # The active run's parts, as one-run code reads them.
+    @property
+    def active(self) -> Run | None:
+        return self.runs.active
+
+    @property
+    def masks(self) -> MaskSet | None:
+        run = self.runs.active
+        return run.masks if run is not None else None
+
+    @property
+    def artifact(self):
+        run = self.runs.active
+        return run.artifact if run is not None else None
+
+    @property
+    def structured(self):
+        run = self.runs.active
+        return run.structured if run is not None else None
+
     def reset_pruning(self) -> None:
-        self.artifact = None
-        self.structured = None
-        self.masks = None
-        self.sliced = None
+        """Forget every run (another model was loaded, or a session file reopened)."""
+        for run in self.runs:
+            run.artifact = None  # before its files go: core may read an artifact from its file
+            run.drop_files()
+        self.runs.clear()
+        self.sliced = []
         self.interrupted = None
-        self.prepared.clear()
+        self.compare_cache.clear()
         self.shown = (None, None)
+
+    def drop_run(self, run_id: str) -> Run:
+        run = self.runs.remove(run_id)
+        run.artifact = None
+        run.drop_files()
+        self.sliced = [(m, lm) for m, lm in self.sliced if m is not run.masks]
+        self.compare_cache.clear()
+        self.ppl_runs[:] = [p for p in self.ppl_runs if p.get("run_id") != run.id]
+        self.shown = (None, None)
+        return run
 
     def tmpdir(self) -> Path:
         """This session's folder for exports, under the app's one temporary root (tmp_root)."""
@@ -109,10 +294,10 @@ class Session:
             self._tmp = None
 
     def release(self) -> None:
-        """Drop everything this session holds (artifact, masks, prepared figures, sliced model,
-        its temporary folder) and hand the freed memory back to the OS. Gradio calls it when
-        the tab closes (the app's unload event) or the session has been idle for its state's
-        time-to-live. A job still running for the session is cancelled at its next block."""
+        """Drop everything this session holds (runs: artifacts, masks, prepared figures; sliced
+        models, its temporary folder) and hand the freed memory back to the OS. Gradio calls it
+        when the tab closes (the app's unload event) or the session has been idle for its
+        state's time-to-live. A job still running for the session is cancelled at its next block."""
         self.cancel.set()
         self.reset_pruning()
         self.model = None

@@ -3,10 +3,7 @@ so moving the slider re-prunes, with progress and Cancel), and its allocation is
 block as attention units and MLP channels removed."""
 from __future__ import annotations
 
-import contextvars
 import json
-import queue
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +14,7 @@ from core.structured.plan import StructuredPlan
 
 from .figures import PALETTE, _figure, _hline, empty_figure
 from .state import MODEL_LOCK, ModelEntry
+from .streaming import Streamed
 
 
 @dataclass
@@ -55,33 +53,21 @@ def prune(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None,
 
 
 def prune_streaming(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None, should_stop=None):
-    """`prune` in a worker thread; yields ("plan", plan, info) whenever the method publishes a
-    better intermediate plan (Týr's search: info has generation, fitness, iteration), then
-    ("done", masks, None). Plans that arrive while the caller is busy are skipped for the newest,
-    so a slow page never falls behind the search. Errors (Cancelled included) are re-raised here."""
-    events: queue.Queue = queue.Queue()
+    """`prune` in a worker thread (explorer.streaming); yields ("plan", plan, info) whenever the
+    method publishes a better intermediate plan (Týr's search: info has generation, fitness,
+    iteration), then ("done", masks, None). Plans that arrive while the caller is busy are skipped
+    for the newest, so a slow page never falls behind the search. Errors (Cancelled included) are
+    re-raised here; a reader that stops reading stops the prune at its next check."""
+    def work(emit, stop):
+        def stopped() -> bool:
+            return stop.is_set() or bool(should_stop and should_stop())
 
-    def work():
-        try:
-            masks = prune(entry, run, sparsity, progress, should_stop,
-                          on_plan=lambda plan, info: events.put(("plan", plan, info)))
-            events.put(("done", masks, None))
-        except BaseException as exc:  # handed to the caller's thread
-            events.put(("error", exc, None))
+        return prune(entry, run, sparsity, progress, stopped,
+                     on_plan=lambda plan, info: emit(("plan", plan, info)))
 
-    # the copied context carries gradio's progress target into the thread
-    context = contextvars.copy_context()
-    threading.Thread(target=context.run, args=(work,), daemon=True, name="explorer-structured").start()
-    while True:
-        event = events.get()
-        while event[0] == "plan" and not events.empty():
-            event = events.get()  # only the newest plan is worth drawing
-        kind, item, info = event
-        if kind == "error":
-            raise item
-        yield event
-        if kind == "done":
-            return
+    stream = Streamed(work, name="explorer-structured", coalesce=lambda event: event[0] == "plan")
+    yield from stream
+    yield ("done", stream.result, None)
 
 
 def allocation_of(masks: MaskSet) -> list[dict] | None:

@@ -1,0 +1,154 @@
+"""The Generate tab: one prompt, the same settings and seed, on the dense model and on pruned
+runs (the active run, or two chosen runs), streamed side by side with tokens/s for each."""
+from __future__ import annotations
+
+import dataclasses
+
+import gradio as gr
+
+from core.evaluate import GenerationSettings, stream_generate
+from core.structured.plan import plan_from_maskset
+from core.structured.slicing import slice_model
+
+from ..common import ensure_model, fail
+from ..state import MODEL_LOCK, ModelEntry, Run, Session
+from ..streaming import Streamed
+
+MAX_SLICED = 2  # physically sliced models a session keeps (a three-way generation needs two)
+
+
+def locked_stream(entry: ModelEntry, masks, prompt: str, settings: GenerationSettings, chat: bool):
+    """Stream a generation with `masks` applied (None: dense) under MODEL_LOCK.
+
+    A worker thread (explorer.streaming) owns the lock from apply to restore, so the weights are
+    always put back and the lock released even if the browser goes away mid-stream; a reader
+    that stops reading ends the generation at its next token."""
+    def work(emit, stop):
+        with MODEL_LOCK:
+            try:
+                if masks is not None:
+                    entry.dense.apply(masks)
+                else:
+                    entry.dense.restore()
+                for item in stream_generate(entry.lm, prompt, settings, chat=chat):
+                    if stop.is_set():
+                        break
+                    emit(item)
+            finally:
+                entry.dense.restore()
+
+    return Streamed(work, name="explorer-generate")
+
+
+def sliced_model(session: Session, entry: ModelEntry, masks):
+    """For structured masks, the physically smaller model they stand for (built once per mask
+    set, kept on the session), so the pruned side's tokens/s is the smaller model's; None for
+    other masks (those run as the dense model with zeroed weights: same size, same speed)."""
+    if masks.meta.get("pattern") != "structured":
+        return None
+    for kept_masks, model in session.sliced:
+        if kept_masks is masks:
+            return model
+    session.sliced = session.sliced[-(MAX_SLICED - 1):] if MAX_SLICED > 1 else []  # drop before making
+    with MODEL_LOCK:  # the copy must be taken from the dense weights, not another tab's masked ones
+        entry.dense.restore()
+        model = slice_model(entry.lm, plan_from_maskset(entry.lm, masks))
+    sliced = dataclasses.replace(entry.lm, model=model)
+    session.sliced.append((masks, sliced))
+    return sliced
+
+
+def sliced_note(entry: ModelEntry, sliced, label: str = "pruned side") -> str:
+    """What the rates line adds when a pruned side is the sliced model (counted once per generation)."""
+    if sliced is None:
+        return ""
+    n_pruned = sum(p.numel() for p in sliced.model.parameters())
+    n_dense = sum(p.numel() for p in entry.lm.model.parameters())
+    return f" | {label}: the sliced model, {n_pruned:,} of {n_dense:,} parameters"
+
+
+def rates_md(rates: dict, masks) -> str:
+    parts = [f"{k}: {v:.1f} tokens/s" for k, v in rates.items()]
+    return " | ".join(parts) + f" | pruned at {masks.total_sparsity():.1%} sparsity, same settings and seed"
+
+
+def _settings(prompt, max_new_tokens, do_sample, temperature, seed) -> GenerationSettings:
+    if not (prompt or "").strip():
+        raise gr.Error("Type a prompt first.")
+    return GenerationSettings(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
+                              temperature=float(temperature), seed=int(seed))
+
+
+def _streams(session: Session, entry: ModelEntry, sides: list[tuple[str, Run | None]], prompt, settings, chat):
+    """(label, stream) per side, in order; each side's text and tokens/s as it comes."""
+    for label, run in sides:
+        if run is None:
+            yield label, locked_stream(entry, None, prompt, settings, chat), None
+            continue
+        sliced = sliced_model(session, entry, run.masks)
+        stream = (stream_generate(sliced, prompt, settings, chat=chat) if sliced is not None
+                  else locked_stream(entry, run.masks, prompt, settings, chat))
+        yield label, stream, sliced
+
+
+def on_generate(session: Session, prompt, max_new_tokens, do_sample, temperature, seed, chat):
+    """Dense and the active run, streamed one after the other: (dense, pruned, rates)."""
+    entry = ensure_model(session)
+    run = session.active
+    if run is None or run.masks is None:
+        raise gr.Error("No pruned model yet: calibrate (or import a mask file) before comparing.")
+    settings = _settings(prompt, max_new_tokens, do_sample, temperature, seed)
+    masks = run.masks
+    texts, rates, note = {"dense": "", "pruned": ""}, {}, ""
+    try:
+        for which, stream, sliced in _streams(session, entry, [("dense", None), ("pruned", run)], prompt,
+                                              settings, bool(chat)):
+            note = sliced_note(entry, sliced) or note
+            for text, tps in stream:
+                texts[which], rates[which] = text, tps
+                yield texts["dense"], texts["pruned"], rates_md(rates, masks) + note
+    except Exception as exc:
+        raise fail(exc) from exc
+    yield texts["dense"], texts["pruned"], rates_md(rates, masks) + note
+
+
+def on_generate_runs(session: Session, prompt, max_new_tokens, do_sample, temperature, seed, chat,
+                     run_a=None, run_b=None):
+    """Dense, run A and run B (optional), streamed one after the other with the same prompt,
+    settings and seed: (dense, A, B, rates)."""
+    entry = ensure_model(session)
+    settings = _settings(prompt, max_new_tokens, do_sample, temperature, seed)
+    try:
+        a = session.runs.require(run_a) if run_a else session.active
+        b = session.runs.require(run_b) if run_b else None
+    except ValueError as exc:
+        raise fail(exc) from exc
+    if a is None or a.masks is None:
+        raise gr.Error("No pruned run yet: calibrate (or import a mask file) before comparing.")
+    sides = [("dense", None), (f"A: {a.name}", a)] + ([(f"B: {b.name}", b)] if b is not None else [])
+    texts = {label: "" for label, _ in sides}
+    rates, notes = {}, []
+    info = {label: run for label, run in sides}
+
+    def line() -> str:
+        parts = [f"{k}: {v:.1f} tokens/s" for k, v in rates.items()]
+        sparsity = ", ".join(f"{label} {run.masks.total_sparsity():.1%} sparse"
+                             for label, run in info.items() if run is not None)
+        return " | ".join(parts) + f" | {sparsity}; same settings and seed" + "".join(notes)
+
+    def out():
+        labels = [label for label, _ in sides]
+        b_text = texts[labels[2]] if len(labels) > 2 else "(choose a run B to compare two pruned runs)"
+        return texts["dense"], texts[labels[1]], b_text, line()
+
+    try:
+        for label, stream, sliced in _streams(session, entry, sides, prompt, settings, bool(chat)):
+            note = sliced_note(entry, sliced, label)
+            if note:
+                notes.append(note)
+            for text, tps in stream:
+                texts[label], rates[label] = text, tps
+                yield out()
+    except Exception as exc:
+        raise fail(exc) from exc
+    yield out()

@@ -1,0 +1,188 @@
+"""Perplexity: dense vs the active run, a sweep of the active run, and every shown run swept in
+one click (one line per run; Cancel keeps the points already measured)."""
+from __future__ import annotations
+
+import gradio as gr
+
+from core.data import DEFAULT_SOURCE, check_seqlen, evaluation_set
+from core.errors import Cancelled
+from core.evaluate import perplexity
+from core.masks import parse_pattern
+from core.pruning import cut
+
+from .. import figures, structured_view
+from ..common import ensure_model, fail, parse_sparsities, progress_fn
+from ..state import MODEL_LOCK, ModelEntry, Run, Session
+
+
+def record(session: Session, run: Run | None, masks, value: float, protocol_key: str) -> dict:
+    point = {"method": masks.meta.get("method", "imported"), "pattern": masks.meta.get("pattern", "?"),
+             "sparsity": round(masks.total_sparsity(), 4), "ppl": value, "protocol": protocol_key}
+    if run is not None:
+        point.update(run=run.name, run_id=run.id)
+    session.ppl_runs.append(point)
+    return point
+
+
+def dense_perplexity(session: Session, entry: ModelEntry, windows, protocol, progress) -> float:
+    """The dense model's perplexity on this protocol (measured once per session and protocol)."""
+    key = protocol.describe()
+    if key not in session.ppl_dense:
+        with MODEL_LOCK:
+            try:
+                entry.dense.restore()
+                session.ppl_dense[key] = perplexity(entry.lm, windows, protocol.as_dict(),
+                                                    progress=progress_fn(progress, "dense "),
+                                                    should_stop=session.cancel.is_set).value
+            finally:
+                entry.dense.restore()
+    return session.ppl_dense[key]
+
+
+def masked_perplexity(session: Session, entry: ModelEntry, windows, protocol, masks, label: str, progress) -> float:
+    """Perplexity with `masks` applied, under the lock (the weights are put back after)."""
+    with MODEL_LOCK:
+        try:
+            entry.dense.apply(masks)
+            return perplexity(entry.lm, windows, protocol.as_dict(), progress=progress_fn(progress, label),
+                              should_stop=session.cancel.is_set).value
+        finally:
+            entry.dense.restore()
+
+
+def measure(session: Session, entry: ModelEntry, windows, protocol, masks_list, progress, run: Run | None = None) -> dict:
+    """Perplexity of the dense model (once per protocol) and of each mask set, recorded as points."""
+    dense_perplexity(session, entry, windows, protocol, progress)
+    results = {}
+    for i, masks in enumerate(masks_list):
+        label = f"pruned {i + 1}/{len(masks_list)} ({masks.total_sparsity():.0%}) "
+        results[i] = masked_perplexity(session, entry, windows, protocol, masks, label, progress)
+        record(session, run, masks, results[i], protocol.describe())
+    return results
+
+
+def comparison(session: Session):
+    return figures.to_plot(figures.perplexity_figure(session.ppl_runs, session.ppl_dense)), session.ppl_runs
+
+
+def _eval_set(entry: ModelEntry, source, seqlen, max_windows):
+    check_seqlen(entry.lm, int(seqlen))  # a window the model cannot take: refuse before any work
+    return evaluation_set(entry.lm.tokenizer, (source or DEFAULT_SOURCE).strip(), int(seqlen), int(max_windows))
+
+
+def on_perplexity(session: Session, source, seqlen, max_windows, progress=gr.Progress()):
+    entry = ensure_model(session)
+    run = session.active
+    if run is None or run.masks is None:
+        raise gr.Error("No pruned model yet: calibrate (or import a mask file) first.")
+    masks = run.masks
+    session.cancel.clear()
+    try:
+        check_seqlen(entry.lm, int(seqlen))
+        progress(0, desc="tokenizing the evaluation text")
+        windows, protocol = _eval_set(entry, source, seqlen, max_windows)
+        p = measure(session, entry, windows, protocol, [masks], progress, run)[0]
+    except Exception as exc:
+        raise fail(exc) from exc
+    d = session.ppl_dense[protocol.describe()]
+    md = (f"| model | perplexity |\n|---|---|\n| dense | {d:.3f} |\n"
+          f"| pruned ({masks.total_sparsity():.1%} sparse) | {p:.3f} |\n\n"
+          f"Protocol: {protocol.describe()}; exp(mean window NLL), fp32 logits.")
+    return (md, {"dense": d, "pruned": p, "protocol": protocol.as_dict()}, *comparison(session))
+
+
+def masks_at(session: Session, entry: ModelEntry, run: Run, sparsity: float, progress, label: str = ""):
+    """A run's masks at another sparsity, the run itself left as it is: cut from its calibration,
+    pruned again (structured), or its own fixed mask."""
+    if run.artifact is not None:
+        pattern = parse_pattern(run.pattern)
+        if pattern.is_nm:
+            pattern = parse_pattern("unstructured")  # a sweep varies the unstructured sparsity
+        return cut(run.artifact, sparsity, pattern, skip_misfits=True,
+                   progress=progress_fn(progress, f"{label}re-solving {sparsity:.0%}: "),
+                   should_stop=session.cancel.is_set)
+    if run.structured is not None:
+        if run.sparsity == sparsity and run.masks is not None:
+            return run.masks
+        masks, _plan = structured_view.prune_at(entry, run.structured, sparsity,
+                                                progress_fn(progress, f"{label}{run.name} at {sparsity:.0%}: "),
+                                                session.cancel.is_set)
+        return masks
+    return run.masks
+
+
+def on_sweep(session: Session, sparsities_text, source, seqlen, max_windows, progress=gr.Progress()):
+    """Perplexity at several sparsities of the active run: cut from its one calibration, or, for
+    a structured method (units are solved for one sparsity), pruned again at each."""
+    entry = ensure_model(session)
+    run = session.active
+    if run is None or not run.cuttable:
+        raise gr.Error("A sweep cuts from a calibration: calibrate first (imported masks have none).")
+    session.cancel.clear()
+    try:
+        values = parse_sparsities(sparsities_text)
+        check_seqlen(entry.lm, int(seqlen))  # before pruning at each sparsity
+        if run.artifact is None:
+            how = f"**{run.structured.method}** (structured), pruned at each of {len(values)} sparsities"
+        else:
+            how = f"**{run.artifact.method}**, one calibration, {len(values)} cuts"
+            progress(0, desc="cutting the masks")
+        masks_list = [masks_at(session, entry, run, v, progress, f"{i + 1}/{len(values)} ")
+                      for i, v in enumerate(values)]
+        windows, protocol = _eval_set(entry, source, seqlen, max_windows)
+        results = measure(session, entry, windows, protocol, masks_list, progress, run)
+    except Cancelled as exc:
+        gr.Warning(str(exc))
+        return (f"Cancelled: {exc}", *comparison(session))
+    except Exception as exc:
+        raise fail(exc) from exc
+    rows = "".join(f"| {masks_list[i].total_sparsity():.1%} | {results[i]:.3f} |\n" for i in sorted(results))
+    md = (f"{how}. Dense {session.ppl_dense[protocol.describe()]:.3f}.\n\n| sparsity | perplexity |\n"
+          f"|---|---|\n{rows}\nProtocol: {protocol.describe()}.")
+    return (md, *comparison(session))
+
+
+def on_sweep_runs(session: Session, sparsities_text, source, seqlen, max_windows, progress=gr.Progress()):
+    """Every shown run at every sparsity (a fixed mask at its own), one line per run in the plot,
+    streamed point by point: (markdown, plot, points). Cancel keeps the points already measured."""
+    entry = ensure_model(session)
+    runs = session.runs.visible()
+    if not runs:
+        raise gr.Error("No run shown: calibrate (or import a mask file), and tick the runs to measure.")
+    session.cancel.clear()
+    try:
+        values = parse_sparsities(sparsities_text)
+        windows, protocol = _eval_set(entry, source, seqlen, max_windows)
+    except Exception as exc:
+        raise fail(exc) from exc
+    plan = [(run, v) for run in runs for v in (values if run.cuttable else [None])]
+    done: list[dict] = []
+
+    def table(head: str) -> str:
+        rows = "".join(f"| {p['run']} | {p['sparsity']:.1%} | {p['ppl']:.3f} |\n" for p in done)
+        dense = session.ppl_dense.get(protocol.describe())
+        return (f"{head}\n\n| run | sparsity | perplexity |\n|---|---|---|\n{rows}\n"
+                + (f"Dense {dense:.3f}. " if dense is not None else "") + f"Protocol: {protocol.describe()}.")
+
+    try:
+        dense_perplexity(session, entry, windows, protocol, progress)
+        for i, (run, v) in enumerate(plan):
+            step = f"{i + 1}/{len(plan)} {run.name}" + (f" at {v:.0%}" if v is not None else " (fixed mask)")
+            progress((i, len(plan)), desc=step)
+            masks = run.masks if v is None else masks_at(session, entry, run, v, progress, f"{step}: ")
+            value = masked_perplexity(session, entry, windows, protocol, masks, f"{step}: ", progress)
+            done.append(record(session, run, masks, value, protocol.describe()))
+            yield (table(f"Measured {len(done)} of {len(plan)} points ({len(runs)} runs)..."), *comparison(session))
+    except Cancelled as exc:
+        gr.Warning(str(exc))
+        yield (table(f"Cancelled after {len(done)} of {len(plan)} points; those are kept: {exc}"),
+               *comparison(session))
+        return
+    except Exception as exc:
+        raise fail(exc) from exc
+    yield (table(f"{len(runs)} runs, {len(done)} points, one line per run."), *comparison(session))
+
+
+def on_points(session: Session):
+    """The perplexity plot and points as they are (after a session file was opened)."""
+    return comparison(session)

@@ -1,0 +1,186 @@
+"""The explorer's parts without a running app: the streaming helper, the session's runs, the
+tabs' handlers called as plain functions of (session, inputs), and `import explorer` building
+nothing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+pytest.importorskip("gradio")
+
+from explorer.state import Run, Runs, Session, get_model  # noqa: E402
+from explorer.streaming import Streamed  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    return None
+
+
+# ---------------------------------------------------------------- the streaming helper
+
+def test_streamed_yields_in_order_and_keeps_the_result():
+    stream = Streamed(lambda emit, stop: [emit(i) for i in range(5)] and "done")
+    assert list(stream) == [0, 1, 2, 3, 4] and stream.result == "done"
+
+
+def test_streamed_raises_the_workers_error_in_the_reader():
+    def work(emit, stop):
+        emit(1)
+        raise KeyError("boom")
+
+    seen = []
+    with pytest.raises(KeyError, match="boom"):
+        for item in Streamed(work):
+            seen.append(item)
+    assert seen == [1]
+
+
+def test_streamed_coalesces_only_while_the_reader_is_busy():
+    go = threading.Event()
+
+    def work(emit, stop):
+        emit(("plan", 0))
+        go.wait(5)  # the reader is busy with the first item meanwhile
+        for i in range(1, 6):
+            emit(("plan", i))
+        emit(("other", 99))
+        emit(("plan", 7))
+        return "end"
+
+    stream = Streamed(work, coalesce=lambda item: item[0] == "plan")
+    out = []
+    for item in stream:
+        out.append(item)
+        if item == ("plan", 0):
+            go.set()
+            time.sleep(0.3)  # every later plan is queued by now
+    # plans 1..4 were skipped for the newest (5); the non-plan item and the plan after it are kept in order
+    assert out == [("plan", 0), ("plan", 5), ("other", 99), ("plan", 7)] and stream.result == "end"
+
+
+def test_streamed_tells_the_worker_when_the_reader_stops():
+    finished = threading.Event()
+    lock = threading.Lock()
+
+    def work(emit, stop):
+        with lock:  # what a generation holds: released however the reader leaves
+            for i in range(10_000):
+                if stop.is_set():
+                    break
+                emit(i)
+                time.sleep(0.001)
+        finished.set()
+
+    stream = iter(Streamed(work))
+    assert next(stream) == 0
+    stream.close()  # the browser went away
+    assert finished.wait(5), "the worker did not stop"
+    assert lock.acquire(timeout=1)
+    lock.release()
+
+
+def test_one_streaming_helper_serves_every_streamed_handler():
+    """No second thread + queue copy: the generation and the structured prune use Streamed."""
+    sources = {p.name: p.read_text() for p in (REPO / "explorer").rglob("*.py")}
+    users = sorted(name for name, text in sources.items() if "queue.Queue" in text)
+    assert users == ["streaming.py"], users
+    assert "Streamed(" in sources["generate.py"] and "Streamed(" in sources["structured_view.py"]
+
+
+# ---------------------------------------------------------------- import, runs
+
+def test_import_explorer_builds_nothing():
+    code = ("import sys, explorer, explorer.figures, explorer.compare; "
+            "assert 'explorer.app' not in sys.modules and explorer._DEMO is None; "
+            "assert 'gradio' not in sys.modules, 'gradio imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_runs_names_order_active_and_removal():
+    runs = Runs()
+    a = runs.add(Run(id="", name="wanda", method="wanda"))
+    b = runs.add(Run(id="", name="wanda", method="wanda"))
+    c = runs.add(Run(id="", name="owl", method="owl"), activate=False)
+    assert [r.name for r in runs] == ["wanda", "wanda #2", "owl"] and runs.active is b
+    assert runs.choices() == [("wanda", a.id), ("wanda #2", b.id), ("owl", c.id)]
+    runs.rename(b.id, "owl")
+    assert b.name == "owl #2" and runs.require("owl #2") is b  # by id or by name
+    with pytest.raises(ValueError, match="Type a new name"):
+        runs.rename(a.id, "  ")
+    runs.remove(b.id)
+    assert runs.active is c and len(runs) == 2  # the newest run left becomes active
+    with pytest.raises(ValueError, match="No run"):
+        runs.require("nope")
+    restored = runs.add(Run(id="r9", name="wanda", method="wanda"))
+    assert restored.id == "r9" and runs.new_id() == "r10"  # ids from a session file never collide
+
+
+# ---------------------------------------------------------------- handlers as functions
+
+@pytest.fixture
+def session(tiny_llama_dir):
+    return Session(model=get_model(str(tiny_llama_dir)), default_spec=str(tiny_llama_dir))
+
+
+def _calibrate(session, method="wanda", sparsity=0.5, params=""):
+    from explorer.tabs.calibrate import on_calibrate
+
+    out = list(on_calibrate(session, method, "", 2, 16, sparsity, "unstructured", 0, "q", params, "",
+                            progress=_quiet))
+    return out[-1]
+
+
+def test_handlers_run_without_a_blocks_app(session):
+    import json
+
+    from explorer.tabs import live, perplexity
+
+    status, alloc, heat, hist, summary = _calibrate(session)
+    assert "Calibrated **wanda**" in status and summary["run"] == "wanda"
+    _calibrate(session, "magnitude")
+    assert [r.name for r in session.runs] == ["wanda", "magnitude"] and session.active.name == "magnitude"
+    status, alloc, *_rest, summary = live.on_cut(session, 0.3, "unstructured", 0, "q", progress=_quiet)
+    assert all(abs(r.masks.total_sparsity() - 0.3) < 0.02 for r in session.runs)  # every shown run re-cut
+    traces = json.loads(alloc.plot)["data"]
+    assert [t["name"].split(":")[0] for t in traces] == ["wanda", "magnitude"]
+    assert "Shown with it: wanda 29.7%" in status  # row-wise: 19 of 64 per row
+    # hide one: the chart is that run's own again, and the slider leaves the hidden run alone
+    wanda = session.runs.by_name("wanda")
+    live.on_show_runs(session, [session.active.id], 0, "q", progress=_quiet)
+    live.on_cut(session, 0.6, "unstructured", 0, "q", progress=_quiet)
+    assert abs(wanda.masks.total_sparsity() - 0.3) < 0.02 and abs(session.masks.total_sparsity() - 0.6) < 0.02
+    # shown again: cut at the slider's value at once
+    live.on_show_runs(session, [r.id for r in session.runs], 0, "q", progress=_quiet)
+    assert abs(wanda.masks.total_sparsity() - 0.6) < 0.02
+    table, active, shown, *_dropdowns, as_json = live.on_refresh_runs(session)
+    assert [row[0] for row in table] == ["wanda", "magnitude (active)"] and len(shown["value"]) == 2
+    assert [r["achieved"] for r in as_json] == [pytest.approx(0.6, abs=0.02)] * 2
+    md, _ppl, _plot, points = perplexity.on_perplexity(session, "python-docs", 16, 1, progress=_quiet)
+    assert points[-1]["run"] == "magnitude"
+
+
+def test_more_runs_than_memory_allows_is_refused_before_calibrating(session, monkeypatch):
+    from core.memory import ModelShapes, estimate_calibration
+    from core.methods import get_method
+    from explorer.tabs import calibrate
+
+    _calibrate(session)
+    need = estimate_calibration(ModelShapes.from_model(session.model.lm), get_method("wanda"), 2, 16).total
+    monkeypatch.setattr(calibrate, "memory_available", lambda device: need // 2)  # a machine nearly full
+    started = []
+    monkeypatch.setattr(calibrate, "calibration_set", lambda *a, **k: started.append(1))
+    with pytest.raises(Exception) as err:
+        _calibrate(session)
+    text = str(err.value)
+    assert "Not enough memory" in text and "This session holds 1 run (wanda" in text and "delete a run" in text
+    assert not started and len(session.runs) == 1  # refused before any work, nothing added
