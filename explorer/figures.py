@@ -366,7 +366,7 @@ def allocation_overlay_figure(series: list[dict], target: float | None = None, m
               "categoryarray": categories, "tickangle": -90, "tickfont": {"size": 9}}
              if mode == "type" else {"title": {"text": "block"}, "dtick": 1 if len(blocks) <= 32 else None})
     return _figure(data, title, 420 if mode == "type" else 380, shapes=shapes, annotations=notes,
-                   legend={"orientation": "h", "y": -0.35 if mode == "type" else -0.2, "font": {"size": 14}},
+                   legend={"orientation": "h", "y": -0.4 if mode == "type" else -0.28, "font": {"size": 14}},
                    yaxis={"title": {"text": "sparsity (pruned fraction)"}, "range": [0, 1], "tickformat": ".0%"},
                    xaxis=xaxis, font={"color": "#888", "size": 13})
 
@@ -414,10 +414,7 @@ def agreement_figure(dominant: np.ndarray, agree: np.ndarray, shape: tuple[int, 
                                     "title": {"text": "output row" if i == 0 else ""}}
         notes.append({"text": title, "x": x0 + width / 2, "y": 1.0, "xref": "paper", "yref": "paper",
                       "xanchor": "center", "yanchor": "bottom", "showarrow": False})
-    n = max(sum(counts[k] for k in ("kept_both", "only_a", "only_b", "pruned_both")), 1)
-    title = (f"{name}: A = {label_a}, B = {label_b}; kept by both {counts['kept_both'] / n:.1%}, only A "
-             f"{counts['only_a'] / n:.1%}, only B {counts['only_b'] / n:.1%}, pruned by both "
-             f"{counts['pruned_both'] / n:.1%}; Jaccard {counts['jaccard']:.3f}")
+    title = f"{name}: A = {label_a}, B = {label_b}, Jaccard {counts['jaccard']:.3f}"
     if pooled:
         title += f" (pooled {kh}x{kw} tiles)"
     return _figure(data, title, 440, annotations=notes, **layout)

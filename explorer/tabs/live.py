@@ -198,11 +198,10 @@ def on_refresh_runs(session: Session, compare_a=None, compare_b=None, gen_a=None
     choices = session.runs.choices()
     ids = [i for _, i in choices]
     active = session.runs.active_id
-    other = next((i for i in reversed(ids) if i != active), None)
     a = _pick(session, compare_a, active)
-    b = _pick(session, compare_b, other if other != a else None)
-    if b == a:
-        b = other if other != a else None
+    b = compare_b if compare_b in session.runs and compare_b != a else None
+    if b is None:  # the newest other run: a new calibration is compared with what came before
+        b = next((i for i in reversed(ids) if i != a), None)
     ga = _pick(session, gen_a, active)
     gb = _pick(session, gen_b, None)
     none = [("(none)", "")]
