@@ -3,6 +3,15 @@
     python bench/explorer_latency.py                      # a tiny random Llama (seconds)
     python bench/explorer_latency.py --model smollm2-135m --windows 16 --seqlen 256
     python bench/explorer_latency.py --model smollm2-135m --windows 16 --seqlen 256 --browser
+    python bench/explorer_latency.py --model smollm2-135m --windows 16 --seqlen 256 --browser \
+        --runs wanda,owl,unipruning --name explorer_latency_runs  # several runs (issue 14)
+
+With --runs, every method listed is calibrated through the API (one run each, all shown), then
+it times N slider releases (each re-cuts every run and redraws the overlaid allocation), N mask
+comparisons of the first two runs right after a cut (every mask of both made and counted) and N
+with the counts cached (another matrix), saves the session (file size) and reopens it in a new
+session N_REOPEN times; --browser then opens that session file in chromium and times slider
+release -> overlaid allocation and heatmap redrawn.
 
 Starts the app in a separate server process on a free port (as a user runs it: the client
 does not share the server's interpreter), loads the model, calibrates once, then times N cuts
@@ -22,6 +31,7 @@ import functools
 import json
 import os
 import platform
+import re
 import socket
 import ssl
 import statistics
@@ -79,8 +89,12 @@ class _Parts:
         @functools.wraps(fn)
         async def timed(self_, block_fn, *args, **kwargs):
             api = getattr(block_fn, "api_name", None) or getattr(block_fn, "name", "?")
+            event = kwargs.get("event_id")
             with self.lock:
-                self.calls.append({"api": str(api)})
+                if event is not None and self.calls and self.calls[-1].get("event") == event:
+                    pass  # a streamed handler's next step: the same call
+                else:
+                    self.calls.append({"api": str(api), "event": event})
             start = time.perf_counter()
             try:
                 return await fn(self_, block_fn, *args, **kwargs)
@@ -104,15 +118,20 @@ def serve(port: int, spec: str, parts_path: str) -> None:
     import explorer.app as app
     from explorer import figures
     from explorer import views as views_module
+    from explorer import compare
     from explorer.tabs import live as live_tab
+    from explorer.tabs import masks as masks_tab
 
     parts = _Parts()
     gr.Blocks.process_api = parts.wrap_async(gr.Blocks.process_api, "gradio process_api")
     live_tab.cut = parts.wrap_sync(live_tab.cut, "cut()")
     views_module.allocation_table = parts.wrap_sync(core.masks.allocation_table, "allocation table")
-    for name in ("allocation_figure", "allocation_overlay_figure", "saliency_figure", "histogram_figure", "to_plot"):
+    for name in ("allocation_figure", "allocation_overlay_figure", "saliency_figure", "histogram_figure", "to_plot",
+                 "agreement_figure", "jaccard_figure"):
         setattr(figures, name, parts.wrap_sync(getattr(figures, name), name))
     live_tab.views = parts.wrap_sync(live_tab.views, "views (all figures)")
+    masks_tab.pair_overlaps = parts.wrap_sync(masks_tab.pair_overlaps, "overlaps (every matrix of A and B)")
+    compare.pooled_agreement = parts.wrap_sync(compare.pooled_agreement, "agreement map (one matrix)")
 
     demo = app.build_app(model=spec, autoload=False)
     demo.queue(default_concurrency_limit=1)
@@ -170,12 +189,17 @@ def main(argv=None) -> None:
     parser.add_argument("--browser-only", action="store_true", help="only the browser timing")
     parser.add_argument("--sample-timeout", type=float, default=30.0,
                         help="seconds one browser sample may take before it counts as timed out")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "explorer_latency.json"))
+    parser.add_argument("--runs", default="", help="comma-separated methods: one run each, all shown")
+    parser.add_argument("--reopen", type=int, default=3, help="times the saved session is reopened (--runs)")
+    parser.add_argument("--name", default="explorer_latency", help="result file name under bench/results")
+    parser.add_argument("--out", default=None, help="result JSON (default bench/results/NAME.json)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the server here
     parser.add_argument("--parts", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         return serve(args.serve, args.model, args.parts)
+    args.out = args.out or str(ROOT / "bench" / "results" / f"{args.name}.json")
+    methods = [m.strip() for m in args.runs.split(",") if m.strip()]
 
     from gradio_client import Client
 
@@ -195,7 +219,12 @@ def main(argv=None) -> None:
         facts = client.predict(spec, "float32", "cpu", api_name="/load_model")[0]
         load_s = time.perf_counter() - start
         order.append(("load_model", ""))
-        if not args.browser_only:
+        runs_info: dict = {}
+        if methods and not args.browser_only:
+            runs_info = _time_runs(client, proc, url, spec, methods, args, timed_factory=None,
+                                   timings=timings, cpu=cpu, order=order, facts=facts)
+            calib_s = sum(runs_info["calibration_seconds"].values())
+        elif not args.browser_only:
             start = time.perf_counter()
             client.predict(method_name=args.method, windows=args.windows, seqlen=args.seqlen, sparsity=0.5,
                            api_name="/calibrate")
@@ -223,10 +252,10 @@ def main(argv=None) -> None:
             for i in range(args.n):
                 timed("view (heatmap + histogram)", block=i % facts["layers"], mtype="down", api_name="/view")
         if args.browser or args.browser_only:
-            browser = _browser_timings(url, spec, args)
-            timings["browser: slider -> allocation + heatmap redrawn"] = browser["samples"]
+            browser = _browser_timings(url, spec, args, runs_info.get("session_file"))
+            timings[BROWSER_LABEL] = browser["samples"]
             if browser["cpu"]:
-                cpu["browser: slider -> allocation + heatmap redrawn"] = browser["cpu"]
+                cpu[BROWSER_LABEL] = browser["cpu"]
     finally:
         proc.terminate()
         try:
@@ -241,23 +270,30 @@ def main(argv=None) -> None:
     except (OSError, ValueError):
         calls = []
     if [c["api"] for c in calls[:len(order)]] != [api for api, _ in order]:
-        print("the server's calls do not match the client's: no per-part timings", file=sys.stderr)
+        got, want = [c["api"] for c in calls[:len(order)]], [api for api, _ in order]
+        first = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+        print(f"the server's calls do not match the client's: no per-part timings (call {first}: server "
+              f"{got[first:first + 3]}, client {want[first:first + 3]})", file=sys.stderr)
     else:  # the browser's calls come after the timed ones
         for (_, label), call in zip(order, calls):
             if label:
                 for part, seconds in call.items():
-                    if part != "api":
+                    if part not in ("api", "event"):
                         parts.setdefault(label, {}).setdefault(part, []).append(seconds)
 
     rows = {name: _stats(v) for name, v in timings.items() if v}
     for name, v in cpu.items():
         rows[name]["cpu_median_ms"] = 1000 * statistics.median(v)
-    if "browser: slider -> allocation + heatmap redrawn" in timings:
-        rows.setdefault("browser: slider -> allocation + heatmap redrawn", {"n": 0})
-        rows["browser: slider -> allocation + heatmap redrawn"]["timeouts"] = browser["timeouts"]
+    if BROWSER_LABEL in timings:
+        rows.setdefault(BROWSER_LABEL, {"n": 0})
+        rows[BROWSER_LABEL]["timeouts"] = browser["timeouts"]
     if facts:
         print(f"model {facts['model']} ({facts['parameters']:,} params), load {load_s:.1f} s, "
-              f"calibrate ({args.method}, {args.windows}x{args.seqlen}) {calib_s:.1f} s")
+              f"calibrate ({args.runs or args.method}, {args.windows}x{args.seqlen}) {calib_s:.1f} s")
+    if runs_info.get("session_bytes"):
+        print(f"session file of {len(methods)} runs: {runs_info['session_bytes'] / 2**20:.1f} MiB, saved in "
+              f"{runs_info['save_seconds']:.1f} s; reopened in {runs_info['reopen_seconds']} s (round trip), "
+              f"server {runs_info['reopen_server_seconds']} s")
     print(f"{'handler':48} {'median ms':>10} {'p90 ms':>8} {'CPU ms':>8} {'n':>4}")
     for name, r in rows.items():
         cpu_ms = r.get("cpu_median_ms")
@@ -269,7 +305,13 @@ def main(argv=None) -> None:
     for label, by_part in part_rows.items():
         print(f"  server parts of {label} (median ms): "
               + ", ".join(f"{part} {ms:.1f}" for part, ms in by_part.items()))
-    result = {"model": facts.get("model"), "parameters": facts.get("parameters"), "method": args.method,
+    if runs_info.get("session_file"):
+        try:
+            os.remove(runs_info.pop("session_file"))
+        except OSError:
+            pass
+    result = {"model": facts.get("model"), "parameters": facts.get("parameters"),
+              "method": args.runs or args.method, "runs": {k: v for k, v in runs_info.items() if k != "session_file"},
               "calibration": {"windows": args.windows, "seqlen": args.seqlen, "seconds": calib_s},
               "load_seconds": load_s, "handlers": rows, "server_parts_median_ms": part_rows,
               "note": "round trip through gradio_client to the app in its own process, including plotly "
@@ -283,6 +325,79 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+
+
+# ---------------------------------------------------------------- several runs
+
+BROWSER_LABEL = "browser: slider -> allocation + heatmap redrawn"
+
+
+def _time_runs(client, proc, url: str, spec: str, methods: list[str], args, timed_factory, timings: dict,
+               cpu: dict, order: list, facts: dict) -> dict:
+    """Calibrate one run per method, then time the slider over all of them, the comparison of the
+    first two, saving the session and reopening it in a new session."""
+    import shutil
+
+    from gradio_client import Client
+
+    def timed(label: str, *a, **kwargs):
+        before, t = _cpu_seconds(proc.pid), time.perf_counter()
+        out = client.predict(*a, **kwargs)
+        timings.setdefault(label, []).append(time.perf_counter() - t)
+        after = _cpu_seconds(proc.pid)
+        if before is not None and after is not None:
+            cpu.setdefault(label, []).append(after - before)
+        order.append((kwargs["api_name"].strip("/"), label))
+        return out
+
+    info: dict = {"calibration_seconds": {}}
+    for method in methods:
+        start = time.perf_counter()
+        client.predict(method_name=method, windows=args.windows, seqlen=args.seqlen, sparsity=0.5,
+                       api_name="/calibrate")
+        info["calibration_seconds"][method] = round(time.perf_counter() - start, 2)
+        order.append(("calibrate", ""))
+        print(f"calibrated {method} in {info['calibration_seconds'][method]:.1f} s", flush=True)
+    n_runs = len(methods)
+    for i in range(args.n):  # alternate so every call really re-cuts every run
+        _status, alloc, *_rest = timed(f"cut, {n_runs} runs shown (all re-cut, overlay)",
+                                       sparsity=0.3 if i % 2 else 0.6, pattern="unstructured", api_name="/cut")
+    traces = json.loads(alloc["plot"])["data"] if isinstance(alloc, dict) else []
+    info["overlay_traces"] = [t.get("name") for t in traces]
+    if n_runs >= 2:
+        a, b = methods[0], methods[1]
+        layers = facts.get("layers", 1)
+        for i in range(args.n):
+            client.predict(sparsity=0.3 if i % 2 else 0.6, pattern="unstructured", api_name="/cut")
+            order.append(("cut", ""))
+            timed(f"compare {a} vs {b}, after a cut (all masks made and counted)", a, b, i % layers, "down",
+                  api_name="/compare")
+        for i in range(args.n):
+            timed(f"compare {a} vs {b}, another matrix (counts kept)", a, b, (i + 1) % layers, "q" if i % 2 else "o",
+                  api_name="/compare")
+    start = time.perf_counter()
+    path, note = client.predict(api_name="/save_session")
+    order.append(("save_session", ""))
+    info["save_seconds"] = round(time.perf_counter() - start, 2)
+    path = path["path"] if isinstance(path, dict) else path
+    keep = tempfile.mktemp(prefix="explorer-session-", suffix=".safetensors")
+    shutil.copyfile(path, keep)  # the server's copy goes with the session
+    info["session_file"], info["session_bytes"] = keep, os.path.getsize(keep)
+    info["save_note"] = note
+    from gradio_client import handle_file
+
+    reopen, server = [], []
+    for _ in range(args.reopen):
+        other = Client(url, verbose=False, download_files=False, ssl_verify=ssl.create_default_context())
+        other.predict(spec, "float32", "cpu", api_name="/load_model")
+        start = time.perf_counter()
+        status, *_views = other.predict(file=handle_file(keep), api_name="/open_session")
+        reopen.append(round(time.perf_counter() - start, 2))
+        m = re.search(r"in ([\d.]+) s\.", status)
+        server.append(float(m.group(1)) if m else None)
+        other.close()
+    info["reopen_seconds"], info["reopen_server_seconds"] = reopen, server
+    return info
 
 
 # ---------------------------------------------------------------- the browser
@@ -339,7 +454,7 @@ def _descendants_cpu_seconds(root: int) -> float:
     return total
 
 
-def _browser_timings(url: str, spec: str, args) -> dict:
+def _browser_timings(url: str, spec: str, args, session_file: str | None = None) -> dict:
     import shutil
 
     from playwright.sync_api import Error as PlaywrightError
@@ -362,14 +477,26 @@ def _browser_timings(url: str, spec: str, args) -> dict:
             chooser.press("Enter")
             page.get_by_role("button", name="Load", exact=True).click()
             expect(page.locator(status)).to_contain_text("Loaded", timeout=300_000)
-            page.get_by_label("windows", exact=True).fill(str(args.windows))
-            page.get_by_label("seqlen", exact=True).first.fill(str(args.seqlen))
-            page.get_by_role("button", name="Calibrate").click()
-            expect(page.locator(status)).to_contain_text("Calibrated", timeout=900_000)
+            if session_file:  # the runs come from the saved session, as a presenter's would
+                page.get_by_role("tab", name="Export").click()
+                page.locator("#session-in input[type=file]").set_input_files(session_file)
+                page.wait_for_timeout(1000)
+                page.get_by_role("button", name="Open session").click()
+                expect(page.locator(status)).to_contain_text("Opened", timeout=900_000)
+                page.get_by_role("tab", name="Live view").click()
+            else:
+                page.get_by_label("windows", exact=True).fill(str(args.windows))
+                page.get_by_label("seqlen", exact=True).first.fill(str(args.seqlen))
+                page.get_by_role("button", name="Calibrate").click()
+                expect(page.locator(status)).to_contain_text("Calibrated", timeout=900_000)
             page.wait_for_function("(sig) => (" + _SIGNATURE + ")().drawn", arg=None, timeout=60_000)
             number = page.get_by_label("number input for Target sparsity")
+            try:  # every sample moves the slider away from where it is (a reopened session sets it)
+                offset = 1 if abs(float(number.input_value()) - 0.6) < 1e-9 else 0
+            except ValueError:
+                offset = 0
             for i in range(args.n + 1):  # the first is a warm-up, not counted
-                sparsity = 0.3 if i % 2 else 0.6
+                sparsity = 0.3 if (i + offset) % 2 else 0.6
                 before = page.evaluate(_SIGNATURE)
                 page.evaluate(_ON_RELEASE)
                 cpu0 = _descendants_cpu_seconds(os.getpid())

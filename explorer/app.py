@@ -242,7 +242,7 @@ def layout(default_spec: str) -> SimpleNamespace:
                     ui.session_out = gr.File(label="Session file", interactive=False)
                     ui.session_md = gr.Markdown()
                     ui.session_in = gr.File(label="Session file to open", file_types=[".safetensors"],
-                                            type="filepath")
+                                            type="filepath", elem_id="session-in")
             with gr.Accordion("How to read this", open=False):
                 gr.Markdown(HOW_TO_READ)
     ui.runs_js = gr.JSON(value=[], visible=False)  # the runs as data (API, tests)
@@ -354,8 +354,9 @@ def wire(demo: gr.Blocks, ui: SimpleNamespace, session: gr.State, autoload: bool
     opened = ui.open.click(touching(export_tab.on_open_session, cut_outputs),
                            [session, ui.session_in, ui.block, ui.mtype], [*cut_outputs, session],
                            api_name="open_session", concurrency_id=HEAVY)
-    then_refresh(opened).then(touching(perplexity_tab.on_points, [ui.ppl_plot, ui.points]), [session],
-                              [ui.ppl_plot, ui.points, session], **quiet)
+    reopened = [ui.ppl_plot, ui.points, ui.sparsity, ui.pattern, ui.alloc_mode]
+    then_refresh(opened).then(touching(export_tab.on_session_opened, reopened), [session], [*reopened, session],
+                              **quiet)
 
     # A closed tab (its heartbeat gone; a gradio_client's close()) releases its session at once,
     # instead of gradio's hour-long grace for closed sessions.

@@ -142,3 +142,14 @@ def on_open_session(session: Session, file, block, mtype, progress=gr.Progress()
     msg = (f"Opened {Path(path).name}: {len(session.runs)} runs ({', '.join(r.name for r in session.runs)}), "
            f"{len(session.ppl_runs)} perplexities, in {took:.1f} s. " + status(session))
     return (msg, *views(session, block, mtype))
+
+
+def on_session_opened(session: Session):
+    """After a session file was opened: the slider, the pattern, the allocation mode and the
+    perplexity plot show the reopened session's."""
+    from .. import figures
+    from .live import ALLOC_MODES
+
+    plot = figures.to_plot(figures.perplexity_figure(session.ppl_runs, session.ppl_dense))
+    return (plot, session.ppl_runs, gr.update(value=session.sparsity), gr.update(value=session.pattern),
+            gr.update(value=ALLOC_MODES[1] if session.alloc_mode == "type" else ALLOC_MODES[0]))

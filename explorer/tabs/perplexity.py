@@ -182,7 +182,3 @@ def on_sweep_runs(session: Session, sparsities_text, source, seqlen, max_windows
         raise fail(exc) from exc
     yield (table(f"{len(runs)} runs, {len(done)} points, one line per run."), *comparison(session))
 
-
-def on_points(session: Session):
-    """The perplexity plot and points as they are (after a session file was opened)."""
-    return comparison(session)
