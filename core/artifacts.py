@@ -123,10 +123,10 @@ class Artifact:
 
     # ---------------------------------------------------------------- tensors in the stores
 
-    def _get(self, key: str) -> torch.Tensor | None:
+    def _get(self, key: str, random_access: bool = False) -> torch.Tensor | None:
         found = self._store.get(key)
         if found is None and self._base is not None:
-            found = self._base.get(key)
+            found = self._base.get(key, random_access)
         return found
 
     def _keys(self) -> list[str]:
@@ -193,7 +193,7 @@ class Artifact:
 
     def sorted_scores(self, name: str) -> torch.Tensor:
         """A matrix's scores sorted ascending, flat (for cuts by count, e.g. a global budget)."""
-        found = self._get(f"sorted/{name}")
+        found = self._get(f"sorted/{name}", random_access=True)  # read by bisection: a few entries
         if found is None:
             found = self.score(name).reshape(-1).sort().values
             self._store.put(f"sorted/{name}", found)
@@ -426,8 +426,8 @@ class _PrefixStore:
     def __init__(self, store, prefix: str):
         self._store, self._prefix = store, prefix
 
-    def get(self, key: str):
-        return self._store.get(self._prefix + key)
+    def get(self, key: str, random_access: bool = False):
+        return self._store.get(self._prefix + key, random_access)
 
     def keys(self) -> list[str]:
         return [k[len(self._prefix):] for k in self._store.keys() if k.startswith(self._prefix)]

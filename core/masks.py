@@ -160,8 +160,11 @@ class LazyMasks(Mapping):
     calibration): a mask made by one is then found by the others."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], make: Callable[[str], torch.Tensor],
-                 done: dict[str, torch.Tensor] | None = None):
+                 done: dict[str, torch.Tensor] | None = None, pruned: dict[str, int] | None = None):
         self._shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        # pruned entries per mask where the maker knows them without making the mask (a cut by
+        # counts); MaskSet takes them instead of counting
+        self.known_pruned = dict(pruned) if pruned is not None else None
         self._make = make
         self._done = {} if done is None else done
         self._lock = threading.Lock()  # two readers of one missing mask make it once

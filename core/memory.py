@@ -294,6 +294,7 @@ def memory_model(config, dtype: torch.dtype, method, n_windows: int, seqlen: int
     family = family_for_config(config)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.tie_weights()  # tied embeddings are one tensor (inside init_empty_weights it does not tie)
     size = torch.finfo(dtype).bits // 8
     prefix = family.blocks_path + "."
     seen, total, in_blocks = set(), 0, 0

@@ -185,6 +185,7 @@ def _count_params(config) -> tuple[int, int]:
 
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.tie_weights()  # tied embeddings are one tensor (inside init_empty_weights it does not tie)
     family = family_for_config(config)
     prefix = (family.blocks_path + ".") if family is not None else "\0"
     seen, total, in_blocks = set(), 0, 0

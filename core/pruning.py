@@ -110,13 +110,15 @@ def cut(artifact: Artifact, sparsity: float, pattern: Pattern = Pattern(), skip_
         weights = {}
         key = _nm_key(artifact, pattern, skipped) if pattern.is_nm else None
         cached = artifact.nm_masks(key) if key else None  # ("made", masks) or ("lazy", masks made so far)
-        masks = dict(cached[1]) if cached is not None and cached[0] == "made" else None
+        masks = cached[1] if cached is not None and cached[0] == "own" else None
         if masks is None and cached is None:
             masks = method.cut_masks(artifact, sparsity, pattern, names)  # a method's own cut, if any
             if masks is not None and key:
-                artifact.remember_nm(key, ("made", dict(masks)))
+                artifact.remember_nm(key, ("own", masks))  # N:M: the same masks at any sparsity
         if masks is None:  # the generic cut: ranks compared (or N:M top-k), each mask made on first read
             masks, pruned = _cut_lazy(artifact, sparsity, pattern, names, key)
+        else:
+            pruned = getattr(masks, "known_pruned", None)
     meta = {"method": method.name, "params": dict(artifact.params), "pattern": str(pattern),
             "target_sparsity": f"{sparsity:.6f}", "calibration": artifact.protocol,
             "skipped_layers": skipped, "cut_seconds": f"{time.perf_counter() - start:.4f}"}

@@ -10,6 +10,7 @@ store into one safetensors file without holding them all.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -38,7 +39,7 @@ class MemoryStore:
     def put(self, key: str, tensor: torch.Tensor) -> None:
         self._tensors[key] = tensor
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str, random_access: bool = False) -> torch.Tensor | None:
         return self._tensors.get(key)
 
     def keys(self) -> list[str]:
@@ -69,12 +70,12 @@ class SpillStore:
             fh.write(_as_bytes(tensor))
         self._files[key] = (path, dtype, list(tensor.shape))
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str, random_access: bool = False) -> torch.Tensor | None:
         found = self._files.get(key)
         if found is None:
             return None
         path, dtype, shape = found
-        return _mapped(path, 0, dtype, shape)
+        return _mapped(path, 0, dtype, shape, random_access)
 
     def keys(self) -> list[str]:
         return list(self._files)
@@ -95,12 +96,14 @@ class FileStore:
         self.path = Path(path)
         self.metadata, self._entries, self._data_start = read_header(self.path)
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str, random_access: bool = False) -> torch.Tensor | None:
+        """The tensor, memory-mapped. random_access: the reader will touch a few scattered entries
+        (a bisection), so the kernel should not read ahead around each one."""
         entry = self._entries.get(key)
         if entry is None:
             return None
         begin, _ = entry["data_offsets"]
-        return _mapped(self.path, self._data_start + begin, entry["dtype"], entry["shape"])
+        return _mapped(self.path, self._data_start + begin, entry["dtype"], entry["shape"], random_access)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -130,12 +133,18 @@ def read_header(path: Path) -> tuple[dict, dict, int]:
     return metadata, header, data_start
 
 
-def _mapped(path: Path, offset: int, dtype: str, shape: list[int]) -> torch.Tensor:
+def _mapped(path: Path, offset: int, dtype: str, shape: list[int], random_access: bool = False) -> torch.Tensor:
     count = int(np.prod(shape)) if shape else 1
     if count == 0:
         return torch.empty(shape, dtype=_TORCH[dtype])
-    # copy-on-write mapping: writable for torch (no warning), pages read on demand, file untouched
-    array = np.memmap(path, dtype=_NUMPY[dtype], mode="c", offset=offset, shape=(count,))
+    item = np.dtype(_NUMPY[dtype]).itemsize
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be page aligned
+    with open(path, "rb") as fh:
+        # copy-on-write: writable for torch (no warning), pages read on demand, the file untouched
+        mapped = mmap.mmap(fh.fileno(), offset - start + count * item, access=mmap.ACCESS_COPY, offset=start)
+    if random_access and hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    array = np.frombuffer(mapped, dtype=_NUMPY[dtype], count=count, offset=offset - start)
     tensor = torch.from_numpy(array)
     if dtype == "BF16":
         tensor = tensor.view(torch.bfloat16)

@@ -1,4 +1,4 @@
-from ..masks import cut_from_ranks, cut_nm
+from ..masks import LazyMasks, cut_from_ranks, cut_nm, pruned_count
 from ..unipruning import (BUDGET_SCALES, SALIENCIES, budget_scales, cut_rows_by_count, first_step_scores,
                           keep_mask_from_count, mirror_descent, prune_counts)
 from . import register
@@ -67,17 +67,23 @@ class UniPruning(Method):
         return {"score": normalised_scores(gamma), "first_step": first}
 
     def cut_masks(self, artifact, sparsity, pattern, names):
+        """Counts now (a bisection over the memory-mapped sorted scores touches a few pages per
+        matrix), masks when read (LazyMasks): a slider move on a 1B model makes one mask."""
         params = artifact.params
+        shapes = artifact.dense.shapes()
+        shapes = {name: shapes[name] for name in names}
         if pattern.is_nm:
-            out = {}
-            for name in names:
+            def make(name):
                 scores = artifact.score(name)
                 if params["nm_score"] == "first_step":
                     scores = first_step_scores(scores, artifact.extras[name]["first_step"])
-                out[name] = cut_nm(scores, pattern.n, pattern.m)
-            return out
+                return cut_nm(scores, pattern.n, pattern.m)
+
+            pruned = {n: o * i // pattern.m * (pattern.m - pattern.n) for n, (o, i) in shapes.items()}
+            return LazyMasks(shapes, make, pruned=pruned)
         if params["controller"] == "row":
-            return {name: cut_from_ranks(artifact.ranks(name, "row"), sparsity, "row") for name in names}
+            return LazyMasks(shapes, lambda name: cut_from_ranks(artifact.ranks(name, "row"), sparsity, "row"),
+                             pruned={n: pruned_count(sparsity, i) * o for n, (o, i) in shapes.items()})
         sorted_scores = {name: artifact.sorted_scores(name) for name in names}
         if params["controller"] == "matrix":
             counts = {name: int(sparsity * s.numel()) for name, s in sorted_scores.items()}
@@ -92,6 +98,9 @@ class UniPruning(Method):
             counts = prune_counts(sorted_scores, int(sparsity * total), bounds,
                                   budget_scales(sorted_scores, params["budget_scale"]))
         if params["controller"] == "global-row":
-            return {name: cut_rows_by_count(artifact.ranks(name, "row"), counts[name]) for name in names}
-        return {name: keep_mask_from_count(artifact.score(name), sorted_scores[name], counts[name])
-                for name in names}
+            def make(name):
+                return cut_rows_by_count(artifact.ranks(name, "row"), counts[name])
+        else:
+            def make(name):
+                return keep_mask_from_count(artifact.score(name), artifact.sorted_scores(name), counts[name])
+        return LazyMasks(shapes, make, pruned=counts)
