@@ -405,7 +405,7 @@ def display(row: dict) -> dict:
     ratio = (row["peak_rss_bytes"] / row["model_bytes"]
              if row.get("peak_rss_bytes") and row.get("model_bytes") and row["status"] == "ok" else None)
     return {**row, "params_b": row["params"] / 1e9 if row.get("params") else None, "peak_gib": gib("peak_rss_bytes"),
-            "ratio": ratio, "gpu_gib": gib("gpu_peak_bytes"), "mask_mb": mb("mask_bytes"),
+            "ratio": ratio, "gpu_gib": gib("gpu_peak_bytes"), "predicted_gib": gib("predicted_peak_bytes"), "mask_mb": mb("mask_bytes"),
             "artifact_mb": mb("artifact_bytes"), "cut_peak_gib": gib("cut_cli_peak_rss_bytes"),
             "setting": (f"{row['dtype']} {row['device']} offload {row['offload']} "
                         f"{row['calib_windows']}x{row['seqlen']}"),
@@ -413,7 +413,8 @@ def display(row: dict) -> dict:
 
 
 COLUMNS = [("shape", "shape", ""), ("params_b", "params (B)", ".3f"), ("method", "method", ""),
-           ("setting", "setting", ""), ("peak_gib", "peak RSS GiB", ".2f"), ("ratio", "RSS / model", ".1f"),
+           ("setting", "setting", ""), ("peak_gib", "peak RSS GiB", ".2f"),
+           ("predicted_gib", "memory model GiB", ".2f"), ("ratio", "RSS / model", ".1f"),
            ("gpu_gib", "peak GPU GiB", ".2f"), ("wall_s", "wall s", ".1f"), ("s_per_block", "s / block", ".2f"),
            ("mask_mb", "mask MB", ".1f"), ("artifact_mb", "artifact MB", ".1f"),
            ("cut_peak_gib", "cut CLI peak GiB", ".2f"), ("cut_cold_s", "cut cold s", ".2f"),
@@ -429,8 +430,48 @@ def protocol(args) -> dict:
             "cut_warm": "load_artifact + cut again in the same process; all masks s = making every mask of that cut"}
 
 
+# The process before any model: interpreter, torch, transformers, this tool's modules, a tokenizer.
+RUNTIME_CODE = ("import sys, torch, transformers; from core import cli, pruning, models; "
+                "from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(sys.argv[1])")
+
+
+def measure_runtime(args) -> int | None:
+    """Peak RSS of a child that imports everything a CLI run imports and loads a tokenizer."""
+    folder = next((args.models_dir / s for s in args.shapes.split(",") if (args.models_dir / s.strip()).is_dir()),
+                  None)
+    if folder is None:
+        return None
+    result = run_measured([sys.executable, "-c", RUNTIME_CODE, str(folder)],
+                          args.out_prefix / args.name / "runtime", 600, args.engine)
+    return result["peak_rss_bytes"] if result["rc"] == 0 else None
+
+
+def predicted_peak(row: dict, runtime: int, models_dir: Path) -> int | None:
+    """core.memory.memory_model's peak host memory for the row's model and settings."""
+    import torch
+    from transformers import AutoConfig
+
+    from core.memory import memory_model
+
+    folder = models_dir / row["shape"]
+    if not (folder / "config.json").exists():
+        return None
+    config = AutoConfig.from_pretrained(folder)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+        row["dtype"], torch.bfloat16)  # auto: these checkpoints are bf16
+    mode = "calibrate" if row["method"] in ARTIFACT_METHODS else "prune"
+    parts = memory_model(config, dtype, row["method"], row["calib_windows"], row["seqlen"],
+                         offload=row.get("offload") or "none", mode=mode, runtime=runtime)
+    return int(sum(parts.values()))
+
+
 def report(rows: list[dict], payload: dict, name: str) -> None:
     rows = sorted(rows, key=lambda r: (r.get("params") or 0, r["shape"], r["method"], run_name(r)))
+    runtime = payload.get("runtime_bytes")
+    if runtime and payload.get("models_dir"):
+        for row in rows:
+            if row["status"] == "ok":
+                row["predicted_peak_bytes"] = predicted_peak(row, runtime, Path(payload["models_dir"]))
     payload = {**payload, "rows": rows}
     shown = [display(r) for r in rows]
     table = print_table(shown, COLUMNS)
@@ -505,7 +546,9 @@ def main() -> None:
     args = parse_args()
     partial = RESULTS / f"{args.name}.partial.json"
     rows = load_rows(partial)
-    payload = {"machine": machine(), "protocol": protocol(args)}
+    payload = {"machine": machine(), "protocol": protocol(args), "models_dir": str(args.models_dir)}
+    previous = json.loads(partial.read_text()) if partial.exists() else {}
+    payload["runtime_bytes"] = previous.get("runtime_bytes") or measure_runtime(args)
     if not args.report_only:
         done = {row_key(r) for r in rows if r["status"] == "ok" and not args.redo}
         for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:

@@ -220,6 +220,11 @@ class Artifact:
                 self._profile = method.block_profile(groups, self.params)
         return self._profile
 
+    def set_profile(self, profile: list[float]) -> None:
+        """Allocation inputs computed before (stored in an artifact file with the parameters they
+        were computed under)."""
+        self._profile = list(profile)
+
     def reset_profile(self) -> None:
         """Forget the allocation inputs (a parameter they depend on changed)."""
         self._profile = None
@@ -416,7 +421,7 @@ def artifact_from_tensors(store, meta: dict, lm: LoadedModel, dense: DenseWeight
         raise MaskFileError(f"{where} lacks {len(missing)} of the model's matrices (e.g. {sorted(missing)[0]}); "
                             "it is incomplete. Calibrate again.")
     if profile is not None:
-        artifact._profile = list(profile)
+        artifact.set_profile(profile)
     return artifact
 
 

@@ -72,6 +72,11 @@ class DenseWeights:
     def shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self._shapes)
 
+    @property
+    def spill_folder(self) -> Path | None:
+        """The folder of originals this object wrote (None when every original is in a file already)."""
+        return self._spill_dir
+
     def sources(self) -> dict[str, str]:
         """Where each matrix's dense original is read from: 'checkpoint', 'offload' or 'spill'."""
         return {name: "offload" if name in self._entries else
