@@ -172,9 +172,9 @@ def layout(default_spec: str) -> SimpleNamespace:
                         ui.cmp_b = gr.Dropdown([], value=None, label="Run B", elem_id="compare-b", allow_custom_value=True)
                         ui.compare = gr.Button("Compare", variant="primary")
                     with gr.Row():
-                        ui.cmp_block = gr.Slider(0, 1, value=0, step=1, label="Block ")
+                        ui.cmp_block = gr.Slider(0, 1, value=0, step=1, label="Block ", elem_id="compare-block")
                         ui.cmp_mtype = gr.Dropdown(["q", "k", "v", "o", "gate", "up", "down"], value="q",
-                                                   label="Matrix type ")
+                                                   label="Matrix type ", elem_id="compare-matrix")
                     ui.cmp_md = gr.Markdown(elem_id="compare-summary")
                     ui.agree = gr.Plot(label="Agreement map", elem_id="agree-plot")
                     ui.jaccard = gr.Plot(label="Overlap per matrix", elem_id="jaccard-plot")

@@ -364,7 +364,8 @@ def allocation_overlay_figure(series: list[dict], target: float | None = None, m
     title = f"Sparsity {per}: {len(series)} runs" + (f" at target {target:.0%}" if target is not None else "")
     xaxis = ({"title": {"text": "block and matrix type"}, "type": "category", "categoryorder": "array",
               "categoryarray": categories, "tickangle": -90, "tickfont": {"size": 9}}
-             if mode == "type" else {"title": {"text": "block"}, "dtick": 1 if len(blocks) <= 32 else None})
+             if mode == "type" else {"title": {"text": "block"}, "dtick": 1 if len(blocks) <= 32 else None,
+                                     "range": [blocks[0] - 0.5, blocks[-1] + 0.5]})
     return _figure(data, title, 420 if mode == "type" else 380, shapes=shapes, annotations=notes,
                    legend={"orientation": "h", "y": -0.4 if mode == "type" else -0.28, "font": {"size": 14}},
                    yaxis={"title": {"text": "sparsity (pruned fraction)"}, "range": [0, 1], "tickformat": ".0%"},

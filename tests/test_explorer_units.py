@@ -184,3 +184,40 @@ def test_more_runs_than_memory_allows_is_refused_before_calibrating(session, mon
     text = str(err.value)
     assert "Not enough memory" in text and "This session holds 1 run (wanda" in text and "delete a run" in text
     assert not started and len(session.runs) == 1  # refused before any work, nothing added
+
+
+def test_sweep_of_every_run_streams_points_and_cancel_keeps_them(session):
+    from explorer.tabs import perplexity
+
+    _calibrate(session)
+    _calibrate(session, "magnitude")
+    steps = perplexity.on_sweep_runs(session, "0.3, 0.5, 0.7", "python-docs", 16, 1, progress=_quiet)
+    md, plot, points = next(steps)
+    assert "Measured 1 of 6 points" in md and len(points) == 1 and points[0]["run"] == "wanda"
+    md, plot, points = next(steps)
+    assert len(points) == 2
+    session.cancel.set()  # Cancel pressed while the third point is measured
+    md, plot, points = next(steps)
+    assert md.startswith("Cancelled after 2 of 6 points; those are kept") and len(points) == 2
+    assert [p["sparsity"] for p in points] == [pytest.approx(0.3, abs=0.01), pytest.approx(0.5, abs=0.01)]
+    with pytest.raises(StopIteration):
+        next(steps)
+    # run again: every point, one line per run
+    *_, (md, plot, points) = perplexity.on_sweep_runs(session, "0.3, 0.5", "python-docs", 16, 1, progress=_quiet)
+    import json
+
+    lines = json.loads(plot.plot)["data"]
+    assert [t["name"] for t in lines] == ["wanda", "magnitude"] and [len(t["x"]) for t in lines] == [2, 2]
+
+
+def test_parameter_widgets_always_hold_values_within_their_bounds():
+    """gradio checks a Number against its bounds even when hidden: a slot keeps no bound of the
+    method shown before (OWL's M >= 1 made the hidden 0 of the next method refuse Calibrate)."""
+    from core.methods import all_methods
+    from explorer.tabs.calibrate import param_updates
+
+    for name in all_methods():
+        updates = param_updates(name)
+        for num in updates[0::3]:
+            assert num["minimum"] is not None and num["maximum"] is not None, name
+            assert num["minimum"] <= num["value"] <= num["maximum"], (name, num)

@@ -23,6 +23,7 @@ from .live import sync_cheap_runs
 
 DEFAULT_WINDOWS, DEFAULT_SEQLEN = 16, 256  # the calibration widgets' initial values
 FALLBACK_LIMITS = (1024, 4096)  # used only when the default model's config cannot be read
+NO_BOUND = 1e12  # a parameter widget's bound where the parameter has none
 
 
 # ---------------------------------------------------------------- the widgets
@@ -70,10 +71,12 @@ def param_updates(method_name: str, pool: int | None = None) -> list:
     for i in range(pool_size() if pool is None else pool):
         p = method.params[i] if i < len(method.params) else None
         label = f"{p.name}: {p.help}" if p else ""
-        num = gr.update(visible=bool(p and p.kind in ("float", "int")), label=label,
-                        value=p.default if p and p.kind in ("float", "int") else 0,
-                        minimum=p.low if p and p.kind in ("float", "int") else None,
-                        maximum=p.high if p and p.kind in ("float", "int") else None,
+        numeric = bool(p and p.kind in ("float", "int"))
+        # explicit bounds: None would keep the previous method's, and gradio checks a number
+        # against its bounds even when it is hidden (0 below OWL's M >= 1 refused a calibration)
+        num = gr.update(visible=numeric, label=label, value=p.default if numeric else 0,
+                        minimum=p.low if numeric and p.low is not None else -NO_BOUND,
+                        maximum=p.high if numeric and p.high is not None else NO_BOUND,
                         precision=0 if p and p.kind == "int" else None)
         choice = gr.update(visible=bool(p and p.kind == "choice"), label=label,
                            choices=[str(c) for c in p.choices] if p and p.kind == "choice" else [""],
