@@ -112,6 +112,9 @@ def views(session: Session, block, mtype, skip_shown: bool = False) -> tuple:
     if same_matrix:
         heat = hist = gr.skip()
     elif matrix is not None:
+        for run in session.runs:  # prepared scores are kept for the run whose heatmap is shown only
+            if run is not active:
+                run.prepared.clear()
         heat, hist = matrix_views(active, matrix[1])
     else:
         heat = hist = figures.to_plot(figures.empty_figure(NO_MASKS))
