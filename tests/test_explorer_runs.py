@@ -161,6 +161,19 @@ def test_unstructured_against_structured_says_what_is_compared(app_url, tiny_lla
     *_plots, md, numbers = client.predict(wanda["id"], sp["id"], 0, "o", api_name="/compare")
     assert "wanda-sp is structured" in md and "weights each run keeps" in md
     assert 0 <= numbers["whole_model"]["jaccard"] <= 1
+    # a structured run saved and reopened: the same masks, and the slider prunes it again
+    lm = load_model(str(tiny_llama_dir))
+    before = load_masks(_path(client.predict(api_name="/export_masks")), lm)  # the active run: wanda-sp
+    path = _path(client.predict(api_name="/save_session")[0])
+    other = _client(app_url, tiny_llama_dir)
+    other.predict(file=handle_file(path), api_name="/open_session")
+    reopened = _runs(other)
+    assert [r["kind"] for r in reopened] == ["cut from calibration", "structured"]
+    after = load_masks(_path(other.predict(api_name="/export_masks")), lm)
+    assert all(bool((after.masks[n] == before.masks[n]).all()) for n in before.masks)
+    assert set(after.biases) == set(before.biases)
+    _status, _alloc, _heat, _hist, summary = other.predict(sparsity=0.5, pattern="unstructured", api_name="/cut")
+    assert summary["run"] == "wanda-sp" and summary["total_sparsity"] > 0.35  # pruned again at 50%
 
 
 def test_three_way_generation(three_runs):
