@@ -111,6 +111,9 @@ def model_facts(folder: Path, dtype: str) -> dict:
 
     config = AutoConfig.from_pretrained(folder)
     params = sum(math.prod(shape) for _, shape in tensor_layout(config))
+    if dtype == "auto":  # the checkpoint's own dtype when it is 16-bit (core.models), else float32
+        stored = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")
+        dtype = stored.replace("torch.", "") if stored.endswith(("bfloat16", "float16")) else "float32"
     return {"params": params, "blocks": config.num_hidden_layers, "bf16_bytes": params * 2,
             "model_bytes": params * DTYPE_BYTES.get(dtype, 4)}
 
@@ -458,7 +461,7 @@ def predicted_peak(row: dict, runtime: int, models_dir: Path) -> int | None:
         return None
     config = AutoConfig.from_pretrained(folder)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-        row["dtype"], torch.bfloat16)  # auto: these checkpoints are bf16
+        row["dtype"], torch.bfloat16 if row.get("model_bytes") == row.get("bf16_bytes") else torch.float32)
     mode = "calibrate" if row["method"] in ARTIFACT_METHODS else "prune"
     parts = memory_model(config, dtype, row["method"], row["calib_windows"], row["seqlen"],
                          offload=row.get("offload") or "none", mode=mode, runtime=runtime)
@@ -471,6 +474,9 @@ def report(rows: list[dict], payload: dict, name: str) -> None:
     if runtime and payload.get("models_dir"):
         for row in rows:
             if row["status"] == "ok":
+                folder = Path(payload["models_dir"]) / row["shape"]
+                if (folder / "config.json").exists():
+                    row.update(model_facts(folder, row["dtype"]))
                 row["predicted_peak_bytes"] = predicted_peak(row, runtime, Path(payload["models_dir"]))
     payload = {**payload, "rows": rows}
     shown = [display(r) for r in rows]

@@ -71,7 +71,10 @@ def export_pruned_model(lm: LoadedModel, out: str | Path, meta: dict | None = No
     and `inputs`: see write_folder_atomically (what may be replaced)."""
 
     def write(staging: Path) -> None:
-        lm.model.save_pretrained(staging)
+        if lm.offload != "none":  # offloaded blocks are read back one shard at a time: keep shards small
+            lm.model.save_pretrained(staging, max_shard_size="2GB")
+        else:
+            lm.model.save_pretrained(staging)
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(staging)
         (staging / "PRUNING.json").write_text(json.dumps(_provenance(lm, meta), indent=2, default=str))
