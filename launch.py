@@ -53,6 +53,12 @@ def main(argv=None) -> None:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     parser.add_argument("--no-autoload", action="store_true", help="do not load the model when a page opens")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="the model's dtype (default auto: the checkpoint's own if 16-bit, else float32)")
+    parser.add_argument("--device", default="cpu", help="where blocks run: cpu (default), cuda or cuda:N")
+    parser.add_argument("--offload", default="none", choices=("none", "cpu", "disk"),
+                        help="where the decoder blocks live: none (on --device), cpu (CPU memory, brought to the "
+                             "GPU one at a time), disk (read from the checkpoint one at a time)")
     args = parser.parse_args(argv)
     auth = None
     if args.auth is not None:
@@ -60,6 +66,13 @@ def main(argv=None) -> None:
         if not sep or not user.strip() or not password:
             parser.error("--auth takes USER:PASS with a non-empty user and password")
         auth = (user, password)
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        parser.error(f"--device takes cpu, cuda or cuda:N, not {args.device!r}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda was asked for but no GPU is visible; use --device cpu")
     problem = _port_problem(args.host, args.port)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -67,7 +80,8 @@ def main(argv=None) -> None:
 
     from explorer.app import build_app, launch_kwargs
 
-    demo = build_app(model=args.model, autoload=not args.no_autoload)
+    demo = build_app(model=args.model, autoload=not args.no_autoload, dtype=args.dtype, device=args.device,
+                     offload=args.offload)
     # SIGTERM (kill, systemd, docker stop) stops the server as Ctrl-C does, so gradio deletes its
     # cached files and the app's temporary folder goes with the normal exit (atexit).
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -80,25 +80,28 @@ points already measured).
 
 # ---------------------------------------------------------------- the app
 
-def build_app(model: str = DEFAULT_MODEL, autoload: bool = True) -> gr.Blocks:
-    """Build the explorer. `model` is the default model spec (bundled name, folder, .gguf, hub id)."""
+def build_app(model: str = DEFAULT_MODEL, autoload: bool = True, dtype: str = "auto", device: str = "cpu",
+              offload: str = "none") -> gr.Blocks:
+    """Build the explorer. `model` is the default model spec (bundled name, folder, .gguf, hub id);
+    dtype, device and offload are the Model panel's starting values (core.models.load_model)."""
     default_spec = str(model)
     with gr.Blocks(title="Pruning explorer", delete_cache=DELETE_CACHE) as demo:
         # Released (release_session) when the tab closes (demo.unload below) or after SESSION_TTL_S
         # without an event (every handler that takes the session also returns it: see touching).
         session = gr.State(lambda: Session(default_spec=default_spec), time_to_live=SESSION_TTL_S,
                            delete_callback=release_session)
-        ui = layout(default_spec)
+        ui = layout(default_spec, {"dtype": dtype, "device": device, "offload": offload})
         wire(demo, ui, session, autoload)
     return demo
 
 
-def layout(default_spec: str) -> SimpleNamespace:
-    """Every component of the page, in place; returned by name for wire()."""
+def layout(default_spec: str, placement: dict) -> SimpleNamespace:
+    """Every component of the page, in place; returned by name for wire(). `placement`: the
+    starting dtype, device and offload of the Model panel."""
     method = calibrate_tab.default_method()
     max_windows, max_seqlen = calibration_limits(default_spec, method)
     pool = calibrate_tab.pool_size()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = list(dict.fromkeys(["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + [placement["device"]]))
     model_choices = list(BUNDLED) + ([default_spec] if default_spec not in BUNDLED else [])
     prompts = example_prompts()
     ui = SimpleNamespace()
@@ -109,8 +112,11 @@ def layout(default_spec: str) -> SimpleNamespace:
                 ui.model = gr.Dropdown(model_choices, value=default_spec, allow_custom_value=True,
                                        label="Model", info="bundled name, local folder or .gguf, or hub id")
                 with gr.Row():
-                    ui.dtype = gr.Dropdown(["float32", "bfloat16", "float16"], value="float32", label="dtype")
-                    ui.device = gr.Dropdown(devices, value="cpu", label="device")
+                    ui.dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value=placement["dtype"],
+                                           label="dtype", info="auto: the checkpoint's own if 16-bit")
+                    ui.device = gr.Dropdown(devices, value=placement["device"], label="device")
+                    ui.offload = gr.Dropdown(["none", "cpu", "disk"], value=placement["offload"], label="offload",
+                                             info="blocks kept off the device: disk for models bigger than RAM")
                 ui.load = gr.Button("Load", variant="secondary")
                 ui.facts = gr.JSON(label="Model facts")
             with gr.Accordion("Calibration", open=True):
@@ -267,11 +273,11 @@ def wire(demo: gr.Blocks, ui: SimpleNamespace, session: gr.State, autoload: bool
     ui.refresh.click(refresh, refresh_inputs, [*run_lists, session], api_name="runs", queue=False)
 
     # the model
-    then_refresh(ui.load.click(touching(model_tab.on_load_model, model_outputs, at=3),
-                               [ui.model, ui.dtype, ui.device, session], [*model_outputs, session],
+    then_refresh(ui.load.click(touching(model_tab.on_load_model, model_outputs, at=4),
+                               [ui.model, ui.dtype, ui.device, ui.offload, session], [*model_outputs, session],
                                api_name="load_model", concurrency_id=HEAVY))
     page_load = model_tab.on_page_load if autoload else model_tab.skip_page_load
-    then_refresh(demo.load(touching(page_load, model_outputs, at=3), [ui.model, ui.dtype, ui.device, session],
+    then_refresh(demo.load(touching(page_load, model_outputs, at=4), [ui.model, ui.dtype, ui.device, ui.offload, session],
                            [*model_outputs, session], api_name="page_load", api_visibility="undocumented",
                            concurrency_id=HEAVY))
 

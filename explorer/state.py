@@ -39,15 +39,16 @@ class ModelEntry:
 _CACHE: "OrderedDict[tuple[str, str, str], ModelEntry]" = OrderedDict()
 
 
-def get_model(spec: str, dtype: str = "float32", device: str = "cpu") -> ModelEntry:
-    """Load (once) and return the shared model for (spec, dtype, device); raises ModelLoadError."""
-    key = (str(spec).strip(), dtype, device)
+def get_model(spec: str, dtype: str = "auto", device: str = "cpu", offload: str = "none") -> ModelEntry:
+    """Load (once) and return the shared model for (spec, dtype, device, offload); raises
+    ModelLoadError. dtype auto: the checkpoint's own when it is 16-bit, else float32."""
+    key = (str(spec).strip(), dtype, device, offload)
     with _CACHE_LOCK:
         entry = _CACHE.get(key)
         if entry is not None:
             _CACHE.move_to_end(key)
             return entry
-        lm = load_model(key[0], dtype=dtype, device=device)
+        lm = load_model(key[0], dtype=dtype, device=device, offload=offload)
         entry = ModelEntry(key, lm, DenseWeights(lm))
         _CACHE[key] = entry
         while len(_CACHE) > MAX_CACHED_MODELS:  # sessions still holding an evicted entry keep it alive

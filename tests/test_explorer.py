@@ -281,7 +281,7 @@ def test_changing_a_cut_parameter_recuts_without_calibrating(app_url, tiny_llama
 def test_ui_only_events(app_url, tiny_llama_dir):
     client = _client(app_url)
     # undocumented endpoints take every input positionally: the page sends the dropdowns' values
-    facts = client.predict(str(tiny_llama_dir), "float32", "cpu", api_name="/page_load")[0]  # the page's load event loads the default model
+    facts = client.predict(str(tiny_llama_dir), "float32", "cpu", "none", api_name="/page_load")[0]  # the page's load event loads the default model
     assert facts["layers"] == 2
     for method in ("ria", "sparsegpt", "owl", "magnitude", "wanda"):
         info, pool_for, *_widgets = client.predict(method, api_name="/method")
@@ -402,3 +402,14 @@ def test_structured_allocation_figure_is_drawn_per_block(tiny_llama_dir):
         assert heads["x"] == [0, 1] and chans["x"] == [0, 1]
         assert line["y"] == [r["sparsity"] for r in plan.allocation(all_block_units(lm))]
         json.loads(figures.to_plot(spec).plot)
+
+
+def test_a_disk_offloaded_model_cuts_as_the_in_memory_one(app_url, tiny_llama_dir):
+    """The Model panel's offload: blocks read from the checkpoint when they run; the same
+    calibration gives the same cut as the model held in memory."""
+    client = _calibrated(app_url, tiny_llama_dir, 0.5)
+    in_memory = _cut(client, 0.6)
+    facts = client.predict(str(tiny_llama_dir), "float32", "cpu", "disk", api_name="/load_model")[0]
+    assert facts["offload"] == "disk"
+    client.predict(**CALIB, sparsity=0.5, api_name="/calibrate")
+    assert _cut(client, 0.6) == in_memory

@@ -10,10 +10,10 @@ from ..state import Session, get_model
 N_OUTPUTS = 10  # facts, status, block, matrix type, allocation, heatmap, histogram, summary, compare block, type
 
 
-def on_load_model(spec, dtype, device, session: Session):
+def on_load_model(spec, dtype, device, offload, session: Session):
     spec = (spec or "").strip() or session.default_spec
     try:
-        entry = get_model(spec, dtype or "float32", device or "cpu")
+        entry = get_model(spec, dtype or "auto", device or "cpu", offload or "none")
     except Exception as exc:
         raise fail(exc) from exc
     if session.model is not entry:
@@ -29,15 +29,15 @@ def on_load_model(spec, dtype, device, session: Session):
     return (lm.facts(), status, blocks, kinds, empty, empty, empty, {}, blocks, kinds)
 
 
-def on_page_load(spec, dtype, device, session: Session):
+def on_page_load(spec, dtype, device, offload, session: Session):
     """The page opened: load the app's default model (a failure is a warning, not an error)."""
     try:
-        return on_load_model(spec, dtype, device, session)
+        return on_load_model(spec, dtype, device, offload, session)
     except gr.Error as exc:
         gr.Warning(f"Could not load the default model: {exc.message}")
         return (gr.skip(),) * N_OUTPUTS
 
 
-def skip_page_load(spec, dtype, device, session: Session):
+def skip_page_load(spec, dtype, device, offload, session: Session):
     """The page opened on an app started without autoload: nothing to do."""
     return (gr.skip(),) * N_OUTPUTS
