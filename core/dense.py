@@ -15,9 +15,7 @@ call `note_changed` so that restore puts them back.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,9 +26,7 @@ from .errors import ModelLoadError
 from .masks import MaskSet
 from .models import LoadedModel, cache_dir
 from .offload import is_offloaded, offload_entry, read_offloaded, set_offload_entry, write_offloaded
-
-_SPILL_PREFIX = "dense-"
-
+from .outputs import process_folder
 
 class DenseWeights:
     """Apply masks to a model and restore its dense weights; `weight(name)` reads a dense weight."""
@@ -228,7 +224,6 @@ class DenseWeights:
         need = sum(self.modules[n].weight.numel() * self.modules[n].weight.element_size() for n in names)
         root = cache_dir() / "dense-spill"
         root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_spills(root)
         free = shutil.disk_usage(root).free
         if need * 1.05 + 2**28 > free:
             raise ModelLoadError(
@@ -236,7 +231,7 @@ class DenseWeights:
                 f"(the model was not loaded from a safetensors checkpoint), but only {free / 2**30:.1f} GiB is free. "
                 "Free some space, set PRUNE_EXPLORER_CACHE to a bigger disk, or load the model from a "
                 "safetensors folder.")
-        folder = Path(tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{os.getpid()}-", dir=root))
+        folder = process_folder(root, "dense-")
         self._spill_dir = folder
         weakref.finalize(self, shutil.rmtree, str(folder), True)
         groups: dict[str, list[str]] = {}
@@ -323,22 +318,4 @@ def _holds(path: str, key: str, loaded: torch.Tensor) -> bool:
                     return False
     except Exception:
         return False
-    return True
-
-
-def _remove_stale_spills(root: Path) -> None:
-    """Spill folders of processes that no longer run (killed before they could clean up)."""
-    for folder in root.glob(f"{_SPILL_PREFIX}*"):
-        pid = folder.name[len(_SPILL_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
     return True

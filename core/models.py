@@ -586,10 +586,11 @@ def _new_offload_folder(parent, config, dtype: torch.dtype) -> str:
     writable and big enough for every block, removed when the process exits."""
     import atexit
 
+    from .outputs import process_folder
+
     root = Path(parent).expanduser() if parent else cache_dir() / "offload"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f"offload-{os.getpid()}-", dir=root))
+        folder = process_folder(root, "offload-")
     except OSError as exc:
         raise ModelLoadError(f"Cannot write the offload folder in {root} ({exc.strerror or exc}). "
                              "Point --offload-folder at a writable disk.") from exc

@@ -196,3 +196,31 @@ def check_run_folder(out: str | Path, force: bool = False) -> Path:
             raise OutputError(f"--out {path} already has a {name} that this tool did not write; it would be "
                               f"overwritten. Choose another --out folder, or pass --force to overwrite it.")
     return path
+
+
+# ---------------------------------------------------------------- folders owned by one process
+
+def process_folder(root: str | Path, prefix: str) -> Path:
+    """A new folder `<prefix><pid>-<random>` under `root` for this process's temporary files
+    (spilled weights, offloaded blocks, an artifact being made, the app's session files). The
+    caller removes it when done; folders of this prefix left by processes that no longer run
+    (killed before they could clean up) are removed here first."""
+    import shutil
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for folder in root.glob(f"{prefix}*"):
+        pid = folder.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True

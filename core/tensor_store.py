@@ -14,7 +14,6 @@ import mmap
 import os
 import shutil
 import struct
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Callable, Iterable
@@ -57,8 +56,9 @@ class SpillStore:
     back memory-mapped; the folder is removed when the store is dropped."""
 
     def __init__(self, root: Path):
-        root.mkdir(parents=True, exist_ok=True)
-        self.folder = Path(tempfile.mkdtemp(prefix=f"artifact-{os.getpid()}-", dir=root))
+        from .outputs import process_folder
+
+        self.folder = process_folder(root, "artifact-")
         weakref.finalize(self, shutil.rmtree, str(self.folder), True)
         self._files: dict[str, tuple[Path, str, list[int]]] = {}
 

@@ -21,6 +21,7 @@ from core.calibrate import release_free_memory
 from core.masks import MaskSet
 from core.dense import DenseWeights
 from core.models import LoadedModel, load_model
+from core.outputs import process_folder
 
 # One lock for every model: held while weights are masked or a forward pass needs them dense.
 # A plain Lock (not RLock): gradio may resume a streaming generator on another thread.
@@ -327,24 +328,7 @@ def tmp_root() -> Path:
     global _TMP_ROOT
     with _TMP_ROOT_LOCK:
         if _TMP_ROOT is None or not Path(_TMP_ROOT).is_dir():
-            _remove_stale_roots()
-            _TMP_ROOT = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-")
+            _TMP_ROOT = str(process_folder(tempfile.gettempdir(), _TMP_PREFIX))
             atexit.register(shutil.rmtree, _TMP_ROOT, True)
         return Path(_TMP_ROOT)
-
-
-def _remove_stale_roots() -> None:
-    for folder in Path(tempfile.gettempdir()).glob(f"{_TMP_PREFIX}*"):
-        pid = folder.name[len(_TMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
     return True
