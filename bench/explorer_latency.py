@@ -182,6 +182,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model spec (default: a tiny random Llama)")
     parser.add_argument("--method", default="wanda")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype (auto: the checkpoint's if 16-bit)")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=64)
     parser.add_argument("-n", type=int, default=20, help="timed calls per handler")
@@ -216,7 +217,7 @@ def main(argv=None) -> None:
         # on a busy 2-core machine): client overhead, not the app's.
         client = Client(url, verbose=False, download_files=False, ssl_verify=ssl.create_default_context())
         start = time.perf_counter()
-        facts = client.predict(spec, "float32", "cpu", api_name="/load_model")[0]
+        facts = client.predict(spec, args.dtype, "cpu", api_name="/load_model")[0]
         load_s = time.perf_counter() - start
         order.append(("load_model", ""))
         runs_info: dict = {}
@@ -389,7 +390,7 @@ def _time_runs(client, proc, url: str, spec: str, methods: list[str], args, time
     reopen, server = [], []
     for _ in range(args.reopen):
         other = Client(url, verbose=False, download_files=False, ssl_verify=ssl.create_default_context())
-        other.predict(spec, "float32", "cpu", api_name="/load_model")
+        other.predict(spec, args.dtype, "cpu", api_name="/load_model")
         start = time.perf_counter()
         status, *_views = other.predict(file=handle_file(keep), api_name="/open_session")
         reopen.append(round(time.perf_counter() - start, 2))
