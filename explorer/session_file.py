@@ -21,17 +21,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import struct
-import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from core.artifacts import (ARTIFACT_FORMAT, ARTIFACT_VERSION, artifact_from_tensors, artifact_tensors)
 from core.errors import MaskFileError
-from core.masks import MaskSet, parse_pattern
+from core.masks import MaskSet, _atomic_write, parse_pattern
 from core.pruning import cut
+from core.tensor_store import FileStore, write_safetensors
 
 from .state import ModelEntry, Run, Session
 from .structured_view import StructuredRun
@@ -44,94 +44,7 @@ class SessionFileError(MaskFileError):
     """A session file that cannot be reopened here (the message says why and what to do)."""
 
 
-# ---------------------------------------------------------------- safetensors, streamed
-
-# safetensors' dtype names
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}
-_COPY_CHUNK = 16 * 2**20
-
-
-def read_layout(path: str | Path) -> tuple[dict, dict, int]:
-    """(tensors {key: {"dtype", "shape", "data_offsets"}}, metadata, where the data starts) of a
-    safetensors file, from its header alone."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) != 8:
-            raise ValueError("the file is shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100 * 2**20:
-            raise ValueError("the header is too large")
-        text = fh.read(n)
-        if len(text) != n:
-            raise ValueError("the header is cut short")
-    header = json.loads(text)
-    meta = header.pop("__metadata__", None) or {}
-    return header, meta, 8 + n
-
-
-class _Writer:
-    """A safetensors file written piece by piece: tensors from memory, or byte ranges copied from
-    another safetensors file (an artifact), never all of it in memory."""
-
-    def __init__(self):
-        self.items: list[tuple[str, str, list, int, object]] = []  # key, dtype, shape, nbytes, source
-
-    def tensor(self, key: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().cpu().contiguous()
-        self.items.append((key, _DTYPES[tensor.dtype], list(tensor.shape), tensor.numel() * tensor.element_size(),
-                           tensor))
-
-    def copy(self, key: str, dtype: str, shape: list, path: str, start: int, end: int) -> None:
-        self.items.append((key, dtype, list(shape), end - start, (path, start)))
-
-    def write(self, path: str | Path, metadata: dict[str, str]) -> None:
-        header: dict = {"__metadata__": metadata}
-        offset = 0
-        for key, dtype, shape, n, _ in self.items:
-            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
-            offset += n
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-        with open(path, "wb") as out:
-            out.write(struct.pack("<Q", len(text)))
-            out.write(text)
-            for _key, _dtype, _shape, n, source in self.items:
-                if isinstance(source, torch.Tensor):
-                    if n:
-                        out.write(memoryview(source.reshape(-1).view(torch.uint8).numpy()))
-                    continue
-                src_path, start = source
-                with open(src_path, "rb") as src:
-                    src.seek(start)
-                    left = n
-                    while left:
-                        chunk = src.read(min(left, _COPY_CHUNK))
-                        if not chunk:
-                            raise ValueError(f"{src_path} ended early")
-                        out.write(chunk)
-                        left -= len(chunk)
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
+# ---------------------------------------------------------------- masks, packed
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask as bits (uint8, 8 weights a byte): what the file stores."""
@@ -159,61 +72,59 @@ def _meta_json(meta):
     return json.loads(json.dumps(meta, default=str))
 
 
-def save_session(path: str | Path, session: Session) -> Path:
-    """Write the session's runs, settings and perplexities to one safetensors file (atomically)."""
-    from core.artifacts import save_artifact
+def _entry(key: str, tensor: torch.Tensor) -> tuple:
+    """A tensor already in memory (or mapped), as write_safetensors' (key, reader, dtype, shape)."""
+    tensor = tensor.detach()
+    return key, lambda: tensor, tensor.dtype, tuple(tensor.shape)
 
+
+def _mask_entry(key: str, masks: MaskSet, name: str, shape) -> tuple:
+    """A run's mask of one matrix, packed when the file is written (one matrix at a time)."""
+    return key, lambda: pack_mask(masks.masks[name]), torch.uint8, (-(-math.prod(shape) // 8),)
+
+
+def save_session(path: str | Path, session: Session) -> Path:
+    """Write the session's runs, settings and perplexities to one safetensors file (atomically),
+    streamed: one tensor in memory at a time, the artifacts' read from wherever they live."""
     if session.model is None or len(session.runs) == 0:
         raise ValueError("Nothing to save yet: calibrate (or import a mask file) first.")
     lm = session.model.lm
     path = Path(path)
-    workdir = Path(tempfile.mkdtemp(prefix="saving-", dir=session.tmpdir()))
-    try:
-        writer = _Writer()
-        runs_meta = []
-        for i, run in enumerate(session.runs):
-            prefix = f"run{i}/"
-            item = {"id": run.id, "name": run.name, "method": run.method, "params": _meta_json(run.params),
-                    "pattern": run.pattern, "text": run.text, "origin": run.origin, "sparsity": run.sparsity,
-                    "visible": run.visible, "kind": run.kind, "stored": []}
-            if run.artifact is not None:  # core's own artifact file, copied in byte for byte
-                art = workdir / f"run{i}.artifact.safetensors"
-                save_artifact(art, run.artifact, lm)
-                layout, meta, start = read_layout(art)
-                for key, info in layout.items():
-                    b, e = info["data_offsets"]
-                    writer.copy(f"{prefix}artifact/{key}", info["dtype"], info["shape"], str(art), start + b, start + e)
-                item["artifact_meta"] = meta
-                item["stored"].append("artifact")
-            if run.structured is not None:
-                srun = run.structured
-                writer.tensor(f"{prefix}windows", srun.windows)
-                item["structured"] = {"method": srun.method, "params": _meta_json(srun.params),
-                                      "protocol": _meta_json(srun.protocol), "seconds": srun.seconds}
-                item["stored"].append("windows")
-            if run.masks is not None and _keeps_masks(run):
-                m = run.masks
-                shapes = m.shapes()
-                for name in shapes:
-                    writer.tensor(f"{prefix}mask/{name}", pack_mask(m.masks[name]))
-                for name, w in m.weights.items():
-                    writer.tensor(f"{prefix}weight/{name}", w)
-                for name, b in m.biases.items():
-                    writer.tensor(f"{prefix}bias/{name}", b)
-                item["masks_meta"] = _meta_json(m.meta)
-                item["mask_shapes"] = {n: list(s) for n, s in shapes.items()}
-                item["dense_layers"] = {n: list(s) for n, s in m.dense_layers.items()}
-                item["stored"].append("masks")
-            runs_meta.append(item)
-        active = next((i for i, r in enumerate(session.runs) if r is session.active), 0)
-        meta = {"format": FORMAT, "format_version": VERSION, "model_id": lm.model_id,
-                "model_fingerprint": lm.fingerprint, "runs": json.dumps(runs_meta), "active": str(active),
-                "slider": json.dumps({"sparsity": session.sparsity, "pattern": session.pattern,
-                                      "alloc_mode": session.alloc_mode}),
-                "ppl_runs": json.dumps(_meta_json(session.ppl_runs)), "ppl_dense": json.dumps(session.ppl_dense)}
-        _atomic(path, lambda tmp: writer.write(tmp, meta))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    entries: list[tuple] = []
+    runs_meta = []
+    for i, run in enumerate(session.runs):
+        prefix = f"run{i}/"
+        item = {"id": run.id, "name": run.name, "method": run.method, "params": _meta_json(run.params),
+                "pattern": run.pattern, "text": run.text, "origin": run.origin, "sparsity": run.sparsity,
+                "visible": run.visible, "kind": run.kind, "stored": []}
+        if run.artifact is not None:  # the artifact's own tensors and metadata, as core writes them
+            tensors, item["artifact_meta"] = artifact_tensors(run.artifact, lm, prefix=f"{prefix}artifact/")
+            entries += tensors
+            item["stored"].append("artifact")
+        if run.structured is not None:
+            srun = run.structured
+            entries.append(_entry(f"{prefix}windows", srun.windows))
+            item["structured"] = {"method": srun.method, "params": _meta_json(srun.params),
+                                  "protocol": _meta_json(srun.protocol), "seconds": srun.seconds}
+            item["stored"].append("windows")
+        if run.masks is not None and _keeps_masks(run):
+            m = run.masks
+            shapes = m.shapes()
+            entries += [_mask_entry(f"{prefix}mask/{name}", m, name, shape) for name, shape in shapes.items()]
+            entries += [_entry(f"{prefix}weight/{name}", w) for name, w in m.weights.items()]
+            entries += [_entry(f"{prefix}bias/{name}", b) for name, b in m.biases.items()]
+            item["masks_meta"] = _meta_json(m.meta)
+            item["mask_shapes"] = {n: list(s) for n, s in shapes.items()}
+            item["dense_layers"] = {n: list(s) for n, s in m.dense_layers.items()}
+            item["stored"].append("masks")
+        runs_meta.append(item)
+    active = next((i for i, r in enumerate(session.runs) if r is session.active), 0)
+    meta = {"format": FORMAT, "format_version": VERSION, "model_id": lm.model_id,
+            "model_fingerprint": lm.fingerprint, "runs": json.dumps(runs_meta), "active": str(active),
+            "slider": json.dumps({"sparsity": session.sparsity, "pattern": session.pattern,
+                                  "alloc_mode": session.alloc_mode}),
+            "ppl_runs": json.dumps(_meta_json(session.ppl_runs)), "ppl_dense": json.dumps(session.ppl_dense)}
+    _atomic_write(path, lambda tmp: write_safetensors(tmp, entries, meta))
     return path
 
 
@@ -230,8 +141,7 @@ def read_header(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except Exception as exc:
-        raise SessionFileError(f"{path.name} is not a readable safetensors session file ({exc}). It may be "
-                               "truncated or corrupt: save the session again.") from exc
+        raise _unreadable(path, exc) from exc
     if meta.get("format") != FORMAT:
         kind = {"pruning-explorer-masks": "a mask file (import it with Import masks)",
                 "pruning-explorer-artifact": "a calibration artifact"}.get(meta.get("format"), "not a session file")
@@ -242,6 +152,11 @@ def read_header(path: str | Path) -> dict:
     return meta
 
 
+def _unreadable(path: Path, exc: Exception) -> SessionFileError:
+    return SessionFileError(f"{path.name} is not a readable safetensors session file ({exc}). It may be "
+                            "truncated or corrupt: save the session again.")
+
+
 def _json(meta: dict, key: str, path: Path, default=None):
     try:
         return json.loads(meta[key]) if key in meta else default
@@ -250,19 +165,37 @@ def _json(meta: dict, key: str, path: Path, default=None):
                                "altered. Save the session again.") from None
 
 
-def _masks_from(fh, keys: set, prefix: str, item: dict, shapes: dict, path: Path) -> MaskSet:
+def _open(path: Path) -> FileStore:
+    """The session file's tensors, memory-mapped where they lie (nothing is copied), through a
+    file descriptor kept open as long as the store lives (the runs' artifacts read from it lazily):
+    gradio deletes an uploaded file from its cache after a while (DELETE_CACHE), and a file saved
+    over it would replace it, but an open file stays readable as it was. Where the system has no
+    /proc/self/fd (not Linux) the store reads the file by its path: a reopened run cannot be cut
+    again once that file is deleted or replaced (its masks as they were stay usable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        through = Path(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else path
+        store = FileStore(through)
+    except BaseException:
+        os.close(fd)
+        raise
+    weakref.finalize(store, os.close, fd)
+    return store
+
+
+def _masks_from(store: FileStore, prefix: str, item: dict, shapes: dict, path: Path) -> MaskSet:
     """A run's stored masks (bits), weights and biases, checked against the loaded model."""
     name_of = item.get("name")
     recorded = item.get("mask_shapes") or {}
     masks, weights, biases = {}, {}, {}
-    for key in sorted(k for k in keys if k.startswith(prefix)):
+    for key in sorted(k for k in store.keys() if k.startswith(prefix)):
         kind, _, name = key[len(prefix):].partition("/")
         if kind not in ("mask", "weight", "bias"):
             continue
         if name not in shapes:
             raise SessionFileError(f"{path.name}: run {name_of!r} has a mask for {name!r}, which the loaded model "
                                    "does not have.")
-        tensor = fh.get_tensor(key)
+        tensor = store.get(key)
         if kind == "mask":
             if list(recorded.get(name, [])) != list(shapes[name]):
                 raise SessionFileError(f"{path.name}: run {name_of!r}: {name} is recorded as {recorded.get(name)}, "
@@ -286,44 +219,36 @@ def _masks_from(fh, keys: set, prefix: str, item: dict, shapes: dict, path: Path
                    dense_layers=dense_layers)
 
 
-def _artifact_from(path: Path, layout: dict, start: int, prefix: str, item: dict, entry: ModelEntry,
-                   workdir: Path, run_name: str) -> tuple[object, str]:
-    """A run's artifact: its bytes copied out into an artifact file of core's own format (kept
-    while the run lives: core may read it lazily), loaded by core.artifacts.load_artifact."""
-    from core.artifacts import load_artifact
-
+def _artifact_from(store: FileStore, path: Path, prefix: str, item: dict, entry: ModelEntry, run_name: str):
+    """A run's artifact: core's Artifact over the session file's keys under "run{i}/artifact/"
+    (memory-mapped, read when a cut needs them), refused as core.artifacts.load_artifact refuses an
+    artifact file of another format or model."""
     meta = item.get("artifact_meta")
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise SessionFileError(f"{path.name}: run {run_name!r}'s calibration metadata is damaged; the file was altered.")
-    writer = _Writer()
-    head = prefix + "artifact/"
-    for key, info in layout.items():
-        if key.startswith(head):
-            b, e = info["data_offsets"]
-            writer.copy(key[len(head):], info["dtype"], info["shape"], str(path), start + b, start + e)
-    fd, art = tempfile.mkstemp(dir=workdir, prefix="run-", suffix=".artifact.safetensors")
-    os.close(fd)
+    refused = (f"{path.name}: run {run_name!r}'s calibration cannot be restored ({{}}); the file was altered: save "
+               "the session again.")
+    if meta.get("format") != ARTIFACT_FORMAT or meta.get("format_version") != ARTIFACT_VERSION:
+        raise SessionFileError(refused.format(f"it is not a calibration artifact of format version {ARTIFACT_VERSION}"))
+    if meta.get("model_fingerprint") != entry.lm.fingerprint:
+        raise SessionFileError(refused.format(f"it was calibrated on {meta.get('model_id')!r}, not on the loaded "
+                                              f"{entry.lm.model_id!r}"))
     try:
-        writer.write(art, meta)
-        return load_artifact(art, entry.lm, entry.dense), art
+        return artifact_from_tensors(store, meta, entry.lm, entry.dense, prefix=prefix + "artifact/",
+                                     where="its artifact")
     except MaskFileError as exc:
-        os.remove(art)
-        raise SessionFileError(f"{path.name}: run {run_name!r}'s calibration cannot be restored "
-                               f"({str(exc).replace(art + ': ', '').replace(art, 'its artifact')}); the file was "
-                               "altered: save the session again.") from None
+        raise SessionFileError(refused.format(str(exc).replace("its artifact: ", ""))) from None
     except Exception as exc:
-        os.remove(art)
         raise SessionFileError(f"{path.name}: run {run_name!r}'s calibration is damaged ({type(exc).__name__}: "
                                f"{exc}); save the session again.") from None
 
 
-def read_session(path: str | Path, entry: ModelEntry, workdir: Path) -> dict:
+def read_session(path: str | Path, entry: ModelEntry, workdir: Path | None = None) -> dict:
     """Everything a session file holds, for the loaded model: {"runs": [Run], "active": int,
     "slider": {...}, "ppl_runs": [...], "ppl_dense": {...}}. Refuses (SessionFileError) a file
-    for another model, a truncated or altered one; files it made for runs that were not restored
-    are removed."""
-    from safetensors import safe_open
-
+    for another model, a truncated or altered one. Nothing is copied and no file is written: the
+    runs' artifacts read the session file itself (see _open). workdir: unused (reopening used to
+    copy the artifacts there), kept for callers."""
     path = Path(path)
     meta = read_header(path)
     lm = entry.lm
@@ -337,19 +262,12 @@ def read_session(path: str | Path, entry: ModelEntry, workdir: Path) -> dict:
     slider = _json(meta, "slider", path, {}) or {}
     ppl_runs = _json(meta, "ppl_runs", path, []) or []
     ppl_dense = _json(meta, "ppl_dense", path, {}) or {}
-    layout, _meta, start = read_layout(path)
-    shapes = entry.dense.shapes()
-    runs: list[Run] = []
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            keys = set(fh.keys())
-            for i, item in enumerate(items):
-                runs.append(_run_from(fh, keys, layout, start, path, i, item, entry, shapes, workdir))
-    except BaseException:
-        for run in runs:
-            for f in run.files:
-                _remove(f)
-        raise
+        store = _open(path)
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc
+    shapes = entry.dense.shapes()
+    runs = [_run_from(store, path, i, item, entry, shapes) for i, item in enumerate(items)]
     try:
         active = int(meta.get("active", "0"))
     except ValueError:
@@ -359,15 +277,7 @@ def read_session(path: str | Path, entry: ModelEntry, workdir: Path) -> dict:
             "ppl_dense": ppl_dense if isinstance(ppl_dense, dict) else {}}
 
 
-def _remove(file: str) -> None:
-    try:
-        os.remove(file)
-    except OSError:
-        pass
-
-
-def _run_from(fh, keys, layout, start, path: Path, i: int, item: dict, entry: ModelEntry, shapes: dict,
-              workdir: Path) -> Run:
+def _run_from(store: FileStore, path: Path, i: int, item: dict, entry: ModelEntry, shapes: dict) -> Run:
     prefix = f"run{i}/"
     stored = item.get("stored") or []
     try:
@@ -378,37 +288,31 @@ def _run_from(fh, keys, layout, start, path: Path, i: int, item: dict, entry: Mo
                   sparsity=None if item.get("sparsity") is None else float(item["sparsity"]))
     except (TypeError, ValueError) as exc:
         raise SessionFileError(f"{path.name}: run {i + 1}'s settings are not valid ({exc}).") from None
-    try:
-        if "masks" in stored:
-            run.masks = _masks_from(fh, keys, prefix, item, shapes, path)
-        if "windows" in stored:
-            s = item.get("structured") or {}
-            if prefix + "windows" not in keys:
-                raise SessionFileError(f"{path.name}: run {run.name!r} lacks its calibration windows.")
-            windows = fh.get_tensor(prefix + "windows")
-            if windows.dim() != 2:
-                raise SessionFileError(f"{path.name}: run {run.name!r}'s calibration windows are damaged.")
-            run.structured = StructuredRun(str(s.get("method", run.method)), dict(s.get("params") or {}), windows,
-                                           dict(s.get("protocol") or {}), sparsity=run.sparsity,
-                                           seconds=float(s.get("seconds") or 0.0))
-        if "artifact" in stored:
-            run.artifact, art = _artifact_from(path, layout, start, prefix, item, entry, workdir, run.name)
-            run.files.append(art)
-            if run.masks is None:  # a score method: cut again at the saved settings (lazily: a moment)
-                if run.sparsity is None:
-                    raise SessionFileError(f"{path.name}: run {run.name!r} has no sparsity to cut at.")
-                try:
-                    run.masks = cut(run.artifact, run.sparsity, parse_pattern(run.pattern), skip_misfits=True)
-                except Exception as exc:
-                    raise SessionFileError(f"{path.name}: run {run.name!r} cannot be cut at its saved settings "
-                                           f"({exc}); the file was altered.") from None
-        if run.masks is None:
-            raise SessionFileError(f"{path.name}: run {run.name!r} has neither a calibration nor masks; the file "
-                                   "is incomplete.")
-    except BaseException:
-        for f in run.files:
-            _remove(f)
-        raise
+    if "masks" in stored:
+        run.masks = _masks_from(store, prefix, item, shapes, path)
+    if "windows" in stored:
+        s = item.get("structured") or {}
+        windows = store.get(prefix + "windows")
+        if windows is None:
+            raise SessionFileError(f"{path.name}: run {run.name!r} lacks its calibration windows.")
+        if windows.dim() != 2:
+            raise SessionFileError(f"{path.name}: run {run.name!r}'s calibration windows are damaged.")
+        run.structured = StructuredRun(str(s.get("method", run.method)), dict(s.get("params") or {}), windows,
+                                       dict(s.get("protocol") or {}), sparsity=run.sparsity,
+                                       seconds=float(s.get("seconds") or 0.0))
+    if "artifact" in stored:
+        run.artifact = _artifact_from(store, path, prefix, item, entry, run.name)
+        if run.masks is None:  # a score method: cut again at the saved settings (lazily: a moment)
+            if run.sparsity is None:
+                raise SessionFileError(f"{path.name}: run {run.name!r} has no sparsity to cut at.")
+            try:
+                run.masks = cut(run.artifact, run.sparsity, parse_pattern(run.pattern), skip_misfits=True)
+            except Exception as exc:
+                raise SessionFileError(f"{path.name}: run {run.name!r} cannot be cut at its saved settings "
+                                       f"({exc}); the file was altered.") from None
+    if run.masks is None:
+        raise SessionFileError(f"{path.name}: run {run.name!r} has neither a calibration nor masks; the file "
+                               "is incomplete.")
     return run
 
 

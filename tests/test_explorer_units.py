@@ -210,6 +210,42 @@ def test_sweep_of_every_run_streams_points_and_cancel_keeps_them(session):
     assert [t["name"] for t in lines] == ["wanda", "magnitude"] and [len(t["x"]) for t in lines] == [2, 2]
 
 
+def test_reopened_session_reads_its_artifacts_from_the_session_file(session, tmp_path, monkeypatch):
+    """Reopening copies nothing: no file is written, each run's artifact is memory-mapped from the
+    session file (kept open: the runs are still cut again once the file is deleted)."""
+    import tempfile
+
+    from explorer import session_file
+    from explorer.state import tmp_root
+    from explorer.tabs import live
+
+    _calibrate(session, "wanda")
+    _calibrate(session, "unipruning")
+    path = session_file.save_session(tmp_path / "saved.safetensors", session)
+    saved = {r.name: r for r in session.runs}
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+
+    def files() -> set:
+        return {p for root in (tmp_root(), Path(tempfile.gettempdir())) for p in root.rglob("*") if p.is_file()}
+
+    other = Session(model=session.model, default_spec=session.default_spec)
+    other.tmpdir()  # the folder the app hands read_session
+    before = files()
+    session_file.restore(other, session_file.read_session(path, other.model, other.tmpdir()))
+    assert files() == before  # no temporary copy of any artifact
+    assert [r.name for r in other.runs] == ["wanda", "unipruning"]
+    for run in other.runs:
+        assert os.path.samefile(run.artifact._base._store.path, path)  # the session file itself
+        assert run.artifact.nbytes() < saved[run.name].artifact.nbytes() and run.artifact.nbytes() < 2**16
+        masks = saved[run.name].masks
+        assert all(bool((run.masks.masks[n] == masks.masks[n]).all()) for n in masks.masks), run.name
+    os.remove(path)  # e.g. gradio's cache cleaning an uploaded file: the open file is still read
+    live.on_cut(other, 0.3, "unstructured", 0, "q", progress=_quiet)
+    assert all(abs(r.masks.total_sparsity() - 0.3) < 0.02 for r in other.runs)
+    assert files() == before
+
+
 def test_parameter_widgets_always_hold_values_within_their_bounds():
     """gradio checks a Number against its bounds even when hidden: a slot keeps no bound of the
     method shown before (OWL's M >= 1 made the hidden 0 of the next method refuse Calibrate)."""
