@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random models and a byte-level tokenizer (no downloads)."""
+"""Shared fixtures: tiny random models and a byte-level tokenizer (no downloads), the explorer
+app served on a local port, and the browser tests' screenshot folder."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -40,6 +42,40 @@ def tiny_model(tiny_tokenizer):
         return build_tiny(family, tokenizer=tiny_tokenizer if with_tokenizer else None, seed=seed)
 
     return make
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_app():
+    """Factory: serve_app(demo, **launch) queues a gradio app (one job at a time), launches it on
+    a free local port and returns its URL; the apps are closed when the test module ends."""
+    demos = []
+
+    def serve(demo, **launch) -> str:
+        demo.queue(default_concurrency_limit=1)
+        port = _free_port()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch)
+        demos.append(demo)
+        return f"http://127.0.0.1:{port}/"
+
+    yield serve
+    for demo in demos:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser_artifacts() -> Path:
+    """Where the browser tests' screenshots and downloads go: $BROWSER_ARTIFACTS, default
+    tests/artifacts/browser/ (git-ignored)."""
+    folder = Path(os.environ.get("BROWSER_ARTIFACTS") or _HERE / "artifacts" / "browser")
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nbrowser screenshots in {folder}")
+    return folder
 
 
 @pytest.fixture(params=FAMILY_NAMES)

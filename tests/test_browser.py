@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
-from pathlib import Path
 
 import pytest
 
@@ -21,51 +18,18 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if CHROMIUM is None:
-    pytest.skip("no chromium on PATH (Debian: apt-get install chromium)", allow_module_level=True)
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:
-    pytest.skip("the playwright python package is not installed (pip install playwright)",
-                allow_module_level=True)
-pytest.importorskip("gradio")
+from browser_support import STATUS, expect, launch_chromium, sync_playwright  # noqa: E402 (skips without chromium)
 
-
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update"]
-REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_MS = 30_000
-STATUS = "[data-testid=markdown].status"  # the status Markdown (its block wrapper has .status too)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def artifacts() -> Path:
-    folder = Path(os.environ.get("BROWSER_ARTIFACTS") or REPO / "tests" / "artifacts" / "browser")
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"\nbrowser screenshots in {folder}")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def app_url():
+def app_url(serve_app):
     """The real app, with a default model the test does not use (autoload off): the test
     must pick its model through the chooser like a user would."""
     from explorer.app import build_app, launch_kwargs
 
-    demo = build_app(model="smollm2-135m", autoload=False)
-    demo.queue(default_concurrency_limit=1)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_kwargs())
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    return serve_app(build_app(model="smollm2-135m", autoload=False), **launch_kwargs())
 
 
 def _allocation_bars(page) -> list:
@@ -92,14 +56,14 @@ def _wait_achieved(page, target: float, tol: float = 0.02) -> float:
     return _achieved(page)
 
 
-def test_browser_flow(app_url, tiny_llama_dir, artifacts):
+def test_browser_flow(app_url, tiny_llama_dir, browser_artifacts):
     shots = iter(range(1, 100))
 
     def shot(page, name: str) -> None:
-        page.screenshot(path=str(artifacts / f"{next(shots):02d}-{name}.png"), full_page=True)
+        page.screenshot(path=str(browser_artifacts / f"{next(shots):02d}-{name}.png"), full_page=True)
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
             page.set_default_timeout(TIMEOUT_MS)
@@ -163,7 +127,7 @@ def test_browser_flow(app_url, tiny_llama_dir, artifacts):
                 link.click()
             download = info.value
             assert download.suggested_filename.endswith(".safetensors"), download.suggested_filename
-            saved = artifacts / download.suggested_filename
+            saved = browser_artifacts / download.suggested_filename
             download.save_as(saved)
             assert saved.stat().st_size > 0
             print(f"downloaded {saved} ({saved.stat().st_size} bytes)")

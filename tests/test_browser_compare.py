@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
-from pathlib import Path
 
 import pytest
 
@@ -22,21 +19,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if CHROMIUM is None:
-    pytest.skip("no chromium on PATH (Debian: apt-get install chromium)", allow_module_level=True)
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:
-    pytest.skip("the playwright python package is not installed (pip install playwright)",
-                allow_module_level=True)
-pytest.importorskip("gradio")
+from browser_support import STATUS, expect, launch_chromium, sync_playwright  # noqa: E402 (skips without chromium)
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update"]
-REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_MS = 60_000
-STATUS = "[data-testid=markdown].status"
 
 # the traces of a plot (by its elem_id): name and y values
 TRACES = """(id) => { const el = document.querySelector('#' + id + ' .js-plotly-plot');
@@ -44,30 +29,11 @@ TRACES = """(id) => { const el = document.querySelector('#' + id + ' .js-plotly-
         y: Array.from(t.y || [])}))) : null; }"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def artifacts() -> Path:
-    folder = Path(os.environ.get("BROWSER_ARTIFACTS") or REPO / "tests" / "artifacts" / "browser")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def app_url(tiny_llama_dir):
+def app_url(serve_app, tiny_llama_dir):
     from explorer.app import build_app, launch_kwargs
 
-    demo = build_app(model=str(tiny_llama_dir), autoload=False)
-    demo.queue(default_concurrency_limit=1)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_kwargs())
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    return serve_app(build_app(model=str(tiny_llama_dir), autoload=False), **launch_kwargs())
 
 
 def _traces(page, elem_id: str) -> list[dict]:
@@ -85,12 +51,12 @@ def _calibrate(page, method: str) -> None:
     expect(page.locator(STATUS)).to_contain_text(f"Calibrated **{method}**".replace("**", ""), timeout=TIMEOUT_MS)
 
 
-def test_two_methods_overlaid_slider_moves_both_and_masks_compared(app_url, tiny_llama_dir, artifacts):
+def test_two_methods_overlaid_slider_moves_both_and_masks_compared(app_url, tiny_llama_dir, browser_artifacts):
     def shot(page, name: str) -> None:
-        page.screenshot(path=str(artifacts / f"compare-{name}.png"), full_page=True)
+        page.screenshot(path=str(browser_artifacts / f"compare-{name}.png"), full_page=True)
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
         try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import threading
 
 import pytest
@@ -27,22 +26,11 @@ CALIB = dict(method_name="wanda", windows=4, seqlen=32)
 GEN = dict(prompt="The quick brown fox", max_new_tokens=12)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url(tiny_llama_dir):
+def app_url(serve_app, tiny_llama_dir):
     from explorer.app import build_app
 
-    demo = build_app(model=str(tiny_llama_dir))
-    demo.queue(default_concurrency_limit=1)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    return serve_app(build_app(model=str(tiny_llama_dir)))
 
 
 def _client(url: str) -> Client:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 
@@ -23,22 +22,11 @@ CALIB = dict(windows=4, seqlen=32)
 GEN = dict(prompt="The quick brown fox", max_new_tokens=10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url(tiny_llama_dir):
+def app_url(serve_app, tiny_llama_dir):
     from explorer.app import build_app
 
-    demo = build_app(model=str(tiny_llama_dir), autoload=False)
-    demo.queue(default_concurrency_limit=1)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    return serve_app(build_app(model=str(tiny_llama_dir), autoload=False))
 
 
 def _client(url, model_dir) -> Client:
