@@ -172,6 +172,27 @@ class PreparedScores:
         return flat.index_select(0, self.index) if self.sampled else flat
 
 
+def _matrix_panels(panels: list[tuple[str, dict]], gap: float, width: float) -> tuple[list, dict, list]:
+    """Heatmaps of one matrix side by side, each `width` wide (paper fraction) with `gap` between:
+    (traces, their axes for the layout, the annotations titling each panel). panels: (title,
+    heatmap trace); a trace's colorbar (0.9 long, 12 thick unless the trace says) sits at its
+    panel's right edge. Rows run downwards, as in the matrix."""
+    data, layout, notes = [], {}, []
+    for i, (title, trace) in enumerate(panels):
+        suffix = "" if i == 0 else str(i + 1)
+        x0 = i * (width + gap)
+        trace.update(xaxis=f"x{suffix}", yaxis=f"y{suffix}",
+                     colorbar={"len": 0.9, "thickness": 12, **trace.get("colorbar", {}), "x": x0 + width + 0.005})
+        data.append(trace)
+        layout[f"xaxis{suffix}"] = {**_AXIS, "domain": [x0, x0 + width], "anchor": f"y{suffix}",
+                                    "title": {"text": "input column"}}
+        layout[f"yaxis{suffix}"] = {**_AXIS, "anchor": f"x{suffix}", "autorange": "reversed",
+                                    "title": {"text": "output row" if i == 0 else ""}}
+        notes.append({"text": title, "x": x0 + width / 2, "y": 1.0, "xref": "paper", "yref": "paper",
+                      "xanchor": "center", "yanchor": "bottom", "showarrow": False})
+    return data, layout, notes
+
+
 def saliency_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, name: str,
                     score_label: str = "saliency", prepared: PreparedScores | None = None) -> dict:
     """Two panels: log10 scores (max-pooled) and the kept fraction of the mask (mean-pooled).
@@ -198,20 +219,7 @@ def saliency_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, name
                     "reversescale": True, "zmin": 0, "zmax": 100,
                     "hovertemplate": where + ": %{z}% kept<extra></extra>"}))
     gap = 0.1
-    width = (1 - gap * (len(panels) - 1)) / len(panels)
-    data, layout, notes = [], {}, []
-    for i, (title, trace) in enumerate(panels):
-        suffix = "" if i == 0 else str(i + 1)
-        x0 = i * (width + gap)
-        trace.update(xaxis=f"x{suffix}", yaxis=f"y{suffix}",
-                     colorbar={"x": x0 + width + 0.005, "len": 0.9, "thickness": 12})
-        data.append(trace)
-        layout[f"xaxis{suffix}"] = {**_AXIS, "domain": [x0, x0 + width], "anchor": f"y{suffix}",
-                                    "title": {"text": "input column"}}
-        layout[f"yaxis{suffix}"] = {**_AXIS, "anchor": f"x{suffix}", "autorange": "reversed",
-                                    "title": {"text": "output row" if i == 0 else ""}}
-        notes.append({"text": title, "x": x0 + width / 2, "y": 1.0, "xref": "paper", "yref": "paper",
-                      "xanchor": "center", "yanchor": "bottom", "showarrow": False})
+    data, layout, notes = _matrix_panels(panels, gap, (1 - gap * (len(panels) - 1)) / len(panels))
     shown = f"{mask_img.shape[0]}x{mask_img.shape[1]}"
     title = f"{name}: {h}x{w}" + (f", downsampled to {shown} by pooling {kh}x{kw} tiles" if pooled else "")
     return _figure(data, title, 420, annotations=notes, **layout)
@@ -401,20 +409,7 @@ def agreement_figure(dominant: np.ndarray, agree: np.ndarray, shape: tuple[int, 
           "reversescale": False, "zmin": 0, "zmax": 100, "colorbar": {"len": 0.9, "thickness": 12},
           "hovertemplate": where + ": %{z}% agree<extra></extra>"}),
     ]
-    gap, width = 0.22, 0.36
-    data, layout, notes = [], {}, []
-    for i, (title, trace) in enumerate(panels):
-        suffix = "" if i == 0 else str(i + 1)
-        x0 = i * (width + gap)
-        trace.update(xaxis=f"x{suffix}", yaxis=f"y{suffix}")
-        trace["colorbar"] = {**trace["colorbar"], "x": x0 + width + 0.005}
-        data.append(trace)
-        layout[f"xaxis{suffix}"] = {**_AXIS, "domain": [x0, x0 + width], "anchor": f"y{suffix}",
-                                    "title": {"text": "input column"}}
-        layout[f"yaxis{suffix}"] = {**_AXIS, "anchor": f"x{suffix}", "autorange": "reversed",
-                                    "title": {"text": "output row" if i == 0 else ""}}
-        notes.append({"text": title, "x": x0 + width / 2, "y": 1.0, "xref": "paper", "yref": "paper",
-                      "xanchor": "center", "yanchor": "bottom", "showarrow": False})
+    data, layout, notes = _matrix_panels(panels, gap=0.22, width=0.36)
     title = f"{name}: A = {label_a}, B = {label_b}, Jaccard {counts['jaccard']:.3f}"
     if pooled:
         title += f" (pooled {kh}x{kw} tiles)"
