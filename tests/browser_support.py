@@ -8,6 +8,7 @@ their screenshots go to conftest's `browser_artifacts` folder.
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,7 +16,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
     pytest.skip("no chromium on PATH (Debian: apt-get install chromium)", allow_module_level=True)
 try:
-    from playwright.sync_api import expect, sync_playwright  # noqa: F401 (for the test modules)
+    from playwright.sync_api import expect, sync_playwright  # noqa: F401 (expect: for the test modules)
 except ImportError:
     pytest.skip("the playwright python package is not installed (pip install playwright)",
                 allow_module_level=True)
@@ -26,6 +27,22 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 STATUS = "[data-testid=markdown].status"  # the status Markdown (its block wrapper has .status too)
 
 
-def launch_chromium(playwright):
-    """A headless chromium (the system's) from a `sync_playwright()` context."""
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+@contextmanager
+def chromium_page(shot, timeout_ms: int, **page_options):
+    """A page of a headless chromium (the system's), closed afterwards, whose waits time out after
+    `timeout_ms`; when the block fails, `shot(page, "failure")` screenshots the page first."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(**page_options)
+            page.set_default_timeout(timeout_ms)
+            try:
+                yield page
+            except Exception:
+                try:
+                    shot(page, "failure")
+                except Exception:
+                    pass
+                raise
+        finally:
+            browser.close()

@@ -18,7 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 pytestmark = pytest.mark.browser
 
-from browser_support import STATUS, expect, launch_chromium, sync_playwright  # noqa: E402 (skips without chromium)
+from browser_support import STATUS, chromium_page, expect  # noqa: E402 (skips without chromium)
 
 TIMEOUT_MS = 30_000
 
@@ -62,80 +62,68 @@ def test_browser_flow(app_url, tiny_llama_dir, browser_artifacts):
     def shot(page, name: str) -> None:
         page.screenshot(path=str(browser_artifacts / f"{next(shots):02d}-{name}.png"), full_page=True)
 
-    with sync_playwright() as p:
-        browser = launch_chromium(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(app_url)
-            expect(page.get_by_role("button", name="Calibrate")).to_be_visible()
-            shot(page, "opened")
+    with chromium_page(shot, TIMEOUT_MS, viewport={"width": 1400, "height": 1000}, accept_downloads=True) as page:
+        page.goto(app_url)
+        expect(page.get_by_role("button", name="Calibrate")).to_be_visible()
+        shot(page, "opened")
 
-            # pick the model: type the folder into the chooser (custom values allowed), then Load
-            chooser = page.get_by_label("Model", exact=True)
-            chooser.click()
-            chooser.fill(str(tiny_llama_dir))
-            chooser.press("Enter")
-            page.get_by_role("button", name="Load", exact=True).click()
-            expect(page.locator(STATUS)).to_contain_text("Loaded", timeout=TIMEOUT_MS)
-            expect(page.locator(STATUS)).to_contain_text("llama")
-            shot(page, "loaded")
+        # pick the model: type the folder into the chooser (custom values allowed), then Load
+        chooser = page.get_by_label("Model", exact=True)
+        chooser.click()
+        chooser.fill(str(tiny_llama_dir))
+        chooser.press("Enter")
+        page.get_by_role("button", name="Load", exact=True).click()
+        expect(page.locator(STATUS)).to_contain_text("Loaded", timeout=TIMEOUT_MS)
+        expect(page.locator(STATUS)).to_contain_text("llama")
+        shot(page, "loaded")
 
-            # calibrate quickly: few short windows
-            page.get_by_label("windows", exact=True).fill("4")
-            page.get_by_label("seqlen", exact=True).first.fill("32")
-            page.get_by_role("button", name="Calibrate").click()
-            expect(page.locator(STATUS)).to_contain_text("Calibrated", timeout=60_000)
-            assert abs(_achieved(page) - 0.5) < 0.02
-            expect(page.locator(".js-plotly-plot").first).to_be_visible()
-            before = _allocation_bars(page)
-            assert before and any(before), "the allocation chart has no bars after calibrating"
-            shot(page, "calibrated")
+        # calibrate quickly: few short windows
+        page.get_by_label("windows", exact=True).fill("4")
+        page.get_by_label("seqlen", exact=True).first.fill("32")
+        page.get_by_role("button", name="Calibrate").click()
+        expect(page.locator(STATUS)).to_contain_text("Calibrated", timeout=60_000)
+        assert abs(_achieved(page) - 0.5) < 0.02
+        expect(page.locator(".js-plotly-plot").first).to_be_visible()
+        before = _allocation_bars(page)
+        assert before and any(before), "the allocation chart has no bars after calibrating"
+        shot(page, "calibrated")
 
-            # move the sparsity: type into the slider's number box; leaving it fires `release`
-            number = page.get_by_label("number input for Target sparsity")
-            number.fill("0.3")
-            number.press("Tab")
-            _wait_achieved(page, 0.3)
-            page.wait_for_function(
-                "(before) => { const el = document.querySelector('.js-plotly-plot');"
-                " return el && el.data && JSON.stringify(el.data.map(t => Array.from(t.y || []))) !== before; }",
-                arg=json.dumps(before), timeout=TIMEOUT_MS)
-            after = _allocation_bars(page)
-            assert after != before
-            assert max(max(t) for t in after if t) < max(max(t) for t in before if t)
-            shot(page, "slider-0.3")
+        # move the sparsity: type into the slider's number box; leaving it fires `release`
+        number = page.get_by_label("number input for Target sparsity")
+        number.fill("0.3")
+        number.press("Tab")
+        _wait_achieved(page, 0.3)
+        page.wait_for_function(
+            "(before) => { const el = document.querySelector('.js-plotly-plot');"
+            " return el && el.data && JSON.stringify(el.data.map(t => Array.from(t.y || []))) !== before; }",
+            arg=json.dumps(before), timeout=TIMEOUT_MS)
+        after = _allocation_bars(page)
+        assert after != before
+        assert max(max(t) for t in after if t) < max(max(t) for t in before if t)
+        shot(page, "slider-0.3")
 
-            # and with the keyboard on the range input (pointerup fires release on a real drag;
-            # here we nudge with arrows, then blur the number box to release)
-            rng = page.get_by_label("range slider for Target sparsity")
-            rng.focus()
-            for _ in range(10):
-                rng.press("ArrowRight")
-            expect(number).to_have_value(re.compile(r"^0\.4"))
-            rng.dispatch_event("pointerup")
-            _wait_achieved(page, 0.4)
-            shot(page, "slider-0.4")
+        # and with the keyboard on the range input (pointerup fires release on a real drag;
+        # here we nudge with arrows, then blur the number box to release)
+        rng = page.get_by_label("range slider for Target sparsity")
+        rng.focus()
+        for _ in range(10):
+            rng.press("ArrowRight")
+        expect(number).to_have_value(re.compile(r"^0\.4"))
+        rng.dispatch_event("pointerup")
+        _wait_achieved(page, 0.4)
+        shot(page, "slider-0.4")
 
-            # export the masks and download the file
-            page.get_by_role("tab", name="Export").click()
-            page.get_by_role("button", name="Mask file (.safetensors)").click()
-            link = page.locator("a[download]").first  # the only file shown so far: the masks
-            expect(link).to_be_visible(timeout=TIMEOUT_MS)
-            shot(page, "exported")
-            with page.expect_download(timeout=TIMEOUT_MS) as info:
-                link.click()
-            download = info.value
-            assert download.suggested_filename.endswith(".safetensors"), download.suggested_filename
-            saved = browser_artifacts / download.suggested_filename
-            download.save_as(saved)
-            assert saved.stat().st_size > 0
-            print(f"downloaded {saved} ({saved.stat().st_size} bytes)")
-        except Exception:
-            try:
-                shot(page, "failure")
-            except Exception:
-                pass
-            raise
-        finally:
-            browser.close()
+        # export the masks and download the file
+        page.get_by_role("tab", name="Export").click()
+        page.get_by_role("button", name="Mask file (.safetensors)").click()
+        link = page.locator("a[download]").first  # the only file shown so far: the masks
+        expect(link).to_be_visible(timeout=TIMEOUT_MS)
+        shot(page, "exported")
+        with page.expect_download(timeout=TIMEOUT_MS) as info:
+            link.click()
+        download = info.value
+        assert download.suggested_filename.endswith(".safetensors"), download.suggested_filename
+        saved = browser_artifacts / download.suggested_filename
+        download.save_as(saved)
+        assert saved.stat().st_size > 0
+        print(f"downloaded {saved} ({saved.stat().st_size} bytes)")

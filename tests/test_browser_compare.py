@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 pytestmark = pytest.mark.browser
 
-from browser_support import STATUS, expect, launch_chromium, sync_playwright  # noqa: E402 (skips without chromium)
+from browser_support import STATUS, chromium_page, expect  # noqa: E402 (skips without chromium)
 
 TIMEOUT_MS = 60_000
 
@@ -55,54 +55,42 @@ def test_two_methods_overlaid_slider_moves_both_and_masks_compared(app_url, tiny
     def shot(page, name: str) -> None:
         page.screenshot(path=str(browser_artifacts / f"compare-{name}.png"), full_page=True)
 
-    with sync_playwright() as p:
-        browser = launch_chromium(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        try:
-            page.goto(app_url)
-            page.get_by_role("button", name="Load", exact=True).click()
-            expect(page.locator(STATUS)).to_contain_text("Loaded")
+    with chromium_page(shot, TIMEOUT_MS, viewport={"width": 1400, "height": 1000}) as page:
+        page.goto(app_url)
+        page.get_by_role("button", name="Load", exact=True).click()
+        expect(page.locator(STATUS)).to_contain_text("Loaded")
 
-            _calibrate(page, "wanda")
-            _calibrate(page, "magnitude")
-            page.wait_for_function(f"() => {{ const t = ({TRACES})('alloc-plot'); return t && JSON.parse(t).length == 2; }}")
-            before = _traces(page, "alloc-plot")
-            assert [t["name"].split(":")[0] for t in before] == ["wanda", "magnitude"]
-            assert all(t["name"].endswith("total 50.0%") or "total 49" in t["name"] for t in before), before
-            expect(page.locator("#shown-runs")).to_contain_text("wanda")
-            expect(page.locator("#shown-runs")).to_contain_text("magnitude")
-            shot(page, "1-two-runs")
+        _calibrate(page, "wanda")
+        _calibrate(page, "magnitude")
+        page.wait_for_function(f"() => {{ const t = ({TRACES})('alloc-plot'); return t && JSON.parse(t).length == 2; }}")
+        before = _traces(page, "alloc-plot")
+        assert [t["name"].split(":")[0] for t in before] == ["wanda", "magnitude"]
+        assert all(t["name"].endswith("total 50.0%") or "total 49" in t["name"] for t in before), before
+        expect(page.locator("#shown-runs")).to_contain_text("wanda")
+        expect(page.locator("#shown-runs")).to_contain_text("magnitude")
+        shot(page, "1-two-runs")
 
-            number = page.get_by_label("number input for Target sparsity")
-            number.fill("0.3")
-            number.press("Tab")  # leaving the box releases the slider: every shown run is re-cut
-            page.wait_for_function(
-                f"() => {{ const t = ({TRACES})('alloc-plot'); if (!t) return false; const d = JSON.parse(t);"
-                " return d.length == 2 && d.every(x => /total (29|30)\\.\\d%/.test(x.name)); }")
-            after = _traces(page, "alloc-plot")
-            assert all(max(a["y"]) < max(b["y"]) for a, b in zip(after, before))  # both moved down
-            expect(page.locator(STATUS)).to_contain_text("Shown with it: wanda")
-            shot(page, "2-slider-moves-both")
+        number = page.get_by_label("number input for Target sparsity")
+        number.fill("0.3")
+        number.press("Tab")  # leaving the box releases the slider: every shown run is re-cut
+        page.wait_for_function(
+            f"() => {{ const t = ({TRACES})('alloc-plot'); if (!t) return false; const d = JSON.parse(t);"
+            " return d.length == 2 && d.every(x => /total (29|30)\\.\\d%/.test(x.name)); }")
+        after = _traces(page, "alloc-plot")
+        assert all(max(a["y"]) < max(b["y"]) for a, b in zip(after, before))  # both moved down
+        expect(page.locator(STATUS)).to_contain_text("Shown with it: wanda")
+        shot(page, "2-slider-moves-both")
 
-            page.get_by_role("tab", name="Compare masks").click()
-            page.get_by_role("button", name="Compare", exact=True).click()
-            page.wait_for_function(
-                "() => { const el = document.querySelector('#agree-plot .js-plotly-plot');"
-                " return el && el.data && el.data.length == 2 && el.data[0].type == 'heatmap'; }")
-            page.wait_for_function(
-                "() => { const el = document.querySelector('#jaccard-plot .js-plotly-plot');"
-                " return el && el.data && el.data.length == 1; }")
-            expect(page.locator("#compare-summary")).to_contain_text("Whole model: Jaccard")
-            title = page.evaluate("() => document.querySelector('#agree-plot .js-plotly-plot').layout.title.text")
-            assert "A = wanda, B = magnitude" in title and "Jaccard" in title, title
-            page.mouse.move(0, 0)
-            shot(page, "3-masks-compared")
-        except Exception:
-            try:
-                shot(page, "failure")
-            except Exception:
-                pass
-            raise
-        finally:
-            browser.close()
+        page.get_by_role("tab", name="Compare masks").click()
+        page.get_by_role("button", name="Compare", exact=True).click()
+        page.wait_for_function(
+            "() => { const el = document.querySelector('#agree-plot .js-plotly-plot');"
+            " return el && el.data && el.data.length == 2 && el.data[0].type == 'heatmap'; }")
+        page.wait_for_function(
+            "() => { const el = document.querySelector('#jaccard-plot .js-plotly-plot');"
+            " return el && el.data && el.data.length == 1; }")
+        expect(page.locator("#compare-summary")).to_contain_text("Whole model: Jaccard")
+        title = page.evaluate("() => document.querySelector('#agree-plot .js-plotly-plot').layout.title.text")
+        assert "A = wanda, B = magnitude" in title and "Jaccard" in title, title
+        page.mouse.move(0, 0)
+        shot(page, "3-masks-compared")
