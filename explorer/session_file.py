@@ -78,6 +78,14 @@ def _entry(key: str, tensor: torch.Tensor) -> tuple:
     return key, lambda: tensor, tensor.dtype, tuple(tensor.shape)
 
 
+def _once(entries: list[tuple]) -> list[tuple]:
+    """Each key once (its first entry). core.artifacts.artifact_tensors lists the statistics of an
+    artifact read from a file (a reopened run's) twice: as keys of that file and as the artifact's
+    statistics; written twice, the header would keep one and leave a gap safetensors refuses."""
+    seen: set[str] = set()
+    return [e for e in entries if not (e[0] in seen or seen.add(e[0]))]
+
+
 def _mask_entry(key: str, masks: MaskSet, name: str, shape) -> tuple:
     """A run's mask of one matrix, packed when the file is written (one matrix at a time)."""
     return key, lambda: pack_mask(masks.masks[name]), torch.uint8, (-(-math.prod(shape) // 8),)
@@ -99,7 +107,7 @@ def save_session(path: str | Path, session: Session) -> Path:
                 "visible": run.visible, "kind": run.kind, "stored": []}
         if run.artifact is not None:  # the artifact's own tensors and metadata, as core writes them
             tensors, item["artifact_meta"] = artifact_tensors(run.artifact, lm, prefix=f"{prefix}artifact/")
-            entries += tensors
+            entries += _once(tensors)
             item["stored"].append("artifact")
         if run.structured is not None:
             srun = run.structured

@@ -244,6 +244,12 @@ def test_reopened_session_reads_its_artifacts_from_the_session_file(session, tmp
     live.on_cut(other, 0.3, "unstructured", 0, "q", progress=_quiet)
     assert all(abs(r.masks.total_sparsity() - 0.3) < 0.02 for r in other.runs)
     assert files() == before
+    # a reopened session saved again (its artifacts read from the first file) reopens as well
+    again = session_file.save_session(tmp_path / "again.safetensors", other)
+    third = Session(model=session.model, default_spec=session.default_spec)
+    session_file.restore(third, session_file.read_session(again, third.model))
+    for run, reopened in zip(other.runs, third.runs):
+        assert all(bool((reopened.masks.masks[n] == run.masks.masks[n]).all()) for n in run.masks.masks), run.name
 
 
 def test_parameter_widgets_always_hold_values_within_their_bounds():
