@@ -306,6 +306,8 @@ def _entries(artifact: Artifact):
     """(key, reader, dtype, shape) of every tensor an artifact file holds, in a stable order."""
     out = []
     for key in artifact._keys():
+        if key.startswith("stats/"):  # a loaded artifact's statistics: written once, from artifact.stats
+            continue
         tensor = artifact._get(key)
         out.append((key, lambda key=key: artifact._get(key), tensor.dtype, tuple(tensor.shape)))
     owner_of, n_tokens, alias = {}, {}, {}

@@ -331,4 +331,3 @@ def tmp_root() -> Path:
             _TMP_ROOT = str(process_folder(tempfile.gettempdir(), _TMP_PREFIX))
             atexit.register(shutil.rmtree, _TMP_ROOT, True)
         return Path(_TMP_ROOT)
-    return True

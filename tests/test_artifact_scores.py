@@ -119,3 +119,18 @@ def test_stored_score_methods_unchanged(windows):
 def test_release_free_memory_is_harmless():
     release_free_memory()
     release_free_memory()
+
+
+def test_a_loaded_artifact_saves_again_to_a_readable_file(windows, tmp_path):
+    """cut --artifact A --save-artifact B: the statistics are written once (safetensors refuses a
+    file whose tensors overlap or leave gaps)."""
+    from safetensors import safe_open
+
+    lm = build_tiny("llama")
+    artifact = calibrate(lm, "sparsegpt", windows, batch_size=BATCH)
+    first = load_artifact(save_artifact(tmp_path / "a.safetensors", artifact, lm), lm, artifact.dense)
+    again = save_artifact(tmp_path / "b.safetensors", first, lm)
+    with safe_open(str(again), framework="pt") as fh:
+        keys = list(fh.keys())
+    assert len(keys) == len(set(keys)) and any(k.startswith("stats/") for k in keys)
+    assert _masks_equal(cut(load_artifact(again, lm, artifact.dense), 0.5), cut(artifact, 0.5))
