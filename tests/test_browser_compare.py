@@ -45,6 +45,10 @@ def _calibrate(page, method: str) -> None:
     chooser = page.get_by_label("Method", exact=True)
     chooser.click()
     page.get_by_role("option", name=re.compile(rf"\({re.escape(method)}\)")).click()
+    # the method's change event rebuilds the parameter widgets: let it land before filling and
+    # clicking (on a busy machine a click made before it was lost)
+    expect(page.locator(".method-info").first).to_contain_text(re.compile(re.escape(method), re.I),
+                                                               timeout=TIMEOUT_MS)
     page.get_by_label("windows", exact=True).fill("4")
     page.get_by_label("seqlen", exact=True).first.fill("32")
     page.get_by_role("button", name="Calibrate").click()
