@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, save  # noqa: E402
 from core.memory import memory_model  # noqa: E402
+from core.models import count_parameters  # noqa: E402
 
 GIB = 2**30
 # Llama-family shapes (bench/random_models.py builds the first three; 70B is the Llama-3.1-70B config)
@@ -70,13 +71,7 @@ def main() -> None:
             row[f"{method} ({'disk offload' if offload == 'disk' else 'in memory'})"] = sum(parts.values()) / GIB
             row.setdefault("parts", {})[f"{method}/{offload}"] = parts
             if params is None:
-                from accelerate import init_empty_weights
-                from transformers import AutoModelForCausalLM
-
-                with init_empty_weights():
-                    skeleton = AutoModelForCausalLM.from_config(config)
-                skeleton.tie_weights()
-                params = sum(p.numel() for p in skeleton.parameters())
+                params = count_parameters(config)[0]
         row["params"] = params
         row["bf16 weights GiB"] = params * 2 / GIB
         rows.append(row)

@@ -285,24 +285,11 @@ def memory_model(config, dtype: torch.dtype, method, n_windows: int, seqlen: int
     only the parameters outside the decoder blocks plus one block), then estimate_calibration's
     parts. On a GPU with --offload cpu|disk the device holds one block plus the same activations,
     statistics and temporaries."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from .families import family_for_config
+    from .models import count_parameters
 
     shapes = ModelShapes.from_config(config, dtype)
-    family = family_for_config(config)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
-    skeleton.tie_weights()  # tied embeddings are one tensor (inside init_empty_weights it does not tie)
+    total, in_blocks = count_parameters(config)
     size = torch.finfo(dtype).bits // 8
-    prefix = family.blocks_path + "."
-    seen, total, in_blocks = set(), 0, 0
-    for name, param in skeleton.named_parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
-            in_blocks += param.numel() if name.startswith(prefix) else 0
     weights = total * size if offload == "none" else (total - in_blocks + in_blocks // shapes.n_blocks) * size
     estimate = estimate_calibration(shapes, method, n_windows, seqlen, batch_size, mode)
     return {"runtime": int(runtime), "weights": int(weights), **estimate.parts}

@@ -178,7 +178,7 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def _count_params(config) -> tuple[int, int]:
+def count_parameters(config) -> tuple[int, int]:
     """(all parameters, those in decoder blocks) of a config, from a skeleton on the meta device."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -203,7 +203,7 @@ def _check_fits(config, dtype: torch.dtype, device: str, offload: str) -> None:
     would fit. In memory: the weights once (restore reads the originals from the checkpoint), plus
     room for one block's activations."""
     try:
-        n_params, in_blocks = _count_params(config)
+        n_params, in_blocks = count_parameters(config)
     except Exception:  # the size check is advice; the real load reports real errors
         return
     size = torch.finfo(dtype).bits // 8
@@ -595,7 +595,7 @@ def _new_offload_folder(parent, config, dtype: torch.dtype) -> str:
         raise ModelLoadError(f"Cannot write the offload folder in {root} ({exc.strerror or exc}). "
                              "Point --offload-folder at a writable disk.") from exc
     try:
-        _, in_blocks = _count_params(config)
+        _, in_blocks = count_parameters(config)
         need = in_blocks * (torch.finfo(dtype).bits // 8)
     except Exception:
         need = 0

@@ -35,10 +35,6 @@ def is_offloaded(module: nn.Module) -> bool:
         getattr(module, "_hf_hook", None) is not None and getattr(module, "_pe_onloaded", False))
 
 
-def has_offloaded(model: nn.Module) -> bool:
-    return any(is_offloaded(m) for m in model.modules())
-
-
 @contextmanager
 def onloaded(block: nn.Module) -> Iterator[None]:
     """Within the with-block, the block's offloaded weights are on its execution device and stay

@@ -10,6 +10,7 @@ store into one safetensors file without holding them all.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -166,7 +167,7 @@ def write_safetensors(path: str | Path, entries: Iterable[tuple[str, Callable[[]
     header: dict = {"__metadata__": metadata}
     offset = 0
     for key, _, dtype, shape in entries:
-        n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size() if shape else torch.empty((), dtype=dtype).element_size()
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         header[key] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode()
