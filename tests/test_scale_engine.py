@@ -203,11 +203,12 @@ def _peak_rss(cmd: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def medium_llama_dir(tmp_path_factory, tiny_tokenizer):
-    """A random Llama of ~150M parameters, ~300 MB in bf16, saved as a safetensors folder."""
+    """A random Llama of ~320M parameters, ~0.65 GB in bf16, saved as a safetensors folder: big enough
+    that one matrix's scoring temporaries stay well below half of it (a second copy would be all of it)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     folder = tmp_path_factory.mktemp("medium-llama")
-    config = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
+    config = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16,
                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=512)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
