@@ -588,7 +588,9 @@ def _new_offload_folder(parent, config, dtype: torch.dtype) -> str:
 
     from .outputs import process_folder
 
-    root = Path(parent).expanduser() if parent else cache_dir() / "offload"
+    # a folder of the tool's own inside a user-given one: folders left there by killed runs are
+    # removed (process_folder), and nothing else of the user's can match
+    root = Path(parent).expanduser() / "pruning-explorer-offload" if parent else cache_dir() / "offload"
     try:
         folder = process_folder(root, "offload-")
     except OSError as exc:

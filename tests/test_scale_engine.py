@@ -233,3 +233,15 @@ def test_pruning_memory_stays_within_the_memory_model(medium_llama_dir, tmp_path
     growth = pruned - loaded
     assert growth <= 1.5 * estimate + 96 * 2**20, (growth, estimate, err[-500:])
     assert growth < 0.5 * model_bytes, (growth, model_bytes)  # no second copy of the weights
+
+
+def test_a_given_offload_folder_keeps_what_was_there(tiny_llama_dir, tmp_path):
+    """Offload folders of killed runs are cleaned up only inside the tool's own subfolder: a user's
+    folder named like one (under --offload-folder) stays."""
+    theirs = tmp_path / "offload-4206557-user-data"  # a pid above Linux's default pid_max: not running
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine")
+    lm = load_model(str(tiny_llama_dir), offload="disk", offload_folder=str(tmp_path))
+    assert lm.offload == "disk"
+    assert (theirs / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["offload-4206557-user-data", "pruning-explorer-offload"]
