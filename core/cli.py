@@ -60,7 +60,8 @@ def _add_model_args(p: argparse.ArgumentParser, from_artifact: bool = False) -> 
                         "brought to the GPU when it runs), disk (read from the checkpoint when a block runs; pruned "
                         "blocks go to an offload folder). For models bigger than the device or the RAM")
     p.add_argument("--offload-folder", default=None,
-                   help="with --offload disk: where this run's offload folder is made (default: the cache folder); "
+                   help="with --offload disk: where this run's offload folder is made, in a pruning-explorer-offload subfolder "
+                        "(default: the cache folder); "
                         "removed at exit")
 
 
