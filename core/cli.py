@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import PruneError
-from .outputs import check_replaceable, check_run_folder, check_writable
+from .outputs import DiskFullError, check_replaceable, check_run_folder, check_writable, write_text_atomic
 
 
 def _progress_bar(desc: str):
@@ -200,7 +201,7 @@ def cmd_methods(args) -> int:
 
 def _save_run(folder: str, masks, lm, results: dict) -> int:
     """What prune and cut leave behind: masks.safetensors and result.json, a summary printed."""
-    from .masks import dense_note, save_masks
+    from .masks import dense_note
 
     out = Path(folder)
     # achieved_sparsity counts every prunable weight, those of matrices left dense (skipped) at 0
@@ -208,11 +209,53 @@ def _save_run(folder: str, masks, lm, results: dict) -> int:
     note = dense_note(masks)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    save_masks(out / "masks.safetensors", masks, lm)
-    (out / "result.json").write_text(json.dumps(results, indent=2, default=str))
+    try:
+        _write_run_files(out, masks, lm, results)
+    except DiskFullError as exc:  # the work is done: keep it where there is room, and say where
+        kept = _rescue_run(masks, lm, results)
+        if kept is None:
+            raise DiskFullError(f"{exc} The masks could not be saved anywhere else either (the cache and "
+                                f"temporary folders are full too): run again once there is room.") from exc
+        raise DiskFullError(f"{exc} The masks and result.json were saved to {kept} instead: move them to "
+                            f"{out} once there is room.") from exc
     print(json.dumps({k: v for k, v in results.items() if k != "eval_protocol"}, indent=2))
     print(f"Masks saved to {out / 'masks.safetensors'}", file=sys.stderr)
     return 0
+
+
+def _write_run_files(out: Path, masks, lm, results: dict) -> None:
+    """masks.safetensors, then result.json, each written atomically (a full disk leaves neither
+    half written)."""
+    from .masks import save_masks
+
+    save_masks(out / "masks.safetensors", masks, lm)
+    write_text_atomic(out / "result.json", json.dumps(results, indent=2, default=str))
+
+
+def _rescue_run(masks, lm, results: dict) -> Path | None:
+    """When --out has no room for a finished prune / cut: its files written to a new folder in the
+    cache folder, else in the temporary folder (the first with room), so the masks, the costly part,
+    survive; None if neither has room. A half-written masks.safetensors in --out would be useless,
+    so the whole pair goes to one place."""
+    import tempfile
+
+    from .models import cache_dir
+    from .outputs import DiskFullError as Full, fix_modes
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for root in (cache_dir() / "unsaved-runs", Path(tempfile.gettempdir()) / "pruning-explorer-unsaved-runs"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=root))
+        except OSError:
+            continue
+        try:
+            _write_run_files(folder, masks, lm, results)
+            fix_modes(folder)  # mkdtemp's 0700 -> the umask's ordinary mode, like --out would have had
+            return folder
+        except (Full, OSError):
+            shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def _add_cut_args(p: argparse.ArgumentParser) -> None:
@@ -384,9 +427,8 @@ def _sweep_structured(args) -> int:
         ppl = "-" if r["ppl"] is None else f"{r['ppl']:.3f}"
         print(f"{r['pattern']:<14}{r['target']:>8.3f}{r['achieved']:>10.4f}{r['prune_s']:>9.1f}{ppl:>12}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"method": args.method, "calibration": protocol.as_dict(),
-                                              "rows": rows}, indent=2))
+        write_text_atomic(args.out, json.dumps({"method": args.method, "calibration": protocol.as_dict(),
+                                                "rows": rows}, indent=2))
     return 0
 
 
@@ -432,10 +474,9 @@ def cmd_sweep(args) -> int:
         ppl = "-" if r["ppl"] is None else f"{r['ppl']:.3f}"
         print(f"{r['pattern']:<14}{r['target']:>8.3f}{r['achieved']:>10.4f}{r['cut_s']:>8.3f}{ppl:>12}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"method": artifact.method, "calibration": artifact.protocol,
-                                              "calibration_seconds": artifact.calibration_seconds,
-                                              "rows": rows}, indent=2))
+        write_text_atomic(args.out, json.dumps({"method": artifact.method, "calibration": artifact.protocol,
+                                                "calibration_seconds": artifact.calibration_seconds,
+                                                "rows": rows}, indent=2))
     return 0
 
 
@@ -602,13 +643,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP (kill, a service manager, a closed terminal) taken as Ctrl-C is: raised in the
+    main thread, it unwinds every with-block and finally, and the process then exits normally, so
+    atexit removes the offload and spill folders (the default action would kill it on the spot and
+    leave them behind). Exit code 128 + the signal's number (143 for SIGTERM), as a shell reports."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _catch_termination() -> dict:
+    """Install the handler for SIGTERM and SIGHUP (main thread only: Python allows no other);
+    returns the previous handlers, for main to put back (main also runs in-process in tests)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            previous[signum] = signal.signal(signum, _raise_terminated)
+    return previous
+
+
+def _disk_full_line(exc: BaseException) -> str:
+    """The one line for a full disk that no writer reported itself (DiskFullError says it better)."""
+    from .outputs import free_bytes, human_bytes
+
+    where = None
+    while exc is not None and where is None:
+        where = getattr(exc, "filename", None)
+        exc = exc.__cause__ or exc.__context__
+    if where is None:
+        return "No space left on device. Free some space on the disks this command writes to and run it again."
+    free = free_bytes(Path(where).parent)
+    has = f" ({human_bytes(free)} free there)" if free is not None else ""
+    return f"No space left on device writing {where}{has}. Free some space there or write to another disk."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 bad input, or a disk that filled (one line on stderr, partial files
+    removed); 130 Ctrl-C, 143 SIGTERM (129 SIGHUP): cancelled, temporary folders removed."""
+    import signal
+
+    from .outputs import is_no_space
+
     args = build_parser().parse_args(argv)
     try:
         _check_args(args)
     except PruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    previous = _catch_termination()
     try:
         return args.func(args)
     except PruneError as exc:
@@ -617,6 +711,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # parameter schema violations
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("Cancelled; nothing was written.", file=sys.stderr)
-        return 130
+        return 128 + exc.signum if isinstance(exc, Terminated) else 130
+    except Exception as exc:  # a write no DiskFullError covers (a library's own files): still one line
+        if not is_no_space(exc):
+            raise
+        print(f"error: {_disk_full_line(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .models import LoadedModel
-from .outputs import EXPORT_MARKER, OutputError, check_replaceable, fix_modes
+from .outputs import (EXPORT_MARKER, OutputError, check_free_space, check_replaceable, disk_full_error, fix_modes,
+                      is_no_space, reporting_disk_full)
 
 
 def write_folder_atomically(out: str | Path, write: Callable[[Path], None], *, force: bool = False,
-                            inputs: Iterable[str | Path] = ()) -> Path:
+                            inputs: Iterable[str | Path] = (), need: int | None = None) -> Path:
     """Run `write(staging)` on a fresh folder beside `out`, then rename it to `out`: the folder
     appears only once complete, and a failed write leaves no trace.
 
@@ -26,14 +27,30 @@ def write_folder_atomically(out: str | Path, write: Callable[[Path], None], *, f
     EXPORT_MARKER, which every folder written here gets); any other folder needs `force`, and a
     folder holding one of `inputs` is never replaced (core.outputs.check_replaceable). The old
     folder is moved aside under a unique name, removed only once the new one is in place, and put
-    back if that fails. Files and folders get the umask's ordinary modes (0644 / 0755)."""
+    back if that fails. Files and folders get the umask's ordinary modes (0644 / 0755).
+
+    `need`: the bytes the folder will take (its weights), checked against the free space before
+    anything is written; a disk that fills anyway ends in one DiskFullError, the partial folder gone."""
     out = check_replaceable(out, inputs, force)
+    what = f"the export {out.name}/"
+    if need:
+        check_free_space(out.parent, need, what)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-", suffix=".partial"))
     except OSError as exc:
+        if is_no_space(exc):
+            raise disk_full_error(out.parent, what, need) from exc
         raise OutputError(f"Cannot write the export folder {out}: {exc.strerror or exc}. Choose a folder "
                           f"you can write to.") from None
+    with reporting_disk_full(out.parent, what, need):  # outside the finally below: the space free after it
+        _fill_and_rename(out, staging, write)
+    return out
+
+
+def _fill_and_rename(out: Path, staging: Path, write: Callable[[Path], None]) -> None:
+    """write_folder_atomically's work: fill `staging`, move it to `out` (the old `out` moved aside,
+    removed once the new one is in place); `staging` is gone afterwards whatever happened."""
     try:
         write(staging)
         if not (staging / EXPORT_MARKER).exists():
@@ -56,7 +73,6 @@ def write_folder_atomically(out: str | Path, write: Callable[[Path], None], *, f
             os.rename(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out
 
 
 def _provenance(lm: LoadedModel, meta: dict | None) -> dict:
@@ -79,7 +95,18 @@ def export_pruned_model(lm: LoadedModel, out: str | Path, meta: dict | None = No
             lm.tokenizer.save_pretrained(staging)
         (staging / "PRUNING.json").write_text(json.dumps(_provenance(lm, meta), indent=2, default=str))
 
-    return write_folder_atomically(out, write, force=force, inputs=inputs)
+    return write_folder_atomically(out, write, force=force, inputs=inputs, need=model_bytes(lm.model))
+
+
+def model_bytes(model) -> int:
+    """The bytes of a model's weights as save_pretrained writes them (tied ones once; offloaded
+    ones, on the meta device, count by their shape and dtype)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def export_sliced_model(lm: LoadedModel, plan, out: str | Path, meta: dict | None = None, *, force: bool = False,

@@ -489,20 +489,11 @@ def allocation_table(masks: "dict[str, torch.Tensor] | MaskSet", lm: LoadedModel
 # ---------------------------------------------------------------- files
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file. The
-    file gets the umask's ordinary mode (0644 under umask 022), not mkstemp's 0600."""
-    from .outputs import file_mode
+    """Write through a temporary file in the same folder, then rename: never a half file; a disk
+    that fills ends in one DiskFullError (core.outputs.atomic_write)."""
+    from .outputs import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)
 
 
 def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:

@@ -8,13 +8,14 @@ to the meta device) after. This module adds the three things pruning needs on to
 
 - `onloaded(block)`: the block's weights materialised once for as long as the engine works on
   it (every calibration batch, the pruning, the re-run), not once per forward call;
-- `write_offloaded(module, weight)`: a changed weight written into the weights map (accelerate's
-  own `offload_weight` into the offload folder, or the CPU tensor), so later forwards see it;
+- `write_offloaded(module, weight)`: a changed weight written into the weights map (a `.dat` file
+  of the offload folder in accelerate's layout, or the CPU tensor), so later forwards see it;
 - `offload_entry` / `set_offload_entry`: where a weight's original lives (the checkpoint file),
   so restore points back to it instead of keeping a copy.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -92,15 +93,46 @@ def read_offloaded(module: nn.Module) -> torch.Tensor:
 def write_offloaded(module: nn.Module, weight: torch.Tensor) -> None:
     """Store a changed weight (parameter layout) where the module's hook will load it from, and
     on the module itself when it is onloaded now."""
-    from accelerate.utils import offload_weight
-
     loader, key = _weights_map(module)
     state = getattr(loader, "state_dict", None)
     if state is not None and key in state:  # --offload cpu: the weights map is CPU tensors
         state[key].copy_(weight)
     elif hasattr(loader, "index"):  # --offload disk: a .dat file in the offload folder, read next time
-        offload_weight(weight.detach().to("cpu").contiguous(), key, loader.save_folder, index=loader.index)
+        _write_dat(weight, key, loader.save_folder, loader.index)
     else:  # a plain mapping of tensors
         loader[key].copy_(weight)
     if module.weight.device.type != "meta":
         module.weight.data.copy_(weight.to(module.weight.device))
+
+
+def _write_dat(weight: torch.Tensor, key: str, folder: str, index: dict) -> None:
+    """What accelerate's `offload_weight` does (the raw array in `<key>.dat`, its dtype and shape in
+    `index`), but written with plain file writes into a reserved file, then renamed into place.
+    offload_weight writes into an np.memmap of a new file: on a disk that fills meanwhile the
+    kernel cannot back a mapped page and kills the process with SIGBUS, with no message and the
+    folder left behind; plain writes raise ENOSPC instead (core.outputs.DiskFullError). The rename
+    keeps the previous file whole until the new one is complete. Reading stays accelerate's
+    memory map of a complete file, which is safe."""
+    from .outputs import preallocate, reporting_disk_full
+
+    tensor = weight.detach().to("cpu").contiguous()
+    dtype = str(tensor.dtype).split(".")[-1]  # "float32", "bfloat16", "float8_e4m3fn" as accelerate names them
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16 / float8: their bytes as ints of that width
+        tensor = tensor.view(torch.int16)
+    elif dtype.startswith("float8_"):
+        tensor = tensor.view(torch.int8)
+    array = tensor.numpy()
+    index_entry = {"dtype": dtype, "shape": list(array.shape)}
+    path = os.path.join(folder, f"{key}.dat")
+    partial = path + ".partial"
+    with reporting_disk_full(folder, f"the pruned weight {key} (--offload disk)", array.nbytes,
+                             "Free some space there, or point --offload-folder at a disk with more room."):
+        try:
+            with open(partial, "wb") as fh:
+                preallocate(fh, array.nbytes, partial)
+                fh.write(memoryview(array.reshape(-1)).cast("B"))
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    index[key] = index_entry

@@ -11,15 +11,21 @@
   `out`? They overwrite only their own earlier files of those names.
 - `file_mode()` / `dir_mode()` / `fix_modes(path)`: 0644 / 0755 under umask 022 (tempfile
   makes 0600 / 0700).
+- `atomic_write(path, write)`: a file written beside itself and renamed into place; a disk that
+  fills on the way ends in one `DiskFullError` (the place, the space needed, the space free) with
+  the partial file gone (`reporting_disk_full`, `check_free_space` for the same before writing).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 from .errors import PruneError
 
@@ -224,3 +230,140 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # exists, owned by someone else
         return True
     return True
+
+
+# ---------------------------------------------------------------- a disk that fills
+
+_NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# how libraries that do not raise OSError report it: safetensors' Rust writer raises a
+# SafetensorError whose text carries the OS error ("StorageFull", "No space left on device")
+_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")
+
+
+class DiskFullError(OutputError):
+    """A write that ran out of disk space. The message names the place, the space the write needed
+    and the space free there; whatever was partly written has been removed. `need`: bytes, or None
+    when the writer could not know."""
+
+    def __init__(self, message: str, place: str | Path | None = None, need: int | None = None):
+        super().__init__(message)
+        self.place, self.need = place, need
+
+
+def is_no_space(exc: BaseException | None) -> bool:
+    """Whether `exc` (or an error it was raised from) says the disk or the quota is full."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DiskFullError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
+            return True
+        if any(text in str(exc) for text in _NO_SPACE_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def human_bytes(n: int | float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_bytes(place: str | Path) -> int | None:
+    """Free space (for an unprivileged writer) on the disk that holds `place` or its nearest
+    existing parent; None when it cannot be told."""
+    for candidate in (Path(place), *Path(place).parents):
+        try:
+            if candidate.exists():
+                return shutil.disk_usage(candidate).free
+        except OSError:
+            return None
+    return None
+
+
+def disk_full_error(place: str | Path, what: str, need: int | None = None, hint: str = "") -> DiskFullError:
+    """The one-line error for `what` not fitting at `place`, with the free space measured now (so
+    after the caller removed what it had partly written)."""
+    free = free_bytes(place)
+    needs = f"it needs {human_bytes(need)}" if need else "it needs more room"
+    has = f"{human_bytes(free)} is free there" if free is not None else "the free space there is unknown"
+    advice = hint or "Free some space there or write to another disk."
+    return DiskFullError(f"No space left on device for {what} in {place}: {needs}, {has}. {advice}", place, need)
+
+
+@contextmanager
+def reporting_disk_full(place: str | Path, what: str, need: int | None = None, hint: str = "") -> Iterator[None]:
+    """A disk-full error inside the with-block (any library's way of saying it) comes out as one
+    DiskFullError naming `place` and `what`; other errors pass unchanged. The block must remove its
+    own partial files (a try/finally inside it) so that the free space reported is what is left."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_no_space(exc):
+            raise
+        need = need or getattr(exc, "need", None)  # a writer that knew its size says so
+        raise disk_full_error(place, what, need, hint) from exc
+
+
+def check_free_space(place: str | Path, need: int, what: str, hint: str = "") -> None:
+    """Refuse at once (DiskFullError) a write of `need` bytes that cannot fit at `place`."""
+    free = free_bytes(place)
+    if free is not None and need > free:
+        raise disk_full_error(place, what, need, hint)
+
+
+def preallocate(fh, size: int, path: str | Path = "") -> None:
+    """Reserve `size` bytes for the open file `fh` before writing, so that a disk too full for it
+    says so now (ENOSPC), not half way through, and never later through a memory map (a write
+    into a mapped page the disk has no room for kills the process with SIGBUS). Where the
+    filesystem or OS cannot preallocate, the plain writes that follow still report ENOSPC."""
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fh.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE_ERRNOS:
+            error = DiskFullError(f"No space left on device for {size} bytes at {path or fh.name}", path, size)
+            raise error from exc
+        # EOPNOTSUPP / EINVAL: this filesystem does not preallocate; the writes will tell
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], what: str | None = None,
+                 need: int | None = None) -> None:
+    """`write(tmp)` fills a temporary file in the same folder, then it is renamed to `path`: never
+    a half file. The file gets the umask's ordinary mode (0644 under umask 022), not mkstemp's 0600.
+    A disk that fills ends in a DiskFullError naming `path` (after the temporary file is removed)."""
+    path = Path(path)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # folders this call creates
+    with reporting_disk_full(path.parent, what or path.name, need):
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            write(tmp)
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+            _remove_empty(made)  # a failed write leaves no folder it made either
+            raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove these folders (deepest first) where they are empty; leave any that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def write_text_atomic(path: str | Path, text: str, what: str | None = None) -> None:
+    data = text.encode("utf-8")
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), what, len(data))

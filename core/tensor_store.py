@@ -162,7 +162,10 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
 def write_safetensors(path: str | Path, entries: Iterable[tuple[str, Callable[[], torch.Tensor], torch.dtype, tuple]],
                       metadata: dict[str, str]) -> None:
     """Write a safetensors file from (key, reader, dtype, shape) entries, one tensor in memory at a
-    time: the header is known from the dtypes and shapes before any tensor is read."""
+    time: the header is known from the dtypes and shapes before any tensor is read, and so is the
+    file's size, reserved first (a full disk fails at once with DiskFullError)."""
+    from .outputs import preallocate
+
     entries = list(entries)
     header: dict = {"__metadata__": metadata}
     offset = 0
@@ -173,6 +176,7 @@ def write_safetensors(path: str | Path, entries: Iterable[tuple[str, Callable[[]
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
     with open(path, "wb") as fh:
+        preallocate(fh, 8 + len(text) + offset, path)  # a disk too small says so before any tensor is read
         fh.write(struct.pack("<Q", len(text)))
         fh.write(text)
         for key, read, dtype, shape in entries:
