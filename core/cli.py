@@ -499,19 +499,21 @@ def cmd_generate(args) -> int:
     from .fast_decode import check_can_compile, compiled_greedy, timed_greedy
     from .masks import load_masks
     from .dense import DenseWeights
+    from .prompts import check_prompt_chars, prompt_ids
 
     if args.new_tokens < 2:
         raise PruneError("--new-tokens must be at least 2 (the decode rate is timed from the first new token).")
     if not args.prompt.strip():
         raise PruneError("--prompt is empty: give some text to continue.")
+    check_prompt_chars(len(args.prompt), None)  # a prompt too long for any model, before the model loads
     if args.compile:
         check_can_compile(args.device)  # before the model is loaded
     lm = _load(args)
-    if args.masks:
-        DenseWeights(lm).apply(_read_masks(args.masks, lm))
-    ids = lm.tokenizer(args.prompt, return_tensors="pt").input_ids.to(lm.device)
+    ids = prompt_ids(lm, args.prompt, args.new_tokens)  # refused if it and the new tokens overflow the context
     if ids.shape[1] == 0:
         raise PruneError("--prompt gives no tokens: give some text to continue.")
+    if args.masks:
+        DenseWeights(lm).apply(_read_masks(args.masks, lm))
     decode = timed_greedy
     if args.compile:
         decode = compiled_greedy

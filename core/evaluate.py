@@ -69,18 +69,31 @@ class GenerationSettings:
         return out
 
 
+def generation_ids(lm: LoadedModel, prompt: str, settings: GenerationSettings, chat: bool = False) -> torch.Tensor:
+    """The prompt as generation feeds it (the chat template applied when asked for and the tokenizer
+    has one), tokenized, checked to fit in the model's context with settings.max_new_tokens new
+    tokens (core.prompts: PromptTooLong, before any forward)."""
+    from .prompts import check_prompt_chars, prompt_ids
+    from .families import context_length
+
+    tok = lm.tokenizer
+    text = prompt
+    if chat and getattr(tok, "chat_template", None):
+        check_prompt_chars(len(prompt), context_length(lm.model.config))  # before the template copies it
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    return prompt_ids(lm, text, settings.max_new_tokens)
+
+
 def stream_generate(lm: LoadedModel, prompt: str, settings: GenerationSettings = GenerationSettings(),
                     chat: bool = False) -> Iterator[tuple[str, float]]:
-    """Yield (text so far, tokens per second) as tokens arrive. Same seed -> same sample."""
+    """Yield (text so far, tokens per second) as tokens arrive. Same seed -> same sample. A prompt
+    that does not fit in the context with the new tokens is refused first (core.prompts)."""
     from transformers import TextIteratorStreamer
 
     tok = lm.tokenizer
-    if chat and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-    else:
-        text = prompt
-    inputs = tok(text, return_tensors="pt").to(lm.device)
+    ids = generation_ids(lm, prompt, settings, chat)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 

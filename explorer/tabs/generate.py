@@ -6,7 +6,8 @@ import dataclasses
 
 import gradio as gr
 
-from core.evaluate import GenerationSettings, stream_generate
+from core.errors import PruneError
+from core.evaluate import GenerationSettings, generation_ids, stream_generate
 from core.structured.plan import plan_from_maskset
 from core.structured.slicing import slice_model
 
@@ -79,6 +80,16 @@ def _settings(prompt, max_new_tokens, do_sample, temperature, seed) -> Generatio
                               temperature=float(temperature), seed=int(seed))
 
 
+def _check_fits(entry: ModelEntry, prompt, settings: GenerationSettings, chat) -> None:
+    """Refuse, before any side streams, a prompt that with the new tokens does not fit in the
+    model's context, or that is far too long to tokenize (core.prompts, the CLI's rule too; the
+    pruned and sliced models share the dense model's context)."""
+    try:
+        generation_ids(entry.lm, prompt, settings, bool(chat))
+    except PruneError as exc:
+        raise fail(exc) from exc
+
+
 def _streams(session: Session, entry: ModelEntry, sides: list[tuple[str, Run | None]], prompt, settings, chat):
     """(label, stream) per side, in order; each side's text and tokens/s as it comes."""
     for label, run in sides:
@@ -98,6 +109,7 @@ def on_generate(session: Session, prompt, max_new_tokens, do_sample, temperature
     if run is None or run.masks is None:
         raise gr.Error("No pruned model yet: calibrate (or import a mask file) before comparing.")
     settings = _settings(prompt, max_new_tokens, do_sample, temperature, seed)
+    _check_fits(entry, prompt, settings, chat)
     masks = run.masks
     texts, rates, note = {"dense": "", "pruned": ""}, {}, ""
     try:
@@ -125,6 +137,7 @@ def on_generate_runs(session: Session, prompt, max_new_tokens, do_sample, temper
         raise fail(exc) from exc
     if a is None or a.masks is None:
         raise gr.Error("No pruned run yet: calibrate (or import a mask file) before comparing.")
+    _check_fits(entry, prompt, settings, chat)
     sides = [("dense", None), (f"A: {a.name}", a)] + ([(f"B: {b.name}", b)] if b is not None else [])
     texts = {label: "" for label, _ in sides}
     rates, notes = {}, []
