@@ -142,12 +142,55 @@ def _load(args):
     return lm
 
 
+# The integer options (argparse makes them ints) and the least value each can take: what a
+# zero or negative one would do is fail deep in the work (range() step 0, an empty torch.cat).
+_COUNTS = {
+    "calib_windows": ("--calib-windows", 1, "calibration windows"),
+    "eval_windows": ("--eval-windows", 1, "evaluation windows, at most"),
+    "seqlen": ("--seqlen", 2, "tokens per window; a perplexity needs two"),
+    "batch_size": ("--batch-size", 1, "windows per forward"),
+    "new_tokens": ("--new-tokens", 2, "the decode rate is timed from the first new token"),
+}
+
+
+def _check_params(args) -> None:
+    """Every --param through its method's schema (finite numbers, in range, of the right kind),
+    before any model is loaded. With --artifact the method is the artifact's (its header names it);
+    an artifact that cannot be read is left to the command, which says why."""
+    from .artifacts import read_artifact_meta
+    from .methods import all_methods
+
+    params = _params(args.param)
+    name = getattr(args, "method", None)
+    if getattr(args, "artifact", None):
+        try:
+            name = read_artifact_meta(args.artifact).get("method")
+        except PruneError:
+            return
+    method = all_methods().get(name)
+    if method is None:
+        return
+    try:
+        method.resolve_params(params)
+    except ValueError as exc:
+        raise PruneError(f"--param: {exc} See `python -m core methods` for {method.name}'s parameters.") from None
+
+
 def _check_args(args) -> None:
     """Validate what argparse cannot, before any model is loaded."""
     from .masks import check_sparsity, parse_pattern
 
+    for attr, (flag, least, what) in _COUNTS.items():
+        value = getattr(args, attr, None)
+        if value is not None and value < least:
+            raise PruneError(f"{flag} must be at least {least} ({what}); got {value}.")
     if hasattr(args, "sparsity"):
-        args.sparsity = check_sparsity(args.sparsity)
+        try:
+            args.sparsity = check_sparsity(args.sparsity)
+        except PruneError as exc:
+            raise PruneError(f"--sparsity: {exc}") from None
+    if hasattr(args, "param"):
+        _check_params(args)
     if getattr(args, "sparsities", None) is not None:
         for text in args.sparsities.split(","):
             try:

@@ -19,8 +19,8 @@ from core.data import DEFAULT_SOURCE
 from core.models import BUNDLED, DEFAULT_MODEL
 
 from . import figures
-from .common import (ASSETS, DELETE_CACHE, HEAVY, PATTERNS, SESSION_TTL_S, example_prompts, kw, touching,
-                     unload)
+from .common import (ASSETS, DELETE_CACHE, HEAVY, PATTERNS, SESSION_TTL_S, Number, Slider, example_prompts, kw,
+                     touching, unload)
 from .state import Session, release_session
 from .tabs import calibrate as calibrate_tab
 from .tabs import export as export_tab
@@ -126,17 +126,17 @@ def layout(default_spec: str, placement: dict) -> SimpleNamespace:
                 init = calibrate_tab.param_updates(method, pool)
                 for i in range(pool):
                     u_num, u_choice, u_flag = init[3 * i: 3 * i + 3]
-                    ui.pool += [gr.Number(**kw(u_num)), gr.Dropdown(**kw(u_choice)), gr.Checkbox(**kw(u_flag))]
+                    ui.pool += [Number(**kw(u_num)), gr.Dropdown(**kw(u_choice)), gr.Checkbox(**kw(u_flag))]
                 ui.pool_for = gr.Textbox(method, visible=False)  # the method the widgets show
                 ui.params = gr.Textbox("", visible=False)  # API: JSON of method parameters
                 ui.source = gr.Textbox(DEFAULT_SOURCE, label="Calibration text",
                                        info="python-docs (offline), wikitext2, c4, or a .txt/.jsonl/.json/.parquet path")
                 with gr.Row():
                     # maxima from this machine's memory and the model's context (calibration_limits)
-                    ui.windows = gr.Number(min(DEFAULT_WINDOWS, max_windows), precision=0, minimum=1,
-                                           maximum=max_windows, label="windows")
-                    ui.seqlen = gr.Number(min(DEFAULT_SEQLEN, max_seqlen), precision=0, minimum=8,
-                                          maximum=max_seqlen, label="seqlen")
+                    ui.windows = Number(min(DEFAULT_WINDOWS, max_windows), precision=0, minimum=1,
+                                        maximum=max_windows, label="windows")
+                    ui.seqlen = Number(min(DEFAULT_SEQLEN, max_seqlen), precision=0, minimum=8,
+                                       maximum=max_seqlen, label="seqlen")
                 with gr.Row():
                     ui.calibrate = gr.Button("Calibrate", variant="primary")
                     ui.cancel = gr.Button("Cancel", variant="stop")
@@ -147,7 +147,7 @@ def layout(default_spec: str, placement: dict) -> SimpleNamespace:
             with gr.Tabs():
                 with gr.Tab("Live view"):
                     with gr.Row():
-                        ui.sparsity = gr.Slider(0.0, 0.95, value=0.5, step=0.01, label="Target sparsity")
+                        ui.sparsity = Slider(0.0, 0.95, value=0.5, step=0.01, label="Target sparsity")
                         ui.pattern = gr.Radio(PATTERNS, value="unstructured", label="Pattern")
                     with gr.Row():
                         ui.shown = gr.CheckboxGroup([], value=[], label="Runs shown (overlaid; the slider re-cuts them)",
@@ -165,7 +165,7 @@ def layout(default_spec: str, placement: dict) -> SimpleNamespace:
                             ui.delete = gr.Button("Delete the active run", variant="stop", scale=1)
                     ui.alloc = gr.Plot(label="Allocation", elem_id="alloc-plot")
                     with gr.Row():
-                        ui.block = gr.Slider(0, 1, value=0, step=1, label="Block")
+                        ui.block = Slider(0, 1, value=0, step=1, label="Block")
                         ui.mtype = gr.Dropdown(["q", "k", "v", "o", "gate", "up", "down"], value="q",
                                                label="Matrix type")
                     ui.heat = gr.Plot(label="Saliency and mask", elem_id="heat-plot")
@@ -178,7 +178,7 @@ def layout(default_spec: str, placement: dict) -> SimpleNamespace:
                         ui.cmp_b = gr.Dropdown([], value=None, label="Run B", elem_id="compare-b", allow_custom_value=True)
                         ui.compare = gr.Button("Compare", variant="primary")
                     with gr.Row():
-                        ui.cmp_block = gr.Slider(0, 1, value=0, step=1, label="Block ", elem_id="compare-block")
+                        ui.cmp_block = Slider(0, 1, value=0, step=1, label="Block ", elem_id="compare-block")
                         ui.cmp_mtype = gr.Dropdown(["q", "k", "v", "o", "gate", "up", "down"], value="q",
                                                    label="Matrix type ", elem_id="compare-matrix")
                     ui.cmp_md = gr.Markdown(elem_id="compare-summary")
@@ -189,10 +189,12 @@ def layout(default_spec: str, placement: dict) -> SimpleNamespace:
                     ui.prompt = gr.Textbox(prompts[0], lines=3, label="Prompt")
                     gr.Examples([[p] for p in prompts], inputs=[ui.prompt])
                     with gr.Row():
-                        ui.max_new = gr.Number(48, precision=0, minimum=1, maximum=1024, label="max new tokens")
+                        ui.max_new = Number(48, precision=0, minimum=1, maximum=generate_tab.MAX_NEW_TOKENS,
+                                        label="max new tokens")
                         ui.sample = gr.Checkbox(False, label="sample (else greedy)")
-                        ui.temp = gr.Number(0.8, minimum=0.05, maximum=2.0, label="temperature")
-                        ui.seed = gr.Number(0, precision=0, label="seed")
+                        ui.temp = Number(0.8, minimum=generate_tab.TEMPERATURES[0],
+                                         maximum=generate_tab.TEMPERATURES[1], label="temperature")
+                        ui.seed = Number(0, precision=0, minimum=0, maximum=2**32 - 1, label="seed")
                         ui.chat = gr.Checkbox(False, label="chat template")
                     with gr.Row():
                         ui.gen_a = gr.Dropdown([], value=None, label="Pruned run A", allow_custom_value=True)
@@ -206,8 +208,8 @@ def layout(default_spec: str, placement: dict) -> SimpleNamespace:
                     ui.rates = gr.Markdown()
                     with gr.Row():
                         ui.eval_src = gr.Textbox(DEFAULT_SOURCE, label="Evaluation text")
-                        ui.eval_seqlen = gr.Number(256, precision=0, minimum=8, label="seqlen")
-                        ui.eval_windows = gr.Number(8, precision=0, minimum=1, label="max windows")
+                        ui.eval_seqlen = Number(256, precision=0, minimum=8, label="seqlen")
+                        ui.eval_windows = Number(8, precision=0, minimum=1, label="max windows")
                     ui.ppl = gr.Button("Perplexity: dense vs the active run")
                     ui.ppl_md = gr.Markdown()
                     ui.ppl_js = gr.JSON(label="Perplexity", visible=False)

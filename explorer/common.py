@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from pathlib import Path
 
@@ -107,3 +108,89 @@ def parse_sparsities(text) -> list[float]:
     if not values:
         raise ValueError("Give sparsities separated by commas, e.g. 0.3, 0.5, 0.7.")
     return values
+
+
+# ---------------------------------------------------------------- numbers a user sends
+
+def checked_number(value, name: str, low: float | None = None, high: float | None = None, *,
+                   integer: bool = False, below_high: bool = False, default=None):
+    """A number a user sent (a widget's value, or anything an API client posts), checked: a finite
+    number (an int or float, or its text), whole when `integer`, within [low, high] ([low, high)
+    with `below_high`); None or "" is `default` where one is given. Anything else is a gr.Error
+    naming `name`, the value and what fits, before any work. Every handler's numeric inputs, and
+    the Number and Slider components' own preprocessing, go through here."""
+    given = value
+    if (value is None or (isinstance(value, str) and not value.strip())) and default is not None:
+        return default
+    parsed = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        parsed = value
+    elif isinstance(value, str):
+        for kind in (int, float):
+            try:
+                parsed = kind(value.strip())
+                break
+            except ValueError:
+                continue
+    ok = parsed is not None and math.isfinite(parsed) and (not integer or parsed == int(parsed))
+    if ok:
+        parsed = int(parsed) if integer else parsed
+        ok = (low is None or parsed >= low) and (high is None or (parsed < high if below_high else parsed <= high))
+    if not ok:
+        kind = "a whole number" if integer else "a number"
+        raise gr.Error(f"{name} must be {kind}{_range_text(low, high, below_high)}; got {given!r}.")
+    return parsed
+
+
+def _range_text(low, high, below_high: bool) -> str:
+    def shown(v) -> str:
+        return str(int(v)) if float(v).is_integer() else f"{v:g}"
+    if low is not None and high is not None:
+        return f" from {shown(low)} to {shown(high)}" + (" (not included)" if below_high else "")
+    if low is not None:
+        return f" of at least {shown(low)}"
+    return f" of at most {shown(high)}" if high is not None else ""
+
+
+def checked_sparsity(value, name: str = "Sparsity") -> float:
+    """A target sparsity: a finite number in [0, 1)."""
+    return float(checked_number(value, name, 0.0, 1.0, below_high=True))
+
+
+def _widget_name(component) -> str:
+    label = str(getattr(component, "label", None) or "value")
+    return label.split(":", 1)[0].strip() or "value"  # parameter widgets: "name: help"
+
+
+NO_BOUND = 1e12  # a parameter widget's bound where its parameter has none
+
+
+def _bound(value):
+    """A widget's bound as a check uses it; NO_BOUND stands for none."""
+    return None if value is None or abs(value) >= NO_BOUND else value
+
+
+class Number(gr.Number):
+    """gr.Number whose value is checked by `checked_number` before a handler runs: gradio's own
+    preprocessing fails on a value that is not a number (an API client's "abc") with a generic
+    error, and passes NaN on. Drawn as gr.Number (is_template)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        value = checked_number(payload, _widget_name(self), _bound(self.minimum), _bound(self.maximum),
+                       integer=self.precision == 0)
+        return self.round_to_precision(value, self.precision)
+
+
+class Slider(gr.Slider):
+    """gr.Slider whose value is checked by `checked_number` first (see Number). Drawn as gr.Slider."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        whole = all(float(v).is_integer() for v in (self.step or 0.5, self.minimum or 0))  # a slider of steps of 1
+        value = checked_number(payload, _widget_name(self), self.minimum, self.maximum, integer=whole)
+        return gr.Number.round_to_precision(value, self.precision)

@@ -10,13 +10,17 @@ from core.errors import Cancelled
 from core.masks import allocation_table
 
 from . import figures, structured_view
-from .common import NO_MASKS
+from .common import NO_MASKS, checked_number
 from .state import Run, Session
 
 
-def matrix_name(rows: list[dict], block: int, mtype: str) -> str | None:
+def matrix_name(rows: list[dict], block, mtype: str) -> str | None:
+    """The matrix of `block` (a block number the user sent: checked, gr.Error if it is none of the
+    model's) and matrix type `mtype`; the first matrix where the type is not in the block."""
+    last = max((r["block"] for r in rows), default=None)
+    block = checked_number(block, "Block", 0, last, integer=True, default=0)
     for r in rows:
-        if r["block"] == int(block) and r["type"] == mtype:
+        if r["block"] == block and r["type"] == mtype:
             return r["name"]
     return rows[0]["name"] if rows else None
 

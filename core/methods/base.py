@@ -7,12 +7,47 @@ subclass decorated with @register.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..calibrate import LayerStats
 from ..masks import Pattern
+
+
+def _number(value) -> float | int | None:
+    """A number from an int, a float or its text ('0.5', '12', ' 1e-3 '); None for anything else
+    (bools included: True is not a threshold)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return None
+
+
+def _flag(value) -> bool | None:
+    """A bool from a bool, 0/1 or a yes/no word; None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower() if isinstance(value, (str, int, float)) else None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    return None
 
 
 @dataclass(frozen=True)
@@ -26,17 +61,30 @@ class Param:
     choices: tuple = ()
     recalibrate: bool = False  # True: changing it needs a new calibration, not just a new cut
 
+    def range_text(self) -> str:
+        """The values a number may take, as messages and help show them."""
+        if self.low is not None and self.high is not None:
+            return f" in [{self.low}, {self.high}]"
+        if self.low is not None:
+            return f" of at least {self.low}"
+        return f" of at most {self.high}" if self.high is not None else ""
+
     def coerce(self, value):
-        """Check and convert a user value; raise ValueError with a message that says what fits."""
-        try:
-            if self.kind == "float":
-                value = float(value)
-            elif self.kind == "int":
-                value = int(value)
-            elif self.kind == "bool":
-                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-        except (TypeError, ValueError):
-            raise ValueError(f"{self.name} must be a {self.kind}; got {value!r}.") from None
+        """Check and convert a user value (a widget's, JSON's, or the CLI's text); raise ValueError
+        naming the parameter, the value and what fits. Numbers must be finite (NaN and inf never
+        fit a range) and within the declared bounds; ints whole; bools a yes/no word or 0/1."""
+        given = value
+        if self.kind in ("float", "int"):
+            number = _number(value)
+            whole = self.kind == "float" or (number is not None and math.isfinite(number) and number == int(number))
+            if number is None or not math.isfinite(number) or not whole:
+                kind = "a finite number" if self.kind == "float" else "a whole number"
+                raise ValueError(f"{self.name} must be {kind}{self.range_text()}; got {given!r}.")
+            value = float(number) if self.kind == "float" else int(number)
+        elif self.kind == "bool":
+            value = _flag(value)
+            if value is None:
+                raise ValueError(f"{self.name} must be true or false; got {given!r}.")
         if self.kind == "choice" and value not in self.choices:
             raise ValueError(f"{self.name} must be one of {', '.join(map(str, self.choices))}; got {value!r}.")
         if self.low is not None and value < self.low or self.high is not None and value > self.high:

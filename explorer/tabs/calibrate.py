@@ -16,14 +16,14 @@ from core.pruning import calibrate, cut, update_cut_params
 from core.structured.units import all_block_units
 
 from .. import figures, structured_view
-from ..common import CALIB_BATCH, ensure_model, fail, progress_fn
+from ..common import (CALIB_BATCH, NO_BOUND, checked_number, checked_sparsity, ensure_model, fail,
+                      progress_fn)
 from ..state import MODEL_LOCK, ModelEntry, Run, Session
 from ..views import cancelled_status, status, views
 from .live import sync_cheap_runs
 
 DEFAULT_WINDOWS, DEFAULT_SEQLEN = 16, 256  # the calibration widgets' initial values
 FALLBACK_LIMITS = (1024, 4096)  # used only when the default model's config cannot be read
-NO_BOUND = 1e12  # a parameter widget's bound where the parameter has none
 
 
 # ---------------------------------------------------------------- the widgets
@@ -187,6 +187,11 @@ def on_calibrate(session: Session, method_name, source, windows, seqlen, sparsit
     try:
         params = collect_params(method_name, pool_values, pool_for, params_json)
         method = get_method(method_name)
+        # every number checked before any work: the widgets', and the parameters by their schema
+        windows = checked_number(windows, "windows", 1, integer=True)
+        seqlen = checked_number(seqlen, "seqlen", 2, integer=True)
+        sparsity = checked_sparsity(sparsity)
+        method.resolve_params(params)
         check_seqlen(lm, int(seqlen))  # a window the model cannot take: refuse before any work
         # what calibration will hold, from the shapes, against the memory free now (beside the
         # session's runs): refuse before allocating
@@ -271,6 +276,7 @@ def on_params(session: Session, method_name, pool_for, sparsity, pattern, block,
     if artifact is None or artifact.method != method_name or pool_for != method_name:
         return (gr.update(), *[gr.update()] * 4)
     try:
+        sparsity = checked_sparsity(sparsity)
         needs = update_cut_params(artifact, collect_params(method_name, pool_values, pool_for))
         if needs:
             return (f"Changing {', '.join(needs)} needs a new calibration: press **Calibrate**. "

@@ -11,11 +11,13 @@ from core.evaluate import GenerationSettings, generation_ids, stream_generate
 from core.structured.plan import plan_from_maskset
 from core.structured.slicing import slice_model
 
-from ..common import ensure_model, fail
+from ..common import checked_number, ensure_model, fail
 from ..state import MODEL_LOCK, ModelEntry, Run, Session
 from ..streaming import Streamed
 
 MAX_SLICED = 2  # physically sliced models a session keeps (a three-way generation needs two)
+MAX_NEW_TOKENS = 1024  # the most tokens one generation asks for (the widget's maximum)
+TEMPERATURES = (0.05, 2.0)  # the sampling temperatures the widget offers
 
 
 def locked_stream(entry: ModelEntry, masks, prompt: str, settings: GenerationSettings, chat: bool):
@@ -76,8 +78,11 @@ def rates_md(rates: dict, masks) -> str:
 def _settings(prompt, max_new_tokens, do_sample, temperature, seed) -> GenerationSettings:
     if not (prompt or "").strip():
         raise gr.Error("Type a prompt first.")
-    return GenerationSettings(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
-                              temperature=float(temperature), seed=int(seed))
+    return GenerationSettings(max_new_tokens=checked_number(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS,
+                                                            integer=True),
+                              do_sample=bool(do_sample),
+                              temperature=checked_number(temperature, "temperature", *TEMPERATURES),
+                              seed=checked_number(seed, "seed", 0, 2**32 - 1, integer=True))
 
 
 def _check_fits(entry: ModelEntry, prompt, settings: GenerationSettings, chat) -> None:

@@ -10,7 +10,7 @@ from core.masks import parse_pattern
 from core.pruning import cut
 
 from .. import structured_view
-from ..common import fail, progress_fn
+from ..common import checked_sparsity, fail, progress_fn
 from ..state import Run, Session
 from ..views import cancelled_status, status, views
 
@@ -87,6 +87,7 @@ def recut_shown(session: Session, sparsity, pattern, progress=None) -> list[str]
 
 def on_cut(session: Session, sparsity, pattern, block, mtype, progress=gr.Progress()):
     """The slider (or the pattern) moved: re-cut every shown run that can be cut."""
+    sparsity = checked_sparsity(sparsity)
     active = session.active
     cuttable = [r for r in session.runs if r.cuttable and (r.visible or r is active)]
     if not cuttable:

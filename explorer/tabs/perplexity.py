@@ -11,7 +11,7 @@ from core.masks import parse_pattern
 from core.pruning import cut
 
 from .. import figures, structured_view
-from ..common import ensure_model, fail, parse_sparsities, progress_fn
+from ..common import checked_number, ensure_model, fail, parse_sparsities, progress_fn
 from ..state import MODEL_LOCK, ModelEntry, Run, Session
 
 
@@ -65,8 +65,15 @@ def comparison(session: Session):
     return figures.to_plot(figures.perplexity_figure(session.ppl_runs, session.ppl_dense)), session.ppl_runs
 
 
+def eval_numbers(seqlen, max_windows) -> tuple[int, int]:
+    """The evaluation widgets' values, checked before any work (gr.Error naming the wrong one)."""
+    return (checked_number(seqlen, "seqlen", 2, integer=True),
+            checked_number(max_windows, "max windows", 1, integer=True))
+
+
 def _eval_set(entry: ModelEntry, source, seqlen, max_windows):
-    check_seqlen(entry.lm, int(seqlen))  # a window the model cannot take: refuse before any work
+    seqlen, max_windows = eval_numbers(seqlen, max_windows)
+    check_seqlen(entry.lm, seqlen)  # a window the model cannot take: refuse before any work
     return evaluation_set(entry.lm.tokenizer, (source or DEFAULT_SOURCE).strip(), int(seqlen), int(max_windows))
 
 
@@ -78,7 +85,8 @@ def on_perplexity(session: Session, source, seqlen, max_windows, progress=gr.Pro
     masks = run.masks
     session.cancel.clear()
     try:
-        check_seqlen(entry.lm, int(seqlen))
+        seqlen, max_windows = eval_numbers(seqlen, max_windows)
+        check_seqlen(entry.lm, seqlen)
         progress(0, desc="tokenizing the evaluation text")
         windows, protocol = _eval_set(entry, source, seqlen, max_windows)
         p = measure(session, entry, windows, protocol, [masks], progress, run)[0]
@@ -121,7 +129,8 @@ def on_sweep(session: Session, sparsities_text, source, seqlen, max_windows, pro
     session.cancel.clear()
     try:
         values = parse_sparsities(sparsities_text)
-        check_seqlen(entry.lm, int(seqlen))  # before pruning at each sparsity
+        seqlen, max_windows = eval_numbers(seqlen, max_windows)
+        check_seqlen(entry.lm, seqlen)  # before pruning at each sparsity
         if run.artifact is None:
             how = f"**{run.structured.method}** (structured), pruned at each of {len(values)} sparsities"
         else:
