@@ -25,6 +25,7 @@ import torch
 from .calibrate import LayerStats
 from .dense import DenseWeights
 from .errors import MaskFileError
+from .fingerprint import mismatch, written_with
 from .masks import _atomic_write, ascending_ranks
 from .methods import Method, get_method
 from .models import LoadedModel, available_memory_bytes, cache_dir
@@ -242,6 +243,11 @@ class Artifact:
             self._solved = (key, {})  # other settings: earlier solves cannot be reused
         return self._solved[1]
 
+    def forget_solved(self) -> None:
+        """Drop the weight-updating cut's kept solves (a sweep's last point; masks already made keep
+        their own references)."""
+        self._solved = None
+
     def nbytes(self) -> int:
         """Memory held by the artifact's own tensors (scores, ranks, sorted scores, extras in the
         memory store, statistics counted once each), not what is spilled or memory-mapped, nor the
@@ -333,8 +339,8 @@ def artifact_tensors(artifact: Artifact, lm: LoadedModel, prefix: str = ""):
     profile = artifact.block_profile() if artifact.method_obj.allocates else None
     meta = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "method": artifact.method,
             "params": json.dumps(artifact.params), "protocol": json.dumps(artifact.protocol, default=str),
-            "model_id": lm.model_id, "model_fingerprint": lm.fingerprint,
-            "calibration_seconds": f"{artifact.calibration_seconds:.3f}", "n_tokens": json.dumps(n_tokens),
+            **written_with(lm), "calibration_seconds": f"{artifact.calibration_seconds:.3f}",
+            "n_tokens": json.dumps(n_tokens),
             "stats_alias": json.dumps(alias), "block_profile": json.dumps(profile),
             "block_of": json.dumps(artifact.block_of)}
     return entries, meta
@@ -376,10 +382,10 @@ def load_artifact(path: str | Path, lm: LoadedModel, dense: DenseWeights | None 
             f"{path} is a calibration artifact of format version {version}; this tool reads version "
             f"{ARTIFACT_VERSION} (which stores ranks and sorted scores, so a cut never re-sorts). "
             "Calibrate again to make a new one; its masks are unchanged.")
-    if meta.get("model_fingerprint") != lm.fingerprint:
-        raise MaskFileError(f"{path} was calibrated on {meta.get('model_id')!r}, not on the loaded "
-                            f"{lm.model_id!r}. Load that model, or calibrate this one.")
-    return artifact_from_tensors(FileStore(path), meta, lm, dense, where=str(path))
+    problem = mismatch(meta, lm, str(path), "calibrate again on this one.", made="calibrated on")
+    if problem is not None:
+        raise MaskFileError(problem)
+    return artifact_from_tensors(FileStore(path, "the calibration artifact"), meta, lm, dense, where=str(path))
 
 
 def artifact_from_tensors(store, meta: dict, lm: LoadedModel, dense: DenseWeights | None = None,

@@ -27,6 +27,7 @@ from .masks import MaskSet
 from .models import LoadedModel, cache_dir
 from .offload import is_offloaded, offload_entry, read_offloaded, set_offload_entry, write_offloaded
 from .outputs import process_folder
+from .sources import WatchedFiles
 
 class DenseWeights:
     """Apply masks to a model and restore its dense weights; `weight(name)` reads a dense weight."""
@@ -62,6 +63,10 @@ class DenseWeights:
                 spill.append(name)
         if spill:
             self._spill(spill)
+        # every file an original is read back from, watched: a checkpoint replaced by a later export
+        # or a deleted cache must stop restores, not feed them other weights
+        self._watch = WatchedFiles(sorted({path for path, _key in self._files.values()}
+                                          | {e["safetensors_file"] for e in self._entries.values()}))
 
     # ---------------------------------------------------------------- reading the originals
 
@@ -79,8 +84,20 @@ class DenseWeights:
                 "spill" if self._spill_dir is not None and Path(self._files[name][0]).parent == self._spill_dir
                 else "checkpoint" for name in self.modules}
 
+    def source_problem(self) -> str | None:
+        """What happened to a file the dense originals are read from (None while they are intact)."""
+        return self._watch.problem()
+
+    def check_sources(self) -> None:
+        """Refuse (SourceChanged) once a file of dense originals changed or vanished: from then on
+        nothing can be restored to, or called, the dense model."""
+        self._watch.check(f"the dense weights of {self.lm.model_id}",
+                          "Nothing is called dense any more: load the model again (the explorer's Load button; "
+                          "on the command line, run the command again), which reads the weights now on disk.")
+
     def _read_param(self, name: str) -> torch.Tensor:
         """The dense original in the parameter's layout and dtype, on the CPU."""
+        self.check_sources()
         module = self.modules[name]
         if name in self._entries:
             entry = self._entries[name]
@@ -144,6 +161,7 @@ class DenseWeights:
     def apply(self, mask_set: MaskSet) -> None:
         """Set each weight to (updated or dense weight) * mask, one matrix at a time; layers the mask
         set does not cover are restored."""
+        self.check_sources()
         for name, module in self.modules.items():
             mask = mask_set.masks.get(name)
             update = mask_set.weights.get(name)
@@ -173,7 +191,9 @@ class DenseWeights:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Every changed weight back to its dense original, read from where it is kept."""
+        """Every changed weight back to its dense original, read from where it is kept (refused, with
+        the model left as it is, when those files changed)."""
+        self.check_sources()
         for name in [n for n in self.modules if n in self._changed]:
             self._restore_one(name)
         self._restore_biases()

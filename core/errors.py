@@ -27,3 +27,8 @@ class MaskFileError(PruneError):
 
 class Cancelled(PruneError):
     """A long job was cancelled by the user; the model is left as it was before the job."""
+
+
+class SourceChanged(PruneError):
+    """A file read after it was opened (a checkpoint the dense weights come from, a memory-mapped
+    artifact or session) changed or vanished on disk: what it held can no longer be trusted."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import MaskFileError, PatternError
+from .fingerprint import mismatch, written_with
 from .models import LoadedModel
 
 FORMAT_VERSION = "2"  # what save_masks writes: masks packed 8 inputs per byte
@@ -528,8 +529,7 @@ def save_masks(path: str | Path, mask_set: MaskSet, lm: LoadedModel) -> Path:
     meta.update({
         "format": "pruning-explorer-masks",
         "format_version": FORMAT_VERSION,
-        "model_id": lm.model_id,
-        "model_fingerprint": lm.fingerprint,
+        **written_with(lm),
         "model_type": lm.config.model_type,
         "layout": "canonical (d_out, d_in), True/1 = keep",
         "packing": PACKING,
@@ -655,11 +655,9 @@ def _check_header(path: Path, meta: dict, lm: LoadedModel, allow_other_model: bo
         raise MaskFileError(
             f"{path} records its masks packed as {meta['packing']!r}; this tool reads version 2 "
             f"packed as {PACKING!r}. Export the masks again with this tool.")
-    if not allow_other_model and meta.get("model_fingerprint") != lm.fingerprint:
-        raise MaskFileError(
-            f"{path} was made for model {meta.get('model_id')!r} (fingerprint "
-            f"{meta.get('model_fingerprint')}), not for the loaded {lm.model_id!r} (fingerprint "
-            f"{lm.fingerprint}). Load the model it was made for.")
+    problem = None if allow_other_model else mismatch(meta, lm, str(path), "make the masks again on this one.")
+    if problem is not None:
+        raise MaskFileError(problem)
 
 
 def _checked_packed(path: Path, name: str, tensor: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -6,7 +6,6 @@ the user's cache dir (~14 s), then every later load reads the cache (~0.2 s).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -18,13 +17,14 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .fingerprint import fingerprint  # noqa: F401  (LoadedModel.fingerprint; importable here too)
 from .families import Family, HeadInfo, family_for_config, head_info, supported_summary
 
 
@@ -90,6 +90,7 @@ class LoadedModel:
     checkpoint: Path | None = None  # the safetensors folder the weights were loaded from, if any
     compute_device: torch.device | None = None  # where blocks run (offloaded weights are brought there)
     offload: str = "none"  # none | cpu | disk (core.offload)
+    _sampled: str | None = field(default=None, repr=False)  # sampled_fingerprint(), once asked
 
     @property
     def config(self):
@@ -138,32 +139,13 @@ class LoadedModel:
             "fingerprint": self.fingerprint,
         }
 
+    def sampled_fingerprint(self) -> str:
+        """The version-1 fingerprint older files record (computed when first asked)."""
+        if self._sampled is None:
+            from .fingerprint import sampled_fingerprint
 
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of the architecture and a sample of every weight.
-
-    Cheap (it reads 1024 values spread over each tensor) yet tells apart two models with the
-    same shapes but different weights, which is what a mask file must not be applied across.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        if tensor.device.type == "meta":  # offloaded by accelerate: read it from its weights map
-            tensor = _offloaded_tensor(model, name)
-        flat = tensor.detach().flatten()
-        # 1024 values spread over the whole tensor: a change anywhere in a row or column shows.
-        k = min(1024, flat.numel())
-        index = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
-        sample = flat[index].to(torch.float32).cpu()
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _offloaded_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    return module._hf_hook.weights_map[attr]
+            self._sampled = sampled_fingerprint(self.model)
+        return self._sampled
 
 
 def available_memory_bytes() -> int | None:

@@ -136,3 +136,10 @@ def _write_dat(weight: torch.Tensor, key: str, folder: str, index: dict) -> None
             if os.path.exists(partial):
                 os.remove(partial)
     index[key] = index_entry
+
+
+def param_source(model: nn.Module, name: str):
+    """(the mapping holding an offloaded parameter `name` of `model`, its key there)."""
+    module_name, _, attr = name.rpartition(".")
+    wmap = model.get_submodule(module_name)._hf_hook.weights_map
+    return getattr(wmap, "dataset", wmap), f"{getattr(wmap, 'prefix', '')}{attr}"

@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from .sources import WatchedFiles
+
 # safetensors' dtype names
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -93,8 +95,10 @@ class SpillStore:
 class FileStore:
     """The tensors of one safetensors file, memory-mapped (read-only to the artifact)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, what: str = "the tensors mapped from it"):
         self.path = Path(path)
+        self._watch = WatchedFiles([self.path])  # before the header: a file changed after it is caught
+        self._what = what
         self.metadata, self._entries, self._data_start = read_header(self.path)
 
     def get(self, key: str, random_access: bool = False) -> torch.Tensor | None:
@@ -103,6 +107,9 @@ class FileStore:
         entry = self._entries.get(key)
         if entry is None:
             return None
+        # a file rewritten since its header was read would be read at stale offsets (or, truncated,
+        # end the process with SIGBUS through the memory map)
+        self._watch.check(self._what, "Open the file again, or make it again if it is gone.")
         begin, _ = entry["data_offsets"]
         return _mapped(self.path, self._data_start + begin, entry["dtype"], entry["shape"], random_access)
 

@@ -29,6 +29,7 @@ import torch
 
 from core.artifacts import (ARTIFACT_FORMAT, ARTIFACT_VERSION, artifact_from_tensors, artifact_tensors)
 from core.errors import MaskFileError
+from core.fingerprint import mismatch, written_with
 from core.masks import MaskSet, _atomic_write, parse_pattern
 from core.pruning import cut
 from core.tensor_store import FileStore, write_safetensors
@@ -127,8 +128,8 @@ def save_session(path: str | Path, session: Session) -> Path:
             item["stored"].append("masks")
         runs_meta.append(item)
     active = next((i for i, r in enumerate(session.runs) if r is session.active), 0)
-    meta = {"format": FORMAT, "format_version": VERSION, "model_id": lm.model_id,
-            "model_fingerprint": lm.fingerprint, "runs": json.dumps(runs_meta), "active": str(active),
+    meta = {"format": FORMAT, "format_version": VERSION, **written_with(lm), "runs": json.dumps(runs_meta),
+            "active": str(active),
             "slider": json.dumps({"sparsity": session.sparsity, "pattern": session.pattern,
                                   "alloc_mode": session.alloc_mode}),
             "ppl_runs": json.dumps(_meta_json(session.ppl_runs)), "ppl_dense": json.dumps(session.ppl_dense)}
@@ -183,7 +184,7 @@ def _open(path: Path) -> FileStore:
     fd = os.open(path, os.O_RDONLY)
     try:
         through = Path(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else path
-        store = FileStore(through)
+        store = FileStore(through, "the session's runs")
     except BaseException:
         os.close(fd)
         raise
@@ -238,9 +239,9 @@ def _artifact_from(store: FileStore, path: Path, prefix: str, item: dict, entry:
                "the session again.")
     if meta.get("format") != ARTIFACT_FORMAT or meta.get("format_version") != ARTIFACT_VERSION:
         raise SessionFileError(refused.format(f"it is not a calibration artifact of format version {ARTIFACT_VERSION}"))
-    if meta.get("model_fingerprint") != entry.lm.fingerprint:
-        raise SessionFileError(refused.format(f"it was calibrated on {meta.get('model_id')!r}, not on the loaded "
-                                              f"{entry.lm.model_id!r}"))
+    problem = mismatch(meta, entry.lm, "it", "calibrate again on this one.", made="calibrated on")
+    if problem is not None:
+        raise SessionFileError(f"{path.name}: run {run_name!r}'s calibration cannot be restored: {problem}")
     try:
         return artifact_from_tensors(store, meta, entry.lm, entry.dense, prefix=prefix + "artifact/",
                                      where="its artifact")
@@ -260,10 +261,9 @@ def read_session(path: str | Path, entry: ModelEntry, workdir: Path | None = Non
     path = Path(path)
     meta = read_header(path)
     lm = entry.lm
-    if meta.get("model_fingerprint") != lm.fingerprint:
-        raise SessionFileError(
-            f"{path.name} was saved with model {meta.get('model_id')!r} (fingerprint {meta.get('model_fingerprint')}), "
-            f"not the loaded {lm.model_id!r} (fingerprint {lm.fingerprint}). Load the model it was made for.")
+    problem = mismatch(meta, lm, path.name, "start a new session on this one.")
+    if problem is not None:
+        raise SessionFileError(problem)
     items = _json(meta, "runs", path, [])
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise SessionFileError(f"{path.name}: its run list is not what the explorer writes; the file was altered.")
