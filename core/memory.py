@@ -370,3 +370,60 @@ def check_calibration_memory(model, method, n_windows: int, seqlen: int, batch_s
         f"tokens (batch {estimate.batch_size}): it needs about {estimate.describe()} on top of the loaded "
         f"model, {_gib(need)} with a safety margin, but only {_gib(have)} is {where}. Nothing was "
         f"allocated. Try: {'; '.join(ways)}.", estimate, have)
+
+
+# ---------------------------------------------------------------- requests beside a calibration
+# What the explorer's other requests hold while they run, from the same shapes, so that each is
+# checked against the memory available before it starts (a sweep, a perplexity, a generation).
+
+def estimate_cut(shapes: ModelShapes, method) -> int:
+    """Peak extra bytes of one mask set cut from an artifact and applied: its masks made (one
+    byte a weight once read as bool), a weight-updating method's re-solved weights, and one
+    matrix's ranking temporaries."""
+    from .methods import get_method
+
+    method = get_method(method) if isinstance(method, str) else method
+    n = shapes.n_prunable
+    biggest = max((o * i for o, i in shapes.matrices), default=0)
+    weights = n * shapes.elem if method.updates_weights else 0
+    return n + weights + 32 * biggest
+
+
+def estimate_evaluation(shapes: ModelShapes, seqlen: int, batch_size: int = 4) -> int:
+    """Peak extra bytes of a perplexity pass (core.evaluate.perplexity): one batch's logits in the
+    model's dtype, their fp32 copy and cross-entropy's log-softmax, plus one block's temporaries."""
+    b, s = max(int(batch_size), 1), max(int(seqlen), 1)
+    bt = b * s
+    logits = bt * shapes.vocab * (shapes.elem + 4 + 4)
+    attn = 6 * bt * shapes.hidden * shapes.elem
+    if shapes.attention == "eager" or shapes.mask_kinds:
+        attn += 2 * b * shapes.num_heads * s * s * max(shapes.elem, 4)
+    mlp = 2 * bt * shapes.hidden * shapes.elem + 4 * bt * shapes.widest * shapes.elem
+    return int(logits + BATCH_SLACK * max(attn, mlp) + FORWARD_BYTES)
+
+
+def estimate_generation(shapes: ModelShapes, tokens: int, streams: int = 1, kv_heads: int | None = None) -> int:
+    """Peak extra bytes of `streams` generations of up to `tokens` tokens each: the KV cache
+    (keys and values of every block), the prompt's forward pass and one step's logits."""
+    t = max(int(tokens), 1)
+    kv = kv_heads or shapes.num_heads
+    cache = 2 * shapes.n_blocks * kv * shapes.head_dim * t * shapes.elem
+    prompt = estimate_evaluation(shapes, t, 1) - t * shapes.vocab * (shapes.elem + 4 + 4)
+    return int(streams * (cache + shapes.vocab * 4) + prompt)
+
+
+class RequestMemoryError(PruneError):
+    """A request that would not fit in the memory available; the message has the numbers."""
+
+
+def check_request_memory(need: int, what: str, available: int | None, advice: str) -> None:
+    """Refuse (RequestMemoryError) a request needing `need` bytes beyond what is held now, with
+    the same safety margin as a calibration; nothing where the system does not say (None)."""
+    if available is None:
+        return
+    total = int(need * SAFETY_FACTOR + SAFETY_BYTES)
+    if total <= available:
+        return
+    raise RequestMemoryError(
+        f"Not enough memory for {what}: it needs about {_gib(need)} ({_gib(total)} with a safety margin) "
+        f"but only {_gib(available)} is available. Nothing was started. {advice}")

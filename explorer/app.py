@@ -18,7 +18,7 @@ import torch
 from core.data import DEFAULT_SOURCE
 from core.models import BUNDLED, DEFAULT_MODEL
 
-from . import figures
+from . import figures, limits
 from .common import (ASSETS, DELETE_CACHE, HEAVY, PATTERNS, SESSION_TTL_S, Number, Slider, example_prompts, kw,
                      touching, unload)
 from .state import Session, release_session
@@ -209,7 +209,8 @@ def layout(default_spec: str, placement: dict) -> SimpleNamespace:
                     with gr.Row():
                         ui.eval_src = gr.Textbox(DEFAULT_SOURCE, label="Evaluation text")
                         ui.eval_seqlen = Number(256, precision=0, minimum=8, label="seqlen")
-                        ui.eval_windows = Number(8, precision=0, minimum=1, label="max windows")
+                        ui.eval_windows = Number(8, precision=0, minimum=1, maximum=limits.MAX_EVAL_WINDOWS,
+                                                 label="max windows")
                     ui.ppl = gr.Button("Perplexity: dense vs the active run")
                     ui.ppl_md = gr.Markdown()
                     ui.ppl_js = gr.JSON(label="Perplexity", visible=False)
@@ -218,6 +219,7 @@ def layout(default_spec: str, placement: dict) -> SimpleNamespace:
                                 "sweep) lands here, one line per run, on the evaluation text set in the "
                                 "Generate tab. Sweep every shown run in one click; Cancel keeps the points "
                                 "measured. Structured methods are pruned again at every sparsity (slower).")
+                    gr.Markdown(limits.describe())
                     with gr.Row():
                         ui.sweep_tb = gr.Textbox("0.3, 0.4, 0.5, 0.6, 0.7", label="sparsities to cut and measure",
                                                  scale=3)

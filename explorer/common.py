@@ -13,6 +13,7 @@ import gradio as gr
 from core.errors import PruneError
 from core.models import DEFAULT_MODEL
 
+from .limits import LimitError, take_seat
 from .state import ModelEntry, Session, get_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -48,12 +49,21 @@ def progress_fn(progress, label: str = ""):
 
 
 def ensure_model(session: Session) -> ModelEntry:
-    """The session's model; the first use loads the app's default."""
+    """The session's model; the first use loads the app's default (a seat on the server first)."""
+    try:
+        take_seat(session)
+    except LimitError as exc:
+        raise gr.Error(str(exc)) from None
     if session.model is None:
         try:
             session.model = get_model(session.default_spec or DEFAULT_MODEL)
         except Exception as exc:
             raise fail(exc) from exc
+    problem = session.model.dense.source_problem()
+    if problem is not None:
+        raise gr.Error(f"{problem} since {session.model.lm.model_id} was loaded, so this session can no longer "
+                       "restore or show its dense model. Press Load (Model panel) to load the model as it is on "
+                       "disk now; this session's runs were made on the old weights and go with it.")
     return session.model
 
 

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +43,17 @@ _CACHE: "OrderedDict[tuple[str, str, str], ModelEntry]" = OrderedDict()
 
 def get_model(spec: str, dtype: str = "auto", device: str = "cpu", offload: str = "none") -> ModelEntry:
     """Load (once) and return the shared model for (spec, dtype, device, offload); raises
-    ModelLoadError. dtype auto: the checkpoint's own when it is 16-bit, else float32."""
+    ModelLoadError. dtype auto: the checkpoint's own when it is 16-bit, else float32. A cached
+    model whose files changed or vanished on disk is loaded again (sessions on the old one are
+    told so by ensure_model)."""
     key = (str(spec).strip(), dtype, device, offload)
     with _CACHE_LOCK:
         entry = _CACHE.get(key)
-        if entry is not None:
+        if entry is not None and entry.dense.source_problem() is None:
             _CACHE.move_to_end(key)
             return entry
+        if entry is not None:  # its files changed on disk: load what is there now
+            del _CACHE[key]
         lm = load_model(key[0], dtype=dtype, device=device, offload=offload)
         entry = ModelEntry(key, lm, DenseWeights(lm))
         _CACHE[key] = entry
@@ -303,11 +308,45 @@ class Session:
         self.cancel.set()
         self.reset_pruning()
         self.model = None
+        SEATS.give_back(self.id)
         self.ppl_runs.clear()
         self.ppl_dense.clear()
         self.cleanup()
         gc.collect()  # figures and masks can sit in reference cycles
         release_free_memory()  # glibc keeps freed heap pages resident otherwise
+
+
+class Seats:
+    """The sessions using a model now (each browser tab or API client that loaded one), so that a
+    server can cap them. A released session gives its seat back; one nobody holds any more (a
+    dropped test session, a state gradio deleted) loses it when it is collected."""
+
+    def __init__(self):
+        self._sessions: "weakref.WeakValueDictionary[str, Session]" = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def take(self, session: "Session", limit: int) -> bool:
+        """Seat a session (True if it has one now); False when `limit` others are seated."""
+        with self._lock:
+            if session.id in self._sessions:
+                return True
+            if len(self._sessions) >= limit:
+                gc.collect()  # sessions only a reference cycle still holds
+            if len(self._sessions) >= limit:
+                return False
+            self._sessions[session.id] = session
+            return True
+
+    def give_back(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+
+SEATS = Seats()
 
 
 def release_session(value) -> None:

@@ -15,7 +15,7 @@ from core.methods import all_methods, get_method
 from core.pruning import calibrate, cut, update_cut_params
 from core.structured.units import all_block_units
 
-from .. import figures, structured_view
+from .. import figures, limits, structured_view
 from ..common import (CALIB_BATCH, NO_BOUND, checked_number, checked_sparsity, ensure_model, fail,
                       progress_fn)
 from ..state import MODEL_LOCK, ModelEntry, Run, Session
@@ -185,6 +185,7 @@ def on_calibrate(session: Session, method_name, source, windows, seqlen, sparsit
     lm = entry.lm
     session.cancel.clear()
     try:
+        limits.check_new_run(session)
         params = collect_params(method_name, pool_values, pool_for, params_json)
         method = get_method(method_name)
         # every number checked before any work: the widgets', and the parameters by their schema

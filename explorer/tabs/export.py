@@ -14,7 +14,7 @@ from core.export import export_pruned_model, export_sliced_model
 from core.masks import allocation_table, load_masks, save_masks
 from core.structured.plan import plan_from_maskset
 
-from .. import session_file
+from .. import limits, session_file
 from ..common import ensure_model, fail
 from ..state import MODEL_LOCK, Run, Session
 from ..views import status, views
@@ -87,6 +87,7 @@ def on_import(session: Session, file, block, mtype):
         raise gr.Error("Choose a mask file (.safetensors) to import.")
     path = _path_of(file)
     try:
+        limits.check_new_run(session)
         masks = load_masks(path, entry.lm)
     except Exception as exc:
         raise fail(exc) from exc
@@ -135,6 +136,9 @@ def on_open_session(session: Session, file, block, mtype, progress=gr.Progress()
     start = time.perf_counter()
     try:
         content = session_file.read_session(path, entry, session.tmpdir())
+        if len(content["runs"]) > limits.MAX_RUNS:
+            raise limits.LimitError(f"{Path(path).name} holds {len(content['runs'])} runs; a session keeps at most "
+                                    f"{limits.MAX_RUNS} on this server (EXPLORER_MAX_RUNS).")
     except Exception as exc:
         raise fail(exc) from exc
     session_file.restore(session, content)

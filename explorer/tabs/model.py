@@ -5,6 +5,7 @@ import gradio as gr
 
 from .. import figures
 from ..common import NO_MASKS, fail
+from ..limits import take_seat
 from ..state import Session, get_model
 
 N_OUTPUTS = 10  # facts, status, block, matrix type, allocation, heatmap, histogram, summary, compare block, type
@@ -13,6 +14,7 @@ N_OUTPUTS = 10  # facts, status, block, matrix type, allocation, heatmap, histog
 def on_load_model(spec, dtype, device, offload, session: Session):
     spec = (spec or "").strip() or session.default_spec
     try:
+        take_seat(session)
         entry = get_model(spec, dtype or "auto", device or "cpu", offload or "none")
     except Exception as exc:
         raise fail(exc) from exc

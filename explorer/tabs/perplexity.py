@@ -2,7 +2,11 @@
 one click (one line per run; Cancel keeps the points already measured)."""
 from __future__ import annotations
 
+import gc
+
 import gradio as gr
+
+from core.calibrate import release_free_memory
 
 from core.data import DEFAULT_SOURCE, check_seqlen, evaluation_set
 from core.errors import Cancelled
@@ -10,7 +14,7 @@ from core.evaluate import perplexity
 from core.masks import parse_pattern
 from core.pruning import cut
 
-from .. import figures, structured_view
+from .. import figures, limits, structured_view
 from ..common import checked_number, ensure_model, fail, parse_sparsities, progress_fn
 from ..state import MODEL_LOCK, ModelEntry, Run, Session
 
@@ -87,6 +91,7 @@ def on_perplexity(session: Session, source, seqlen, max_windows, progress=gr.Pro
     try:
         seqlen, max_windows = eval_numbers(seqlen, max_windows)
         check_seqlen(entry.lm, seqlen)
+        limits.check_evaluation(entry, seqlen, max_windows)
         progress(0, desc="tokenizing the evaluation text")
         windows, protocol = _eval_set(entry, source, seqlen, max_windows)
         p = measure(session, entry, windows, protocol, [masks], progress, run)[0]
@@ -119,52 +124,93 @@ def masks_at(session: Session, entry: ModelEntry, run: Run, sparsity: float, pro
     return run.masks
 
 
+def _release(masks=None) -> None:
+    """Hand a measured point's memory back (its mask set goes; the heap is trimmed), so that the
+    server's memory after a sweep is what it was before."""
+    del masks
+    gc.collect()
+    release_free_memory()
+
+
+def _method_of(run: Run):
+    return run.artifact.method_obj if run.artifact is not None else None
+
+
 def on_sweep(session: Session, sparsities_text, source, seqlen, max_windows, progress=gr.Progress()):
     """Perplexity at several sparsities of the active run: cut from its one calibration, or, for
-    a structured method (units are solved for one sparsity), pruned again at each."""
+    a structured method (units are solved for one sparsity), pruned again at each. One mask set
+    at a time: each point is cut, measured, streamed, and dropped before the next."""
     entry = ensure_model(session)
     run = session.active
     if run is None or not run.cuttable:
         raise gr.Error("A sweep cuts from a calibration: calibrate first (imported masks have none).")
     session.cancel.clear()
     try:
-        values = parse_sparsities(sparsities_text)
+        values = limits.check_sparsities(parse_sparsities(sparsities_text))
         seqlen, max_windows = eval_numbers(seqlen, max_windows)
         check_seqlen(entry.lm, seqlen)  # before pruning at each sparsity
-        if run.artifact is None:
-            how = f"**{run.structured.method}** (structured), pruned at each of {len(values)} sparsities"
-        else:
-            how = f"**{run.artifact.method}**, one calibration, {len(values)} cuts"
-            progress(0, desc="cutting the masks")
-        masks_list = [masks_at(session, entry, run, v, progress, f"{i + 1}/{len(values)} ")
-                      for i, v in enumerate(values)]
+        limits.check_evaluation(entry, seqlen, max_windows, _method_of(run))
         windows, protocol = _eval_set(entry, source, seqlen, max_windows)
-        results = measure(session, entry, windows, protocol, masks_list, progress, run)
-    except Cancelled as exc:
-        gr.Warning(str(exc))
-        return (f"Cancelled: {exc}", *comparison(session))
     except Exception as exc:
         raise fail(exc) from exc
-    rows = "".join(f"| {masks_list[i].total_sparsity():.1%} | {results[i]:.3f} |\n" for i in sorted(results))
-    md = (f"{how}. Dense {session.ppl_dense[protocol.describe()]:.3f}.\n\n| sparsity | perplexity |\n"
-          f"|---|---|\n{rows}\nProtocol: {protocol.describe()}.")
-    return (md, *comparison(session))
+    if run.artifact is None:
+        how = f"**{run.structured.method}** (structured), pruned at each of {len(values)} sparsities"
+    else:
+        how = f"**{run.artifact.method}**, one calibration, {len(values)} cuts"
+    rows: list[tuple[float, float]] = []
+
+    def table(head: str) -> str:
+        body = "".join(f"| {s:.1%} | {p:.3f} |\n" for s, p in rows)
+        dense = session.ppl_dense.get(protocol.describe())
+        return (f"{head}\n\n| sparsity | perplexity |\n|---|---|\n{body}\n"
+                + (f"Dense {dense:.3f}. " if dense is not None else "") + f"Protocol: {protocol.describe()}.")
+
+    try:
+        dense_perplexity(session, entry, windows, protocol, progress)
+        for i, v in enumerate(values):
+            step = f"{i + 1}/{len(values)} "
+            masks = masks_at(session, entry, run, v, progress, step)
+            value = masked_perplexity(session, entry, windows, protocol, masks, f"{step}pruned ({v:.0%}) ", progress)
+            record(session, run, masks, value, protocol.describe())
+            rows.append((masks.total_sparsity(), value))
+            _release(masks)
+            masks = None
+            yield (table(f"{how}: {len(rows)} of {len(values)} measured..."), *comparison(session))
+    except Cancelled as exc:
+        gr.Warning(str(exc))
+        yield (table(f"Cancelled after {len(rows)} of {len(values)} points; those are kept: {exc}"),
+               *comparison(session))
+        return
+    except Exception as exc:
+        raise fail(exc) from exc
+    finally:
+        if run.artifact is not None:
+            run.artifact.forget_solved()  # the solves of the sweep's last sparsity, not the run's
+        _release()
+    yield (table(f"{how}."), *comparison(session))
 
 
 def on_sweep_runs(session: Session, sparsities_text, source, seqlen, max_windows, progress=gr.Progress()):
     """Every shown run at every sparsity (a fixed mask at its own), one line per run in the plot,
-    streamed point by point: (markdown, plot, points). Cancel keeps the points already measured."""
+    streamed point by point, one mask set at a time: (markdown, plot, points). Cancel keeps the
+    points already measured."""
     entry = ensure_model(session)
     runs = session.runs.visible()
     if not runs:
         raise gr.Error("No run shown: calibrate (or import a mask file), and tick the runs to measure.")
     session.cancel.clear()
     try:
-        values = parse_sparsities(sparsities_text)
+        values = limits.check_sparsities(parse_sparsities(sparsities_text))
+        plan = [(run, v) for run in runs for v in (values if run.cuttable else [None])]
+        limits.check_measurements(len(plan))
+        seqlen, max_windows = eval_numbers(seqlen, max_windows)
+        check_seqlen(entry.lm, seqlen)
+        methods = [m for m in map(_method_of, runs) if m is not None]
+        heaviest = max(methods, key=lambda m: m.updates_weights, default=None)
+        limits.check_evaluation(entry, seqlen, max_windows, heaviest)
         windows, protocol = _eval_set(entry, source, seqlen, max_windows)
     except Exception as exc:
         raise fail(exc) from exc
-    plan = [(run, v) for run in runs for v in (values if run.cuttable else [None])]
     done: list[dict] = []
 
     def table(head: str) -> str:
@@ -181,6 +227,8 @@ def on_sweep_runs(session: Session, sparsities_text, source, seqlen, max_windows
             masks = run.masks if v is None else masks_at(session, entry, run, v, progress, f"{step}: ")
             value = masked_perplexity(session, entry, windows, protocol, masks, f"{step}: ", progress)
             done.append(record(session, run, masks, value, protocol.describe()))
+            _release(masks)
+            masks = None
             yield (table(f"Measured {len(done)} of {len(plan)} points ({len(runs)} runs)..."), *comparison(session))
     except Cancelled as exc:
         gr.Warning(str(exc))
@@ -189,5 +237,9 @@ def on_sweep_runs(session: Session, sparsities_text, source, seqlen, max_windows
         return
     except Exception as exc:
         raise fail(exc) from exc
+    finally:
+        for run in runs:
+            if run.artifact is not None:
+                run.artifact.forget_solved()
+        _release()
     yield (table(f"{len(runs)} runs, {len(done)} points, one line per run."), *comparison(session))
-
