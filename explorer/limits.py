@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 
-from core.memory import ModelShapes, check_request_memory, estimate_cut, estimate_evaluation
+from core.memory import ModelShapes, check_request_memory, estimate_cut, estimate_evaluation, estimate_generation
 
 from .state import SEATS, ModelEntry, Session
 
@@ -80,6 +80,16 @@ def check_evaluation(entry: ModelEntry, seqlen: int, max_windows: int, method=No
         what += " with one mask set at a time"
     check_request_memory(need, what, available(entry),
                          "Use a shorter seqlen, or free memory (delete runs, close other sessions).")
+
+
+def check_generation(entry: ModelEntry, tokens: int) -> None:
+    """A generation of `tokens` tokens in all (prompt and new): its KV cache and forward pass within
+    the memory free now (the sides stream one after the other, so one at a time)."""
+    shapes = ModelShapes.from_model(entry.lm)
+    need = estimate_generation(shapes, tokens, kv_heads=entry.lm.heads.num_kv_heads)
+    check_request_memory(need, f"a generation of {tokens} tokens", available(entry),
+                         "Ask for fewer new tokens or a shorter prompt, or free memory (delete runs, close other "
+                         "sessions).")
 
 
 def check_new_run(session: Session) -> None:

@@ -11,6 +11,7 @@ from core.evaluate import GenerationSettings, generation_ids, stream_generate
 from core.structured.plan import plan_from_maskset
 from core.structured.slicing import slice_model
 
+from .. import limits
 from ..common import checked_number, ensure_model, fail
 from ..state import MODEL_LOCK, ModelEntry, Run, Session
 from ..streaming import Streamed
@@ -88,9 +89,11 @@ def _settings(prompt, max_new_tokens, do_sample, temperature, seed) -> Generatio
 def _check_fits(entry: ModelEntry, prompt, settings: GenerationSettings, chat) -> None:
     """Refuse, before any side streams, a prompt that with the new tokens does not fit in the
     model's context, or that is far too long to tokenize (core.prompts, the CLI's rule too; the
-    pruned and sliced models share the dense model's context)."""
+    pruned and sliced models share the dense model's context), or whose KV cache would not fit in
+    the memory free now."""
     try:
-        generation_ids(entry.lm, prompt, settings, bool(chat))
+        ids = generation_ids(entry.lm, prompt, settings, bool(chat))
+        limits.check_generation(entry, int(ids.shape[-1]) + settings.max_new_tokens)
     except PruneError as exc:
         raise fail(exc) from exc
 
