@@ -185,10 +185,7 @@ def _check_args(args) -> None:
         if value is not None and value < least:
             raise PruneError(f"{flag} must be at least {least} ({what}); got {value}.")
     if hasattr(args, "sparsity"):
-        try:
-            args.sparsity = check_sparsity(args.sparsity)
-        except PruneError as exc:
-            raise PruneError(f"--sparsity: {exc}") from None
+        args.sparsity = check_sparsity(args.sparsity)
     if hasattr(args, "param"):
         _check_params(args)
     if getattr(args, "sparsities", None) is not None:
