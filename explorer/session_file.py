@@ -261,7 +261,7 @@ def read_session(path: str | Path, entry: ModelEntry, workdir: Path | None = Non
     path = Path(path)
     meta = read_header(path)
     lm = entry.lm
-    problem = mismatch(meta, lm, path.name, "start a new session on this one.")
+    problem = mismatch(meta, lm, path.name, "start a new session on this one.", made="saved with")
     if problem is not None:
         raise SessionFileError(problem)
     items = _json(meta, "runs", path, [])
