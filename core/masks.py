@@ -430,6 +430,10 @@ class MaskSet:
     # counted in the whole-model sparsity, the allocation and the saved file's metadata
     dense_layers: dict[str, tuple[int, int]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # the masks `pruned` counts: counts given with other masks (the mapping replaced since) are stale
+        self._counted = self.masks if self.pruned is not None else None
+
     def shapes(self) -> dict[str, tuple[int, int]]:
         """Each mask's shape (no lazy mask is made)."""
         return mask_shapes(self.masks)
@@ -444,8 +448,9 @@ class MaskSet:
         costs tens of ms, and the explorer needs the counts three times per slider move); a cut
         knows them without counting, and then no lazy mask is made for them; packed masks are
         counted on their bits, none unpacked."""
-        if self.pruned is None or set(self.pruned) != set(self.masks):
+        if self.pruned is None or self._counted is not self.masks or set(self.pruned) != set(self.masks):
             self.pruned = count_pruned(self.masks)
+            self._counted = self.masks
         return self.pruned
 
     def sparsity_per_matrix(self) -> dict[str, float]:
