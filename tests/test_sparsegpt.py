@@ -106,3 +106,16 @@ def test_transposed_weight_view():
     torch.testing.assert_close(w_view, w_plain)
     w_nm, keep_nm = sparsegpt_prune(view, xtx, x.shape[0], 0.0, Pattern(2, 4))
     assert (keep_nm.view(D_OUT, -1, 4).sum(dim=2) == 2).all()
+
+
+def test_sparsegpt_scores_are_made_on_the_statistics_device():
+    """The heatmap's SparseGPT scores stay on the device of their statistics: tensors on 'meta'
+    stand in for a GPU here, where an identity made on the CPU fails as it would on CUDA."""
+    from types import SimpleNamespace
+
+    from core.methods import get_method
+
+    method = get_method("sparsegpt")
+    stats = SimpleNamespace(xtx=torch.empty(16, 16, device="meta"), n_tokens=10)
+    scores = method.score(torch.empty(8, 16, device="meta"), stats, method.resolve_params({}))
+    assert scores.device.type == "meta" and scores.shape == (8, 16)

@@ -20,8 +20,12 @@ class SparseGPT(Method):
     def score(self, weight, stats, params):
         # For drawing only: the OBS saliency w^2 / [H^-1]_jj^2 is what SparseGPT cuts by.
         import torch
-        h = stats.xtx.double() * (2.0 / max(stats.n_tokens, 1))
-        h += params["percdamp"] * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+
+        from ..structured.solve import damped
+
+        # damped on the statistics' own device (a torch.eye without one failed on CUDA), dead inputs
+        # given a unit diagonal as the solve does
+        h = damped(stats.xtx * (2.0 / max(stats.n_tokens, 1)), params["percdamp"])
         hinv_diag = torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(h))).float()
         return weight.float() ** 2 / hinv_diag.unsqueeze(0) ** 2
 

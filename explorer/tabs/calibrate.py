@@ -8,7 +8,7 @@ import gradio as gr
 
 from core.data import DEFAULT_SOURCE, calibration_set, check_seqlen
 from core.errors import Cancelled
-from core.masks import parse_pattern
+from core.masks import LazyMasks, PackedMasks, parse_pattern
 from core.memory import (APP_HINTS, CalibrationMemoryError, ModelShapes, available_bytes,
                          check_calibration_memory, largest_fitting)
 from core.methods import all_methods, get_method
@@ -127,11 +127,18 @@ def run_nbytes(run: Run) -> int:
     if run.structured is not None:
         total += run.structured.windows.numel() * run.structured.windows.element_size()
     if run.masks is not None:
-        made = run.masks.masks
-        names = made.made() if hasattr(made, "made") else list(made)
-        total += sum(made[n].numel() for n in names)  # bool: one byte a weight
+        total += masks_nbytes(run.masks.masks)
         total += sum(w.numel() * w.element_size() for w in run.masks.weights.values())
     return total
+
+
+def masks_nbytes(masks) -> int:
+    """Bytes a mapping of masks holds as it holds them: packed bits (one bit a weight, rows padded
+    to whole bytes), the masks a lazy mapping made so far, or plain tensors; nothing is unpacked."""
+    if isinstance(masks, PackedMasks):
+        return sum(masks.packed(name).numel() for name in masks)
+    names = masks.made() if isinstance(masks, LazyMasks) else list(masks)
+    return sum(masks[n].numel() * masks[n].element_size() for n in names)
 
 
 def memory_available(device) -> int | None:

@@ -124,10 +124,9 @@ def masks_at(session: Session, entry: ModelEntry, run: Run, sparsity: float, pro
     return run.masks
 
 
-def _release(masks=None) -> None:
-    """Hand a measured point's memory back (its mask set goes; the heap is trimmed), so that the
-    server's memory after a sweep is what it was before."""
-    del masks
+def _release() -> None:
+    """Hand a measured point's memory back (its mask set, dropped by the caller, collected; the heap
+    trimmed), so that the server's memory after a sweep is what it was before."""
     gc.collect()
     release_free_memory()
 
@@ -173,8 +172,8 @@ def on_sweep(session: Session, sparsities_text, source, seqlen, max_windows, pro
             value = masked_perplexity(session, entry, windows, protocol, masks, f"{step}pruned ({v:.0%}) ", progress)
             record(session, run, masks, value, protocol.describe())
             rows.append((masks.total_sparsity(), value))
-            _release(masks)
             masks = None
+            _release()
             yield (table(f"{how}: {len(rows)} of {len(values)} measured..."), *comparison(session))
     except Cancelled as exc:
         gr.Warning(str(exc))
@@ -227,8 +226,8 @@ def on_sweep_runs(session: Session, sparsities_text, source, seqlen, max_windows
             masks = run.masks if v is None else masks_at(session, entry, run, v, progress, f"{step}: ")
             value = masked_perplexity(session, entry, windows, protocol, masks, f"{step}: ", progress)
             done.append(record(session, run, masks, value, protocol.describe()))
-            _release(masks)
             masks = None
+            _release()
             yield (table(f"Measured {len(done)} of {len(plan)} points ({len(runs)} runs)..."), *comparison(session))
     except Cancelled as exc:
         gr.Warning(str(exc))
