@@ -15,6 +15,7 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,21 @@ class ModelEntry:
 
 
 _CACHE: "OrderedDict[tuple[str, str, str], ModelEntry]" = OrderedDict()
+
+
+@contextmanager
+def model_as(entry: ModelEntry, masks: MaskSet | None = None):
+    """The shared model with `masks` applied (None: dense) for the with-block, under MODEL_LOCK,
+    and dense again after it whatever happens: the one way a job uses the shared weights."""
+    with MODEL_LOCK:
+        try:
+            if masks is None:
+                entry.dense.restore()
+            else:
+                entry.dense.apply(masks)
+            yield entry.lm
+        finally:
+            entry.dense.restore()
 
 
 def get_model(spec: str, dtype: str = "auto", device: str = "cpu", offload: str = "none") -> ModelEntry:

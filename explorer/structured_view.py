@@ -13,7 +13,7 @@ from core.structured.pipeline import prune_structured
 from core.structured.plan import StructuredPlan
 
 from .figures import PALETTE, _figure, _hline, empty_figure
-from .state import MODEL_LOCK, ModelEntry
+from .state import ModelEntry, model_as
 from .streaming import Streamed
 
 
@@ -34,13 +34,9 @@ def prune_at(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=No
              should_stop=None, on_plan=None) -> tuple[MaskSet, StructuredPlan]:
     """Prune the shared model under the lock and put the weights back dense (sessions apply
     their masks only while they use the model). The run is not changed (a sweep uses this)."""
-    with MODEL_LOCK:
-        entry.dense.restore()
-        try:
-            return prune_structured(entry.lm, run.method, run.windows, sparsity, run.params, run.protocol,
-                                    entry.dense, progress, should_stop, on_plan)
-        finally:
-            entry.dense.restore()
+    with model_as(entry) as lm:
+        return prune_structured(lm, run.method, run.windows, sparsity, run.params, run.protocol,
+                                entry.dense, progress, should_stop, on_plan)
 
 
 def prune(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None, should_stop=None,

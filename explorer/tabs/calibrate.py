@@ -18,7 +18,7 @@ from core.structured.units import all_block_units
 from .. import figures, limits, structured_view
 from ..common import (CALIB_BATCH, NO_BOUND, checked_number, checked_sparsity, ensure_model, fail,
                       progress_fn)
-from ..state import MODEL_LOCK, ModelEntry, Run, Session
+from ..state import ModelEntry, Run, Session, model_as
 from ..views import cancelled_status, status, views
 from .live import sync_cheap_runs
 
@@ -214,8 +214,7 @@ def on_calibrate(session: Session, method_name, source, windows, seqlen, sparsit
         artifact = resumable(session, entry, method, params, protocol.as_dict())
         session.interrupted = None
         if artifact is None:
-            with MODEL_LOCK:  # the forward passes need the weights dense
-                entry.dense.restore()
+            with model_as(entry):  # the forward passes need the weights dense
                 artifact = calibrate(lm, method, data, protocol.as_dict(), params, dense=entry.dense,
                                      progress=progress_fn(progress, "calibrating: "),
                                      should_stop=session.cancel.is_set)

@@ -16,7 +16,7 @@ from core.structured.plan import plan_from_maskset
 
 from .. import limits, session_file
 from ..common import ensure_model, fail
-from ..state import MODEL_LOCK, Run, Session
+from ..state import Run, Session, model_as
 from ..views import status, views
 
 
@@ -57,17 +57,13 @@ def on_export_model(session: Session, progress=gr.Progress()):
     folder = session.tmpdir() / "pruned-model"
     progress(0.1, desc="writing the pruned weights")
     try:
-        with MODEL_LOCK:
-            try:
-                if masks.meta.get("pattern") == "structured":  # physically smaller
-                    progress(0.1, desc="slicing out the removed heads and channels")
-                    export_sliced_model(entry.lm, plan_from_maskset(entry.lm, masks), folder, {"masks": masks.meta})
-                else:
-                    entry.dense.apply(masks)
-                    export_pruned_model(entry.lm, folder, {"masks": masks.meta,
-                                                           "achieved_sparsity": masks.total_sparsity()})
-            finally:
-                entry.dense.restore()
+        structured = masks.meta.get("pattern") == "structured"  # physically smaller: sliced from the dense
+        with model_as(entry, None if structured else masks) as lm:
+            if structured:
+                progress(0.1, desc="slicing out the removed heads and channels")
+                export_sliced_model(lm, plan_from_maskset(lm, masks), folder, {"masks": masks.meta})
+            else:
+                export_pruned_model(lm, folder, {"masks": masks.meta, "achieved_sparsity": masks.total_sparsity()})
         progress(0.7, desc="zipping")
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
         shutil.rmtree(folder, ignore_errors=True)

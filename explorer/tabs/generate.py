@@ -13,7 +13,7 @@ from core.structured.slicing import slice_model
 
 from .. import limits
 from ..common import checked_number, ensure_model, fail
-from ..state import MODEL_LOCK, ModelEntry, Run, Session
+from ..state import ModelEntry, Run, Session, model_as
 from ..streaming import Streamed
 
 MAX_SLICED = 2  # physically sliced models a session keeps (a three-way generation needs two)
@@ -28,18 +28,11 @@ def locked_stream(entry: ModelEntry, masks, prompt: str, settings: GenerationSet
     always put back and the lock released even if the browser goes away mid-stream; a reader
     that stops reading ends the generation at its next token."""
     def work(emit, stop):
-        with MODEL_LOCK:
-            try:
-                if masks is not None:
-                    entry.dense.apply(masks)
-                else:
-                    entry.dense.restore()
-                for item in stream_generate(entry.lm, prompt, settings, chat=chat):
-                    if stop.is_set():
-                        break
-                    emit(item)
-            finally:
-                entry.dense.restore()
+        with model_as(entry, masks) as lm:
+            for item in stream_generate(lm, prompt, settings, chat=chat):
+                if stop.is_set():
+                    break
+                emit(item)
 
     return Streamed(work, name="explorer-generate")
 
@@ -54,9 +47,8 @@ def sliced_model(session: Session, entry: ModelEntry, masks):
         if kept_masks is masks:
             return model
     session.sliced = session.sliced[-(MAX_SLICED - 1):] if MAX_SLICED > 1 else []  # drop before making
-    with MODEL_LOCK:  # the copy must be taken from the dense weights, not another tab's masked ones
-        entry.dense.restore()
-        model = slice_model(entry.lm, plan_from_maskset(entry.lm, masks))
+    with model_as(entry) as lm:  # the copy must be taken from the dense weights, not another tab's masked ones
+        model = slice_model(lm, plan_from_maskset(lm, masks))
     sliced = dataclasses.replace(entry.lm, model=model)
     session.sliced.append((masks, sliced))
     return sliced

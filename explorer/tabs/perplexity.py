@@ -16,7 +16,7 @@ from core.pruning import cut
 
 from .. import figures, limits, structured_view
 from ..common import checked_number, ensure_model, fail, parse_sparsities, progress_fn
-from ..state import MODEL_LOCK, ModelEntry, Run, Session
+from ..state import ModelEntry, Run, Session, model_as
 
 
 def record(session: Session, run: Run | None, masks, value: float, protocol_key: str) -> dict:
@@ -32,26 +32,17 @@ def dense_perplexity(session: Session, entry: ModelEntry, windows, protocol, pro
     """The dense model's perplexity on this protocol (measured once per session and protocol)."""
     key = protocol.describe()
     if key not in session.ppl_dense:
-        with MODEL_LOCK:
-            try:
-                entry.dense.restore()
-                session.ppl_dense[key] = perplexity(entry.lm, windows, protocol.as_dict(),
-                                                    progress=progress_fn(progress, "dense "),
-                                                    should_stop=session.cancel.is_set).value
-            finally:
-                entry.dense.restore()
+        with model_as(entry) as lm:
+            session.ppl_dense[key] = perplexity(lm, windows, protocol.as_dict(), progress=progress_fn(progress, "dense "),
+                                                should_stop=session.cancel.is_set).value
     return session.ppl_dense[key]
 
 
 def masked_perplexity(session: Session, entry: ModelEntry, windows, protocol, masks, label: str, progress) -> float:
     """Perplexity with `masks` applied, under the lock (the weights are put back after)."""
-    with MODEL_LOCK:
-        try:
-            entry.dense.apply(masks)
-            return perplexity(entry.lm, windows, protocol.as_dict(), progress=progress_fn(progress, label),
-                              should_stop=session.cancel.is_set).value
-        finally:
-            entry.dense.restore()
+    with model_as(entry, masks) as lm:
+        return perplexity(lm, windows, protocol.as_dict(), progress=progress_fn(progress, label),
+                          should_stop=session.cancel.is_set).value
 
 
 def measure(session: Session, entry: ModelEntry, windows, protocol, masks_list, progress, run: Run | None = None) -> dict:
