@@ -19,6 +19,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -110,17 +111,40 @@ class Artifact:
         self.fingerprint = fingerprint
         self.dense = dense
         self.block_of = block_of
-        self.calibration_seconds = calibration_seconds
-        self.stats: dict[str, LayerStats] = {}
+        self._calibration_seconds = calibration_seconds
+        self._stats: dict[str, LayerStats] = {}
         self._store = store if store is not None else MemoryStore()  # what this session adds
         self._base = base  # a loaded artifact file (read-only)
         self._profile: list[float] | None = None
-        # N:M masks do not depend on the sparsity: the last pattern's masks are kept, so moving the
-        # slider (or switching back) at N:M costs nothing after the first cut.
-        self._nm: tuple | None = None
-        # Weight-updating methods: (settings key, {matrix: (weight, mask)}) of the latest cut's solves,
-        # kept as they finish, so a cut cancelled half way is resumed by the next at the same settings.
-        self._solved: tuple | None = None
+        # N:M masks do not depend on the sparsity: the last N:M settings' masks are kept, so moving
+        # the slider (or switching back) at N:M costs nothing after the first cut.
+        self._nm = _SettingsCache()
+        # Weight-updating methods: {matrix: (weight, mask)} of the latest cut's solves, kept as they
+        # finish, so a cut cancelled half way is resumed by the next at the same settings.
+        self._solved = _SettingsCache()
+
+    # ---------------------------------------------------------------- what the calibration recorded
+
+    @property
+    def calibration_seconds(self) -> float:
+        return self._calibration_seconds
+
+    def record_calibration_time(self, seconds: float) -> None:
+        self._calibration_seconds = float(seconds)
+
+    @property
+    def stats(self) -> Mapping[str, LayerStats]:
+        """Input statistics per matrix (read-only: set_stats adds them)."""
+        return MappingProxyType(self._stats)
+
+    def set_stats(self, name: str, stats: LayerStats) -> None:
+        self._stats[name] = stats
+
+    def update_cut_params(self, values: dict) -> None:
+        """New values of parameters that only change the cut (core.pruning.update_cut_params decides
+        which); the allocation inputs, which may depend on them, are computed again."""
+        self.params.update(values)
+        self._profile = None
 
     # ---------------------------------------------------------------- tensors in the stores
 
@@ -182,7 +206,7 @@ class Artifact:
         one comparison. The scores are kept only when they cannot be recomputed from `stats` (kept
         instead) and the dense weight."""
         if stats is not None:
-            self.stats[name] = stats
+            self._stats[name] = stats
         if not self._can_recompute(name):
             self._store.put(f"score/{name}", scores)
         if scope == "sorted":  # the method cuts by counts over sorted scores, not by ranks
@@ -226,27 +250,19 @@ class Artifact:
         were computed under)."""
         self._profile = list(profile)
 
-    def reset_profile(self) -> None:
-        """Forget the allocation inputs (a parameter they depend on changed)."""
-        self._profile = None
-
-    def nm_masks(self, key: tuple):
-        """What earlier cuts at these N:M settings made, or None."""
-        return self._nm[1] if self._nm is not None and self._nm[0] == key else None
-
-    def remember_nm(self, key: tuple, value) -> None:
-        self._nm = (key, value)
+    def nm_masks(self, key: tuple) -> "NmMasks":
+        """The masks cuts at these N:M settings made so far (a new, empty record for new settings:
+        those of other settings are dropped)."""
+        return self._nm.get(key, NmMasks)
 
     def solved(self, key: tuple) -> dict:
         """The weight-updating cut's solves at these settings so far (a dict the cut fills)."""
-        if self._solved is None or self._solved[0] != key:
-            self._solved = (key, {})  # other settings: earlier solves cannot be reused
-        return self._solved[1]
+        return self._solved.get(key, dict)
 
     def forget_solved(self) -> None:
         """Drop the weight-updating cut's kept solves (a sweep's last point; masks already made keep
         their own references)."""
-        self._solved = None
+        self._solved.clear()
 
     def nbytes(self) -> int:
         """Memory held by the artifact's own tensors (scores, ranks, sorted scores, extras in the
@@ -260,8 +276,9 @@ class Artifact:
             for value in vars(stats).values():
                 tensors = value if isinstance(value, list) else [value]
                 total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-        if self._solved is not None:
-            total += sum(w.numel() * w.element_size() + m.numel() for w, m in self._solved[1].values())
+        solved = self._solved.current()
+        if solved is not None:
+            total += sum(w.numel() * w.element_size() + m.numel() for w, m in solved.values())
         return total
 
     def blocks(self) -> list[list[str]]:
@@ -270,6 +287,33 @@ class Artifact:
         for name, b in self.block_of.items():
             out[b].append(name)
         return out
+
+
+class _SettingsCache:
+    """One value kept for the latest settings key: asking with another key starts a new one."""
+
+    def __init__(self):
+        self._key, self._value = None, None
+
+    def get(self, key: tuple, new):
+        if self._value is None or self._key != key:
+            self._key, self._value = key, new()
+        return self._value
+
+    def current(self):
+        return self._value
+
+    def clear(self) -> None:
+        self._key, self._value = None, None
+
+
+class NmMasks:
+    """What cuts at one N:M setting made: `own`, a method's own cut (all its masks), or `made`, the
+    masks a generic (lazy) cut has made so far, filled as readers ask for them."""
+
+    def __init__(self):
+        self.own: Mapping[str, torch.Tensor] | None = None
+        self.made: dict[str, torch.Tensor] = {}
 
 
 # ---------------------------------------------------------------- where a new artifact's tensors go
@@ -416,10 +460,11 @@ def artifact_from_tensors(store, meta: dict, lm: LoadedModel, dense: DenseWeight
             raise MaskFileError(f"{where}: {name} does not match the loaded model's matrices.")
         if kind == "stats":
             field = rest.split("/", 1)[0]
-            stats = artifact.stats.setdefault(name, LayerStats(n_tokens=int(n_tokens.get(name, 0))))
-            setattr(stats, field, base.get(key))
+            if name not in artifact.stats:
+                artifact.set_stats(name, LayerStats(n_tokens=int(n_tokens.get(name, 0))))
+            setattr(artifact.stats[name], field, base.get(key))
     for name, owner in alias.items():
-        artifact.stats[name] = artifact.stats[owner]
+        artifact.set_stats(name, artifact.stats[owner])
     scope = method_scope(method, params)
     have = {key.split("/")[-1] for key in base.keys() if key.startswith(("score/", "rank/", "sorted/"))}
     missing = set(shapes) - have - set(artifact.stats)

@@ -48,7 +48,7 @@ def calibrate(lm: LoadedModel, method: str | Method, windows: torch.Tensor, prot
         for name in ctx.linears:
             stats = ctx.stats.get(name)
             if method.updates_weights:
-                artifact.stats[name] = stats
+                artifact.set_stats(name, stats)
             else:
                 kept = method.matrix_artifacts(dense.weight(name), stats, params)
                 artifact.set_scores(name, kept.pop("score"), method_scope(method, params), stats)
@@ -70,7 +70,7 @@ def calibrate(lm: LoadedModel, method: str | Method, windows: torch.Tensor, prot
             release_free_memory()
         if progress:
             progress(1, 1, "scored")
-    artifact.calibration_seconds = time.perf_counter() - start
+    artifact.record_calibration_time(time.perf_counter() - start)
     return artifact
 
 
@@ -103,22 +103,10 @@ def cut(artifact: Artifact, sparsity: float, pattern: Pattern = Pattern(), skip_
     sparsity, skipped = _validate(shapes, method, sparsity, pattern, skip_misfits)
     start = time.perf_counter()
     names = [n for n in artifact.block_of if n not in skipped]
-    pruned = None
     if method.updates_weights:
-        masks, weights = _cut_solved(artifact, sparsity, pattern, names, progress, should_stop)
+        (masks, weights), pruned = _cut_solved(artifact, sparsity, pattern, names, progress, should_stop), None
     else:
-        weights = {}
-        key = _nm_key(artifact, pattern, skipped) if pattern.is_nm else None
-        cached = artifact.nm_masks(key) if key else None  # ("made", masks) or ("lazy", masks made so far)
-        masks = cached[1] if cached is not None and cached[0] == "own" else None
-        if masks is None and cached is None:
-            masks = method.cut_masks(artifact, sparsity, pattern, names)  # a method's own cut, if any
-            if masks is not None and key:
-                artifact.remember_nm(key, ("own", masks))  # N:M: the same masks at any sparsity
-        if masks is None:  # the generic cut: ranks compared (or N:M top-k), each mask made on first read
-            masks, pruned = _cut_lazy(artifact, sparsity, pattern, names, key)
-        else:
-            pruned = getattr(masks, "known_pruned", None)
+        (masks, pruned), weights = _cut_scored(artifact, sparsity, pattern, names, skipped), {}
     meta = {"method": method.name, "params": dict(artifact.params), "pattern": str(pattern),
             "target_sparsity": f"{sparsity:.6f}", "calibration": artifact.protocol,
             "skipped_layers": skipped, "cut_seconds": f"{time.perf_counter() - start:.4f}"}
@@ -136,10 +124,25 @@ def _targets(artifact: Artifact, sparsity: float, pattern: Pattern, names: list[
     return matrix_sparsities(artifact, sparsity)
 
 
-def _cut_lazy(artifact: Artifact, sparsity: float, pattern: Pattern, names: list[str], key: tuple | None):
-    """Score methods: LazyMasks whose masks are one comparison of ranks (or N:M top-k) each, made
-    when a reader first needs them (the explorer draws one matrix per slider move); the pruned
-    counts are known without making any."""
+def _cut_scored(artifact: Artifact, sparsity: float, pattern: Pattern, names: list[str], skipped: list[str]):
+    """Score methods: (masks, pruned counts or None), from the method's own cut where it has one,
+    else the generic one. N:M masks do not depend on the sparsity: the artifact keeps what cuts at
+    the same N:M settings made, so moving the slider at N:M costs nothing after the first cut."""
+    record = artifact.nm_masks(_nm_key(artifact, pattern, skipped)) if pattern.is_nm else None
+    own = record.own if record is not None else None
+    if own is None and not (record is not None and record.made):
+        own = artifact.method_obj.cut_masks(artifact, sparsity, pattern, names)  # e.g. one global budget
+        if own is not None and record is not None:
+            record.own = own
+    if own is not None:
+        return own, own.known_pruned if isinstance(own, LazyMasks) else None
+    return _cut_lazy(artifact, sparsity, pattern, names, record.made if record is not None else {})
+
+
+def _cut_lazy(artifact: Artifact, sparsity: float, pattern: Pattern, names: list[str], made: dict):
+    """The generic cut: LazyMasks whose masks are one comparison of ranks (or N:M top-k) each, made
+    when a reader first needs them (the explorer draws one matrix per slider move) into `made`;
+    the pruned counts are known without making any."""
     method = artifact.method_obj
     scope = method_scope(method, artifact.params)
     shapes = artifact.dense.shapes()
@@ -157,12 +160,7 @@ def _cut_lazy(artifact: Artifact, sparsity: float, pattern: Pattern, names: list
         scores = artifact.score(name) if ranks is None else None  # ranks alone cut (scores may be recomputed)
         return cut_mask(scores, targets[name], pattern, scope, ranks)
 
-    done = {}
-    if key is not None:  # N:M masks do not depend on the sparsity: share what earlier cuts made
-        cached = artifact.nm_masks(key)
-        done = cached[1] if cached is not None else {}
-        artifact.remember_nm(key, ("lazy", done))
-    return LazyMasks({name: shapes[name] for name in names}, make, done), pruned
+    return LazyMasks({name: shapes[name] for name in names}, make, made), pruned
 
 
 def _cut_solved(artifact: Artifact, sparsity: float, pattern: Pattern, names: list[str], progress, should_stop):
@@ -198,13 +196,10 @@ def update_cut_params(artifact: Artifact, params: dict) -> list[str]:
     resolved = method.resolve_params({**artifact.params, **params})
     needs = [p.name for p in method.params
              if p.recalibrate and p.name in params and resolved[p.name] != artifact.params.get(p.name)]
-    changed = False
-    for p in method.params:
-        if not p.recalibrate and resolved[p.name] != artifact.params.get(p.name):
-            artifact.params[p.name] = resolved[p.name]
-            changed = True
+    changed = {p.name: resolved[p.name] for p in method.params
+               if not p.recalibrate and resolved[p.name] != artifact.params.get(p.name)}
     if changed:
-        artifact.reset_profile()  # allocation inputs may depend on the changed parameters
+        artifact.update_cut_params(changed)
     return needs
 
 
@@ -256,7 +251,7 @@ def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tenso
                 new, mask = method.solve(view, stats, target, pattern, params)
                 dense.write(name, new)
                 if artifact is not None:
-                    artifact.stats[name] = stats
+                    artifact.set_stats(name, stats)
                     weights[name] = new
                 else:
                     weights.track(name)  # read back from the model when saved
@@ -280,7 +275,7 @@ def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tenso
         dense.restore()
         raise
     if artifact is not None:
-        artifact.calibration_seconds = time.perf_counter() - start
+        artifact.record_calibration_time(time.perf_counter() - start)
     meta = {"method": method.name, "params": params, "pattern": str(pattern),
             "target_sparsity": f"{sparsity:.6f}", "calibration": {**(protocol or {}), "mode": mode},
             "skipped_layers": skipped}

@@ -9,7 +9,7 @@ from core.artifacts import load_artifact, save_artifact
 from core.calibrate import run_layerwise
 from core.errors import MaskFileError
 from core.masks import Pattern
-from core.pruning import calibrate, cut
+from core.pruning import calibrate, cut, update_cut_params
 from core.unipruning import (BUDGET_SCALES, budget_scales, keep_mask_from_count, mirror_descent,
                              mirror_descent_step, prune_counts, quantile_threshold, subset_size,
                              window_saliency)
@@ -165,14 +165,14 @@ def test_global_allocation_follows_the_scores_and_bounds_hold(windows):
     spread = cut(artifact, 0.5).sparsity_per_matrix()
     assert spread[skewed] > 0.8  # the allocation is an output: the budget goes where scores are low
     assert all(s < 0.5 for name, s in spread.items() if name != skewed)
-    artifact.params["max_shift"] = 0.02
+    update_cut_params(artifact, {"max_shift": 0.02})
     bounded = cut(artifact, 0.5).sparsity_per_matrix()
     assert all(0.48 - 1e-3 <= s <= 0.52 + 1e-3 for s in bounded.values())
     assert bounded[skewed] > 0.52 - 1e-3  # still pruned the most it may
-    artifact.params["controller"] = "row"
+    update_cut_params(artifact, {"controller": "row"})
     for mask in cut(artifact, 0.5).masks.values():
         assert ((~mask).sum(dim=1) == mask.shape[1] // 2).all()
-    artifact.params["controller"] = "matrix"
+    update_cut_params(artifact, {"controller": "matrix"})
     for mask in cut(artifact, 0.5).masks.values():
         assert int((~mask).sum()) == mask.numel() // 2
 
