@@ -73,7 +73,7 @@ class _Prefixed(Mapping):
 
     def _names(self) -> list[str]:
         names = []
-        for key in self._artifact._keys():
+        for key in self._artifact.stored_keys():
             if key.startswith(self._prefix):
                 rest = key[len(self._prefix):]
                 name = rest.split("/", 1)[1] if self._nested else rest
@@ -83,12 +83,12 @@ class _Prefixed(Mapping):
 
     def __getitem__(self, name: str):
         if self._nested:
-            kinds = {key[len(self._prefix):].split("/", 1)[0] for key in self._artifact._keys()
+            kinds = {key[len(self._prefix):].split("/", 1)[0] for key in self._artifact.stored_keys()
                      if key.startswith(self._prefix) and key.endswith("/" + name)}
             if not kinds:
                 raise KeyError(name)
-            return {kind: self._artifact._get(f"{self._prefix}{kind}/{name}") for kind in kinds}
-        tensor = self._artifact._get(self._prefix + name)
+            return {kind: self._artifact.stored(f"{self._prefix}{kind}/{name}") for kind in kinds}
+        tensor = self._artifact.stored(self._prefix + name)
         if tensor is None:
             raise KeyError(name)
         return tensor
@@ -148,13 +148,16 @@ class Artifact:
 
     # ---------------------------------------------------------------- tensors in the stores
 
-    def _get(self, key: str, random_access: bool = False) -> torch.Tensor | None:
+    def stored(self, key: str, random_access: bool = False) -> torch.Tensor | None:
+        """One stored tensor by its file key ("rank/row/<matrix>", "score/<matrix>", ...): what this
+        session added, else the loaded file's; None if neither holds it."""
         found = self._store.get(key)
         if found is None and self._base is not None:
             found = self._base.get(key, random_access)
         return found
 
-    def _keys(self) -> list[str]:
+    def stored_keys(self) -> list[str]:
+        """Every stored tensor's key (this session's first, then the loaded file's others)."""
         keys = list(self._store.keys())
         if self._base is not None:
             seen = set(keys)
@@ -193,7 +196,7 @@ class Artifact:
         statistics. Recomputable scores are not kept (reading every matrix's scores one after
         another never holds more than one matrix's); others (e.g. SparseGPT's drawing saliency) are
         kept once computed."""
-        stored = self._get(f"score/{name}")
+        stored = self.stored(f"score/{name}")
         if stored is not None:
             return stored
         scores = self.method_obj.score(self.dense.weight(name), self.stats.get(name), self.params)
@@ -218,14 +221,14 @@ class Artifact:
 
     def sorted_scores(self, name: str) -> torch.Tensor:
         """A matrix's scores sorted ascending, flat (for cuts by count, e.g. a global budget)."""
-        found = self._get(f"sorted/{name}", random_access=True)  # read by bisection: a few entries
+        found = self.stored(f"sorted/{name}", random_access=True)  # read by bisection: a few entries
         if found is None:
             found = self.score(name).reshape(-1).sort().values
             self._store.put(f"sorted/{name}", found)
         return found
 
     def ranks(self, name: str, scope: str) -> torch.Tensor:
-        found = self._get(f"rank/{scope}/{name}")
+        found = self.stored(f"rank/{scope}/{name}")
         if found is None:
             found = ascending_ranks(self.score(name), scope)
             self._store.put(f"rank/{scope}/{name}", found)
@@ -355,11 +358,11 @@ def new_store(lm: LoadedModel, method: Method, params: dict):
 def _entries(artifact: Artifact):
     """(key, reader, dtype, shape) of every tensor an artifact file holds, in a stable order."""
     out = []
-    for key in artifact._keys():
+    for key in artifact.stored_keys():
         if key.startswith("stats/"):  # a loaded artifact's statistics: written once, from artifact.stats
             continue
-        tensor = artifact._get(key)
-        out.append((key, lambda key=key: artifact._get(key), tensor.dtype, tuple(tensor.shape)))
+        tensor = artifact.stored(key)
+        out.append((key, lambda key=key: artifact.stored(key), tensor.dtype, tuple(tensor.shape)))
     owner_of, n_tokens, alias = {}, {}, {}
     for name, stats in artifact.stats.items():
         if id(stats) in owner_of:  # modules fed one input share one LayerStats: store it once

@@ -314,7 +314,8 @@ def cmd_prune(args) -> int:
     from .data import calibration_set
     from .masks import parse_pattern
     from .dense import DenseWeights
-    from .pruning import calibrate, cut, prune_sequential
+    from .pruning import prune_sequential
+    from .structured.units import all_block_units
 
     structured = _is_structured(args.method)
     pattern = None if structured else parse_pattern(args.pattern)
@@ -328,23 +329,18 @@ def cmd_prune(args) -> int:
         results["dense_ppl"] = _eval(lm, args, "dense").value
     windows, protocol = calibration_set(lm.tokenizer, args.calib_text, args.calib_windows, args.seqlen, args.seed)
     start = time.perf_counter()
-    if structured:
-        from .structured.pipeline import prune_structured
-        from .structured.units import all_block_units
-
-        masks, plan = prune_structured(lm, args.method, windows, args.sparsity, _params(args.param),
-                                       protocol.as_dict(), dense, _progress_bar(f"{args.method} (structured)"))
-        results["structured_sparsity"] = round(plan.structured_sparsity(all_block_units(lm)), 6)
-        results["allocation"] = plan.allocation(all_block_units(lm))
-    elif args.one_shot:
-        artifact = calibrate(lm, args.method, windows, protocol.as_dict(), _params(args.param), dense,
-                             args.batch_size, _progress_bar("calibrating"))
-        masks = cut(artifact, args.sparsity, pattern, args.skip_misfit_layers, _progress_bar("cutting"))
+    if structured or args.one_shot:  # a run source: pruned (structured) or cut from a calibration
+        source = _run_source(args, lm, dense, windows, protocol)
+        masks = source.masks_at(args.sparsity, pattern, _progress_bar(f"{args.method} (structured)" if structured
+                                                                      else "cutting"))
         dense.apply(masks)
-    else:
-        masks, artifact = prune_sequential(lm, args.method, windows, args.sparsity, pattern, _params(args.param),
-                                           protocol.as_dict(), dense, args.skip_misfit_layers, args.batch_size,
-                                           _progress_bar("pruning block by block"), keep_artifact=False)
+        if source.structured:
+            results["structured_sparsity"] = round(source.plan.structured_sparsity(all_block_units(lm)), 6)
+            results["allocation"] = source.plan.allocation(all_block_units(lm))
+    else:  # the papers' procedure: block by block, the model pruned as it goes
+        masks, _ = prune_sequential(lm, args.method, windows, args.sparsity, pattern, _params(args.param),
+                                    protocol.as_dict(), dense, args.skip_misfit_layers, args.batch_size,
+                                    _progress_bar("pruning block by block"), keep_artifact=False)
     results["prune_seconds"] = round(time.perf_counter() - start, 2)
     results["achieved_sparsity"] = round(masks.total_sparsity(), 6)
     if not args.no_eval:
@@ -353,6 +349,19 @@ def cmd_prune(args) -> int:
         results["eval_protocol"] = ppl.protocol
         masks.meta["perplexity"] = json.dumps({"value": ppl.value, "protocol": ppl.protocol})
     return _save_run(args.out, masks, lm, results)
+
+
+def _run_source(args, lm, dense, windows, protocol):
+    """What gives this command's masks at a sparsity (core.run_source): a structured method pruned
+    from the calibration windows, else a cut from a calibration (made now from them)."""
+    from .pruning import calibrate
+    from .run_source import ArtifactCut, StructuredReprune
+
+    if _is_structured(args.method):
+        return StructuredReprune(lm, dense, args.method, windows, _params(args.param), protocol.as_dict())
+    artifact = calibrate(lm, args.method, windows, protocol.as_dict(), _params(args.param), dense,
+                         args.batch_size, _progress_bar("calibrating"))
+    return ArtifactCut(artifact, args.skip_misfit_layers)
 
 
 def _check_memory(args, lm, mode: str) -> None:
@@ -402,7 +411,8 @@ def cmd_calibrate(args) -> int:
 def cmd_cut(args) -> int:
     from .masks import parse_pattern
     from .dense import DenseWeights
-    from .pruning import cut, update_cut_params
+    from .pruning import update_cut_params
+    from .run_source import ArtifactCut
 
     _refuse_structured(args, "cut")
     check_run_folder(args.out, args.force)  # before any work
@@ -413,8 +423,8 @@ def cmd_cut(args) -> int:
     if needs:
         raise PruneError(f"Changing {', '.join(needs)} needs a new calibration (python -m core calibrate ...); "
                          "a cut can only change the cut-time parameters.")
-    masks = cut(artifact, args.sparsity, parse_pattern(args.pattern), args.skip_misfit_layers,
-                _progress_bar("cutting"))
+    masks = ArtifactCut(artifact, args.skip_misfit_layers).masks_at(args.sparsity, parse_pattern(args.pattern),
+                                                                    _progress_bar("cutting"))
     results = {"model": lm.model_id, "method": artifact.method, "pattern": args.pattern,
                "sparsity": args.sparsity, "achieved_sparsity": round(masks.total_sparsity(), 6),
                "cut_seconds": float(masks.meta["cut_seconds"])}
@@ -438,85 +448,86 @@ def _refuse_structured(args, command: str) -> None:
                          f"--method {args.method} --sparsity S` (or `sweep`, which prunes once per sparsity).")
 
 
-def _sweep_structured(args) -> int:
-    """Structured methods solve per sparsity: one prune per row, same calibration windows."""
-    from .data import calibration_set
-    from .dense import DenseWeights
-    from .structured.pipeline import prune_structured
+def _sweep_points(args, source) -> list:
+    """(pattern, sparsity) of every row: a structured method at each sparsity (its pattern is its
+    own: None), others at each sparsity of each pattern (an N:M pattern once: its sparsity is fixed)."""
+    from .masks import parse_pattern
+
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    if source.structured:
+        return [(None, s) for s in sparsities]
+    points = []
+    for pattern_text in args.patterns.split(","):
+        pattern = parse_pattern(pattern_text)
+        points += [(pattern, s) for s in ([pattern.sparsity] if pattern.is_nm else sparsities)]
+    return points
+
+
+def _sweep_rows(args, lm, dense, source) -> list[dict]:
+    """One row per point: the masks from the source, the time they took, their perplexity."""
+    from .masks import dense_note
     from .structured.units import all_block_units
 
-    lm = _load(args)
-    dense = DenseWeights(lm)
-    _check_memory(args, lm, "structured")
-    units = all_block_units(lm)
-    windows, protocol = calibration_set(lm.tokenizer, args.calib_text, args.calib_windows, args.seqlen, args.seed)
-    rows = [{"pattern": "dense", "target": 0.0, "achieved": 0.0, "prune_s": 0.0,
+    time_key = "prune_s" if source.structured else "cut_s"
+    rows = [{"pattern": "dense", "target": 0.0, "achieved": 0.0, time_key: 0.0,
              "ppl": None if args.no_eval else _eval(lm, args, "dense").value}]
-    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+    noted = set()
+    for pattern, sparsity in _sweep_points(args, source):
+        what = "structured" if pattern is None else str(pattern)
         start = time.perf_counter()
-        _, plan = prune_structured(lm, args.method, windows, sparsity, _params(args.param), protocol.as_dict(),
-                                   dense, _progress_bar(f"{args.method} at {sparsity:.3f}"))
-        prune_s = time.perf_counter() - start
-        ppl = None if args.no_eval else _eval(lm, args, f"structured {sparsity:.3f}").value
+        masks = source.masks_at(sparsity, pattern,
+                                _progress_bar(f"{args.method} at {sparsity:.3f}") if source.structured else None)
+        if masks.skipped_layers and what not in noted:  # achieved counts them, at 0: say so once
+            print(f"note: {what}: {dense_note(masks)}", file=sys.stderr)
+            noted.add(what)
+        seconds = time.perf_counter() - start
+        dense.apply(masks)
+        label = f"structured {sparsity:.3f}" if source.structured else f"{pattern} {sparsity:.2f}"
+        ppl = None if args.no_eval else _eval(lm, args, label).value
         dense.restore()
-        rows.append({"pattern": "structured", "target": sparsity, "achieved": plan.structured_sparsity(units),
-                     "prune_s": prune_s, "ppl": ppl})
-    print(f"{args.method} on {lm.model_id} (structured: one prune per sparsity, calibration {protocol.source})")
-    print(f"{'pattern':<14}{'target':>8}{'achieved':>10}{'prune s':>9}{'ppl':>12}")
-    for r in rows:
-        ppl = "-" if r["ppl"] is None else f"{r['ppl']:.3f}"
-        print(f"{r['pattern']:<14}{r['target']:>8.3f}{r['achieved']:>10.4f}{r['prune_s']:>9.1f}{ppl:>12}")
-    if args.out:
-        write_text_atomic(args.out, json.dumps({"method": args.method, "calibration": protocol.as_dict(),
-                                                "rows": rows}, indent=2))
-    return 0
+        achieved = (source.plan.structured_sparsity(all_block_units(lm)) if source.structured
+                    else masks.total_sparsity())
+        rows.append({"pattern": what, "target": sparsity, "achieved": achieved, time_key: seconds, "ppl": ppl})
+    return rows
 
 
 def cmd_sweep(args) -> int:
-    from .masks import dense_note, parse_pattern
+    from .data import calibration_set
     from .dense import DenseWeights
-    from .pruning import cut
 
     if args.out:  # before any work
         check_writable(args.out, "file")
     if args.save_artifact:
         check_writable(args.save_artifact, "file", "--save-artifact")
-    if _is_structured(args.method):
-        return _sweep_structured(args)
     lm = _load(args)
     dense = DenseWeights(lm)
-    artifact = _calibrate_or_load(args, lm, dense)
-    protocol_text = artifact.protocol.get("source", "?")
-    rows = [{"pattern": "dense", "target": 0.0, "achieved": 0.0, "cut_s": 0.0,
-             "ppl": None if args.no_eval else _eval(lm, args, "dense").value}]
-    plans = []
-    for pattern_text in args.patterns.split(","):
-        pattern = parse_pattern(pattern_text)
-        sparsities = [pattern.sparsity] if pattern.is_nm else [float(s) for s in args.sparsities.split(",")]
-        plans += [(pattern, s) for s in sparsities]
-    noted = set()
-    for pattern, sparsity in plans:
-        start = time.perf_counter()
-        masks = cut(artifact, sparsity, pattern, args.skip_misfit_layers)
-        if masks.skipped_layers and str(pattern) not in noted:  # achieved counts them, at 0: say so once
-            print(f"note: {pattern}: {dense_note(masks)}", file=sys.stderr)
-            noted.add(str(pattern))
-        cut_s = time.perf_counter() - start
-        dense.apply(masks)
-        ppl = None if args.no_eval else _eval(lm, args, f"{pattern} {sparsity:.2f}").value
-        dense.restore()
-        rows.append({"pattern": str(pattern), "target": sparsity, "achieved": masks.total_sparsity(),
-                     "cut_s": cut_s, "ppl": ppl})
-    print(f"{artifact.method} on {lm.model_id}; calibration {artifact.calibration_seconds:.1f} s "
-          f"(on {protocol_text})")
-    print(f"{'pattern':<14}{'target':>8}{'achieved':>10}{'cut s':>8}{'ppl':>12}")
+    if _is_structured(args.method):
+        _check_memory(args, lm, "structured")
+        windows, protocol = calibration_set(lm.tokenizer, args.calib_text, args.calib_windows, args.seqlen,
+                                            args.seed)
+        source = _run_source(args, lm, dense, windows, protocol)
+    else:
+        from .run_source import ArtifactCut
+
+        source = ArtifactCut(_calibrate_or_load(args, lm, dense), args.skip_misfit_layers)
+    rows = _sweep_rows(args, lm, dense, source)
+    if source.structured:
+        print(f"{args.method} on {lm.model_id} (structured: one prune per sparsity, calibration {protocol.source})")
+        head, time_key, width, digits = "prune s", "prune_s", 9, 1
+        saved = {"method": args.method, "calibration": protocol.as_dict()}
+    else:
+        artifact = source.artifact
+        print(f"{artifact.method} on {lm.model_id}; calibration {artifact.calibration_seconds:.1f} s "
+              f"(on {artifact.protocol.get('source', '?')})")
+        head, time_key, width, digits = "cut s", "cut_s", 8, 3
+        saved = {"method": artifact.method, "calibration": artifact.protocol,
+                 "calibration_seconds": artifact.calibration_seconds}
+    print(f"{'pattern':<14}{'target':>8}{'achieved':>10}{head:>{width}}{'ppl':>12}")
     for r in rows:
         ppl = "-" if r["ppl"] is None else f"{r['ppl']:.3f}"
-        print(f"{r['pattern']:<14}{r['target']:>8.3f}{r['achieved']:>10.4f}{r['cut_s']:>8.3f}{ppl:>12}")
+        print(f"{r['pattern']:<14}{r['target']:>8.3f}{r['achieved']:>10.4f}{r[time_key]:>{width}.{digits}f}{ppl:>12}")
     if args.out:
-        write_text_atomic(args.out, json.dumps({"method": artifact.method, "calibration": artifact.protocol,
-                                                "calibration_seconds": artifact.calibration_seconds,
-                                                "rows": rows}, indent=2))
+        write_text_atomic(args.out, json.dumps({**saved, "rows": rows}, indent=2))
     return 0
 
 
@@ -586,6 +597,7 @@ def cmd_export(args) -> int:
     from .export import export_pruned_model
     from .masks import load_masks
     from .dense import DenseWeights
+    from .run_source import is_structured
 
     # Before any work: --out must be writable, and replaceable (missing, empty, an earlier export,
     # or --force), and must not hold the mask file or the model's own folder (never, even with --force).
@@ -594,7 +606,7 @@ def cmd_export(args) -> int:
     check_replaceable(args.out, inputs, args.force)
     lm = _load(args)
     masks = _read_masks(args.masks, lm)
-    if masks.meta.get("pattern") == "structured" and not args.masked:
+    if is_structured(masks) and not args.masked:
         from .export import export_sliced_model
         from .structured.plan import plan_from_maskset
 

@@ -52,7 +52,7 @@ def to_plot(spec: dict):
     return PlotData(type="plotly", plot=orjson.dumps(spec, option=orjson.OPT_SERIALIZE_NUMPY).decode())
 
 
-def _figure(data: list, title: str, height: int, **layout) -> dict:
+def base_figure(data: list, title: str, height: int, **layout) -> dict:
     # Transparent backgrounds and grey text so the figure reads in the light and the dark theme.
     base = {"title": {"text": title, "font": {"size": 14}}, "paper_bgcolor": "rgba(0,0,0,0)",
             "plot_bgcolor": "rgba(0,0,0,0)", "margin": {"l": 55, "r": 20, "t": 60, "b": 45},
@@ -70,12 +70,12 @@ def title_of(spec: dict) -> str:
 
 
 def empty_figure(message: str) -> dict:
-    return _figure([], "", 320, xaxis={"visible": False}, yaxis={"visible": False},
+    return base_figure([], "", 320, xaxis={"visible": False}, yaxis={"visible": False},
                    annotations=[{"text": message, "showarrow": False, "x": 0.5, "y": 0.5, "xref": "paper",
                                  "yref": "paper", "font": {"size": 14}}])
 
 
-def _hline(y: float, text: str) -> tuple[dict, dict]:
+def target_line(y: float, text: str) -> tuple[dict, dict]:
     shape = {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": y, "y1": y,
              "line": {"dash": "dash", "color": "#e45756"}}
     note = {"text": text, "xref": "paper", "x": 0, "y": y, "yanchor": "bottom", "xanchor": "left",
@@ -110,12 +110,12 @@ def allocation_figure(rows: list[dict], target: float | None = None, title_extra
                      "hovertemplate": f"block %{{x}} {kind}: %{{y:.1%}}<extra></extra>"})
     shapes, notes = [], []
     if target is not None:
-        shape, note = _hline(target, f"target {target:.0%}")
+        shape, note = target_line(target, f"target {target:.0%}")
         shapes, notes = [shape], [note]
     title = f"Sparsity per block and matrix type: total {pruned / max(total, 1):.1%} of {total:,} weights"
     if title_extra:
         title += f" ({title_extra})"
-    return _figure(data, title, 380, barmode="group", shapes=shapes, annotations=notes,
+    return base_figure(data, title, 380, barmode="group", shapes=shapes, annotations=notes,
                    legend={"orientation": "h", "y": -0.2},
                    yaxis={"title": {"text": "sparsity (pruned fraction)"}, "range": [0, 1], "tickformat": ".0%"},
                    xaxis={"title": {"text": "block"}, "dtick": 1 if len(blocks) <= 32 else None})
@@ -222,7 +222,7 @@ def saliency_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, name
     data, layout, notes = _matrix_panels(panels, gap, (1 - gap * (len(panels) - 1)) / len(panels))
     shown = f"{mask_img.shape[0]}x{mask_img.shape[1]}"
     title = f"{name}: {h}x{w}" + (f", downsampled to {shown} by pooling {kh}x{kw} tiles" if pooled else "")
-    return _figure(data, title, 420, annotations=notes, **layout)
+    return base_figure(data, title, 420, annotations=notes, **layout)
 
 
 def threshold_of(scores: torch.Tensor, mask: torch.Tensor) -> float | None:
@@ -258,7 +258,7 @@ def histogram_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, nam
                       "showarrow": False})
     note = {"row": " (per-row thresholds; line = largest pruned score)",
             "sorted": " (global budget: each matrix's own threshold)"}.get(scope, "")
-    return _figure(data, f"Score histogram of {name}{note}", 340, barmode="stack", shapes=shapes,
+    return base_figure(data, f"Score histogram of {name}{note}", 340, barmode="stack", shapes=shapes,
                    annotations=notes, legend={"orientation": "h", "y": -0.25},
                    xaxis={"title": {"text": f"log10 {score_label}"}},
                    yaxis={"title": {"text": "weights" + (" (evenly sampled)" if prep.sampled else "")}})
@@ -290,13 +290,13 @@ def perplexity_figure(runs: list[dict], dense: dict[str, float] | None = None) -
                      "hovertemplate": f"{name}: %{{x:.1%}} sparse, ppl %{{y:.2f}}<extra></extra>"})
     shapes, notes = [], []
     if dense and protocol in dense:
-        shape, note = _hline(dense[protocol], f"dense {dense[protocol]:.2f}")
+        shape, note = target_line(dense[protocol], f"dense {dense[protocol]:.2f}")
         shape["line"] = {"dash": "dot", "color": "#888"}
         note["font"] = {"color": "#888"}
         shapes, notes = [shape], [note]
     hidden = len(runs) - len(same)
     title = "Perplexity against sparsity" + (f" ({hidden} runs on other texts hidden)" if hidden else "")
-    return _figure(data, title, 400, shapes=shapes, annotations=notes, legend={"orientation": "h", "y": -0.25},
+    return base_figure(data, title, 400, shapes=shapes, annotations=notes, legend={"orientation": "h", "y": -0.25},
                    xaxis={"title": {"text": "achieved sparsity"}, "tickformat": ".0%"},
                    yaxis={"title": {"text": "perplexity (log scale)"}, "type": "log"})
 
@@ -364,7 +364,7 @@ def allocation_overlay_figure(series: list[dict], target: float | None = None, m
             data.append(trace)
     shapes, notes = [], []
     if target is not None:
-        shape, note = _hline(target, f"target {target:.0%}")
+        shape, note = target_line(target, f"target {target:.0%}")
         shape["line"] = {"dash": "dash", "color": "#777", "width": 2}
         note["font"] = {"color": "#777", "size": 13}
         shapes, notes = [shape], [note]
@@ -374,7 +374,7 @@ def allocation_overlay_figure(series: list[dict], target: float | None = None, m
               "categoryarray": categories, "tickangle": -90, "tickfont": {"size": 9}}
              if mode == "type" else {"title": {"text": "block"}, "dtick": 1 if len(blocks) <= 32 else None,
                                      "range": [blocks[0] - 0.5, blocks[-1] + 0.5]})
-    return _figure(data, title, 420 if mode == "type" else 380, shapes=shapes, annotations=notes,
+    return base_figure(data, title, 420 if mode == "type" else 380, shapes=shapes, annotations=notes,
                    legend={"orientation": "h", "y": -0.4 if mode == "type" else -0.28, "font": {"size": 14}},
                    yaxis={"title": {"text": "sparsity (pruned fraction)"}, "range": [0, 1], "tickformat": ".0%"},
                    xaxis=xaxis, font={"color": "#888", "size": 13})
@@ -413,7 +413,7 @@ def agreement_figure(dominant: np.ndarray, agree: np.ndarray, shape: tuple[int, 
     title = f"{name}: A = {label_a}, B = {label_b}, Jaccard {counts['jaccard']:.3f}"
     if pooled:
         title += f" (pooled {kh}x{kw} tiles)"
-    return _figure(data, title, 440, annotations=notes, **layout)
+    return base_figure(data, title, 440, annotations=notes, **layout)
 
 
 def jaccard_figure(rows: list[dict], whole: float, label_a: str, label_b: str) -> dict:
@@ -433,7 +433,7 @@ def jaccard_figure(rows: list[dict], whole: float, label_a: str, label_b: str) -
              "hovertemplate": "block %{x} %{y}: Jaccard %{z:.3f}<extra></extra>"}
     title = (f"Overlap of kept weights (Jaccard, 1 = the same weights kept), {label_a} vs {label_b}: "
              f"whole model {whole:.3f}")
-    return _figure([trace], title, 120 + 28 * len(types),
+    return base_figure([trace], title, 120 + 28 * len(types),
                    xaxis={"title": {"text": "block"}, "dtick": 1 if len(blocks) <= 32 else None},
                    yaxis={"title": {"text": "matrix type"}, "autorange": "reversed", "type": "category"})
 

@@ -31,11 +31,11 @@ from core.artifacts import (ARTIFACT_FORMAT, ARTIFACT_VERSION, artifact_from_ten
 from core.errors import MaskFileError
 from core.fingerprint import mismatch, written_with
 from core.masks import MaskSet, _atomic_write, parse_pattern
-from core.pruning import cut
+from core.run_source import ArtifactCut, FixedMasks, StructuredReprune
 from core.tensor_store import FileStore, write_safetensors
 
 from .state import ModelEntry, Run, Session
-from .structured_view import StructuredRun
+from .structured_view import reprune_source
 
 FORMAT = "pruning-explorer-session"
 VERSION = "1"
@@ -62,11 +62,9 @@ def unpack_mask(bits: torch.Tensor, shape) -> torch.Tensor:
 # ---------------------------------------------------------------- save
 
 def _keeps_masks(run: Run) -> bool:
-    """Whether a run's masks go into the file: they cannot be cut again in a moment (no
-    calibration, a structured prune, a weight-updating solve)."""
-    if run.artifact is None:
-        return True
-    return bool(run.artifact.method_obj.updates_weights)
+    """Whether a run's masks go into the file: they cannot be cut again in a moment (a fixed mask,
+    a structured prune, a weight-updating solve)."""
+    return run.source is None or not run.source.cheap
 
 
 def _meta_json(meta):
@@ -110,8 +108,8 @@ def save_session(path: str | Path, session: Session) -> Path:
             tensors, item["artifact_meta"] = artifact_tensors(run.artifact, lm, prefix=f"{prefix}artifact/")
             entries += _once(tensors)
             item["stored"].append("artifact")
-        if run.structured is not None:
-            srun = run.structured
+        if isinstance(run.source, StructuredReprune):
+            srun = run.source
             entries.append(_entry(f"{prefix}windows", srun.windows))
             item["structured"] = {"method": srun.method, "params": _meta_json(srun.params),
                                   "protocol": _meta_json(srun.protocol), "seconds": srun.seconds}
@@ -305,22 +303,24 @@ def _run_from(store: FileStore, path: Path, i: int, item: dict, entry: ModelEntr
             raise SessionFileError(f"{path.name}: run {run.name!r} lacks its calibration windows.")
         if windows.dim() != 2:
             raise SessionFileError(f"{path.name}: run {run.name!r}'s calibration windows are damaged.")
-        run.structured = StructuredRun(str(s.get("method", run.method)), dict(s.get("params") or {}), windows,
-                                       dict(s.get("protocol") or {}), sparsity=run.sparsity,
-                                       seconds=float(s.get("seconds") or 0.0))
+        run.source = reprune_source(entry, str(s.get("method", run.method)), dict(s.get("params") or {}), windows,
+                                    dict(s.get("protocol") or {}))
+        run.source.seconds = float(s.get("seconds") or 0.0)
     if "artifact" in stored:
-        run.artifact = _artifact_from(store, path, prefix, item, entry, run.name)
+        run.source = ArtifactCut(_artifact_from(store, path, prefix, item, entry, run.name), skip_misfits=True)
         if run.masks is None:  # a score method: cut again at the saved settings (lazily: a moment)
             if run.sparsity is None:
                 raise SessionFileError(f"{path.name}: run {run.name!r} has no sparsity to cut at.")
             try:
-                run.masks = cut(run.artifact, run.sparsity, parse_pattern(run.pattern), skip_misfits=True)
+                run.masks = run.source.masks_at(run.sparsity, parse_pattern(run.pattern))
             except Exception as exc:
                 raise SessionFileError(f"{path.name}: run {run.name!r} cannot be cut at its saved settings "
                                        f"({exc}); the file was altered.") from None
     if run.masks is None:
         raise SessionFileError(f"{path.name}: run {run.name!r} has neither a calibration nor masks; the file "
                                "is incomplete.")
+    if run.source is None:
+        run.source = FixedMasks(run.masks)
     return run
 
 

@@ -24,6 +24,7 @@ from core.masks import MaskSet
 from core.dense import DenseWeights
 from core.models import LoadedModel, load_model
 from core.outputs import process_folder
+from core.run_source import RunSource, is_structured
 
 # One lock for every model: held while weights are masked or a forward pass needs them dense.
 # A plain Lock (not RLock): gradio may resume a streaming generator on another thread.
@@ -85,10 +86,9 @@ def cached_keys() -> list[tuple[str, str, str]]:
 
 @dataclass
 class Run:
-    """One calibration (or imported mask file) of a session: its settings and what cuts it.
-
-    A run with an artifact is re-cut by the slider; a structured run is pruned again; a run made
-    from a mask file is a fixed mask (the slider leaves it as it is)."""
+    """One calibration (or imported mask file) of a session: its settings, what cuts it (its
+    core.run_source: cut from an artifact by the slider, a structured run pruned again, a fixed
+    mask from a file that the slider leaves as it is) and its current masks."""
 
     id: str
     name: str
@@ -97,8 +97,7 @@ class Run:
     pattern: str = "unstructured"
     text: str = ""  # the calibration text (protocol), in words
     origin: str = "calibrated"  # "calibrated", "imported" (a mask file), "reopened" (a session file)
-    artifact: object | None = None  # the calibration artifact (core.pruning.calibrate), if any
-    structured: object | None = None  # explorer.structured_view.StructuredRun of a structured method
+    source: RunSource | None = None  # what gives its masks at a sparsity (None: a fixed mask)
     masks: MaskSet | None = None  # the current masks
     sparsity: float | None = None  # the slider value the masks were cut at (None: a fixed mask)
     visible: bool = True
@@ -114,15 +113,24 @@ class Run:
         self.files.clear()
 
     @property
+    def artifact(self):
+        """The calibration artifact the run is cut from (core.pruning.calibrate), if any."""
+        return self.source.artifact if self.source is not None else None
+
+    @property
     def cuttable(self) -> bool:
         """Whether the slider re-cuts this run (a calibration, or a structured method's run)."""
-        return self.artifact is not None or self.structured is not None
+        return self.source is not None and self.source.follows_sparsity
 
     @property
     def kind(self) -> str:
-        if self.structured is not None or (self.masks is not None and self.masks.meta.get("pattern") == "structured"):
-            return "structured" if self.cuttable else "structured (fixed mask)"
-        return "cut from calibration" if self.artifact is not None else "fixed mask"
+        if self.source is not None:
+            return self.source.kind
+        return "structured (fixed mask)" if is_structured(self.masks) else "fixed mask"
+
+    def forget_source(self) -> None:
+        """Let go of what cuts the run (before its files go: core may read an artifact from them)."""
+        self.source = None
 
     def describe(self) -> dict:
         """The run as a table row / JSON (no tensors)."""
@@ -279,15 +287,10 @@ class Session:
         run = self.runs.active
         return run.artifact if run is not None else None
 
-    @property
-    def structured(self):
-        run = self.runs.active
-        return run.structured if run is not None else None
-
     def reset_pruning(self) -> None:
         """Forget every run (another model was loaded, or a session file reopened)."""
         for run in self.runs:
-            run.artifact = None  # before its files go: core may read an artifact from its file
+            run.forget_source()  # before its files go: core may read an artifact from its file
             run.drop_files()
         self.runs.clear()
         self.sliced = []
@@ -297,7 +300,7 @@ class Session:
 
     def drop_run(self, run_id: str) -> Run:
         run = self.runs.remove(run_id)
-        run.artifact = None
+        run.forget_source()
         run.drop_files()
         self.sliced = [(m, lm) for m, lm in self.sliced if m is not run.masks]
         self.compare_cache.clear()

@@ -4,53 +4,28 @@ block as attention units and MLP channels removed."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import torch
 
 from core.masks import MaskSet
-from core.structured.pipeline import prune_structured
-from core.structured.plan import StructuredPlan
+from core.run_source import StructuredReprune
 
-from .figures import PALETTE, _figure, _hline, empty_figure
+from .figures import PALETTE, base_figure, empty_figure, target_line
 from .state import ModelEntry, model_as
 from .streaming import Streamed
 
 
-@dataclass
-class StructuredRun:
-    """What a session keeps to re-prune a structured method at another sparsity."""
-
-    method: str
-    params: dict
-    windows: torch.Tensor
-    protocol: dict
-    plan: StructuredPlan | None = None
-    sparsity: float | None = None
-    seconds: float = 0.0
+def reprune_source(entry: ModelEntry, method: str, params: dict, windows: torch.Tensor,
+                   protocol: dict) -> StructuredReprune:
+    """A structured run's source: each prune takes the shared model under the lock, dense, and puts
+    the weights back dense (sessions apply their masks only while they use the model)."""
+    return StructuredReprune(entry.lm, entry.dense, method, windows, params, protocol,
+                             using_model=lambda: model_as(entry))
 
 
-def prune_at(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None,
-             should_stop=None, on_plan=None) -> tuple[MaskSet, StructuredPlan]:
-    """Prune the shared model under the lock and put the weights back dense (sessions apply
-    their masks only while they use the model). The run is not changed (a sweep uses this)."""
-    with model_as(entry) as lm:
-        return prune_structured(lm, run.method, run.windows, sparsity, run.params, run.protocol,
-                                entry.dense, progress, should_stop, on_plan)
-
-
-def prune(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None, should_stop=None,
-          on_plan=None) -> MaskSet:
-    """`prune_at`, and the run keeps the plan as its current state (what the slider shows)."""
-    masks, plan = prune_at(entry, run, sparsity, progress, should_stop, on_plan)
-    run.plan, run.sparsity = plan, sparsity
-    run.seconds = float(masks.meta.get("cut_seconds", 0.0))
-    return masks
-
-
-def prune_streaming(entry: ModelEntry, run: StructuredRun, sparsity: float, progress=None, should_stop=None):
-    """`prune` in a worker thread (explorer.streaming); yields ("plan", plan, info) whenever the
-    method publishes a better intermediate plan (Týr's search: info has generation, fitness,
+def prune_streaming(source: StructuredReprune, sparsity: float, progress=None, should_stop=None):
+    """`source.masks_at` in a worker thread (explorer.streaming); yields ("plan", plan, info) whenever
+    the method publishes a better intermediate plan (Týr's search: info has generation, fitness,
     iteration), then ("done", masks, None). Plans that arrive while the caller is busy are skipped
     for the newest, so a slow page never falls behind the search. Errors (Cancelled included) are
     re-raised here; a reader that stops reading stops the prune at its next check."""
@@ -58,8 +33,7 @@ def prune_streaming(entry: ModelEntry, run: StructuredRun, sparsity: float, prog
         def stopped() -> bool:
             return stop.is_set() or bool(should_stop and should_stop())
 
-        return prune(entry, run, sparsity, progress, stopped,
-                     on_plan=lambda plan, info: emit(("plan", plan, info)))
+        return source.masks_at(sparsity, None, progress, stopped, on_plan=lambda plan, info: emit(("plan", plan, info)))
 
     stream = Streamed(work, name="explorer-structured", coalesce=lambda event: event[0] == "plan")
     yield from stream
@@ -98,12 +72,12 @@ def allocation_figure(allocation: list[dict], target: float | None = None, title
     ]
     shapes, notes = [], []
     if target is not None:
-        shape, note = _hline(target, f"target {target:.0%}")
+        shape, note = target_line(target, f"target {target:.0%}")
         shapes, notes = [shape], [note]
     title = "Structured: units removed per block"
     if title_extra:
         title += f" ({title_extra})"
-    return _figure(data, title, 380, barmode="group", shapes=shapes, annotations=notes,
+    return base_figure(data, title, 380, barmode="group", shapes=shapes, annotations=notes,
                    legend={"orientation": "h", "y": -0.2},
                    yaxis={"title": {"text": "removed fraction"}, "range": [0, 1], "tickformat": ".0%"},
                    xaxis={"title": {"text": "block"}, "dtick": 1 if len(blocks) <= 32 else None})

@@ -8,6 +8,7 @@ import torch
 
 from core.errors import Cancelled
 from core.masks import allocation_table
+from core.run_source import is_structured
 
 from . import figures, structured_view
 from .common import NO_MASKS, checked_number
@@ -35,7 +36,7 @@ def target_of(masks) -> float | None:
 def run_allocation(run: Run, rows: list[dict], target, title: str) -> dict:
     """One run's detailed chart: structured masks per block as units removed, others per matrix type."""
     masks = run.masks
-    structured = structured_view.allocation_of(masks) if masks.meta.get("pattern") == "structured" else None
+    structured = structured_view.allocation_of(masks) if is_structured(masks) else None
     if structured:
         return structured_view.allocation_figure(structured, target, title)
     return figures.allocation_figure(rows, target, title)
@@ -46,7 +47,7 @@ def overlay(session: Session, runs: list[Run], rows_of: dict) -> dict:
     series = []
     for run in runs:
         structured = (structured_view.allocation_of(run.masks)
-                      if run.masks.meta.get("pattern") == "structured" else None)
+                      if is_structured(run.masks) else None)
         series.append({"name": run.name, "rows": rows_of[run.id], "structured": structured,
                        "pattern": run.current_pattern()})
     return figures.allocation_overlay_figure(series, overlay_target(session, runs), session.alloc_mode)

@@ -12,7 +12,8 @@ from core.masks import LazyMasks, PackedMasks, parse_pattern
 from core.memory import (APP_HINTS, CalibrationMemoryError, ModelShapes, available_bytes,
                          check_calibration_memory, largest_fitting)
 from core.methods import all_methods, get_method
-from core.pruning import calibrate, cut, update_cut_params
+from core.pruning import calibrate, update_cut_params
+from core.run_source import ArtifactCut
 from core.structured.units import all_block_units
 
 from .. import figures, limits, structured_view
@@ -122,10 +123,9 @@ def method_info(method_name: str) -> str:
 # ---------------------------------------------------------------- memory held by runs
 
 def run_nbytes(run: Run) -> int:
-    """Memory a run holds: its artifact's tensors, and masks / weights already made."""
-    total = run.artifact.nbytes() if run.artifact is not None else 0
-    if run.structured is not None:
-        total += run.structured.windows.numel() * run.structured.windows.element_size()
+    """Memory a run holds: what its source keeps (an artifact's tensors, a structured run's
+    calibration windows), and masks / weights already made."""
+    total = run.source.nbytes() if run.source is not None else 0
     if run.masks is not None:
         total += masks_nbytes(run.masks.masks)
         total += sum(w.numel() * w.element_size() for w in run.masks.weights.values())
@@ -221,15 +221,15 @@ def on_calibrate(session: Session, method_name, source, windows, seqlen, sparsit
         pat = parse_pattern(pattern)
         if pat.is_nm and "nm" not in method.patterns:
             pattern = "unstructured"
+        source = ArtifactCut(artifact, skip_misfits=True)
         try:  # the session's runs change only once the new masks are complete
-            masks = cut(artifact, float(sparsity), parse_pattern(pattern),
-                        skip_misfits=True, progress=progress_fn(progress, "cutting: "),
-                        should_stop=session.cancel.is_set)
+            masks = source.masks_at(float(sparsity), parse_pattern(pattern), progress_fn(progress, "cutting: "),
+                                    session.cancel.is_set)
         except Cancelled:
             session.interrupted = artifact  # Calibrate at these settings resumes from it
             raise
         run = session.runs.add(Run(id="", name=method_name, method=method_name, params=dict(artifact.params),
-                                   pattern=str(pattern), text=protocol.describe(), artifact=artifact,
+                                   pattern=str(pattern), text=protocol.describe(), source=source,
                                    masks=masks, sparsity=float(sparsity)))
         session.sparsity, session.pattern = float(sparsity), str(pattern)
         notes = sync_cheap_runs(session, skip=run)
@@ -251,11 +251,11 @@ def _calibrate_structured(session: Session, entry: ModelEntry, method_name: str,
     """A structured method prunes at the slider's sparsity now (streaming a search's best
     allocation so far); the run re-prunes when the slider moves."""
     lm = entry.lm
-    srun = structured_view.StructuredRun(method_name, params, data, protocol.as_dict())
+    source = structured_view.reprune_source(entry, method_name, params, data, protocol.as_dict())
     units = all_block_units(lm)
     masks = None
     for kind, item, info in structured_view.prune_streaming(
-            entry, srun, sparsity, progress_fn(progress, "pruning: "), session.cancel.is_set):
+            source, sparsity, progress_fn(progress, "pruning: "), session.cancel.is_set):
         if kind == "plan":  # a search's best candidate so far: animate its allocation
             title = f"best so far: generation {info.get('generation', '?')}"
             if "fitness" in info:
@@ -265,13 +265,13 @@ def _calibrate_structured(session: Session, entry: ModelEntry, method_name: str,
                    figures.to_plot(fig), gr.update(), gr.update(), gr.update())
             continue
         masks = item
-    session.runs.add(Run(id="", name=method_name, method=method_name, params=dict(srun.params),
-                         pattern="structured", text=protocol.describe(), structured=srun, masks=masks,
+    session.runs.add(Run(id="", name=method_name, method=method_name, params=dict(source.params),
+                         pattern="structured", text=protocol.describe(), source=source, masks=masks,
                          sparsity=sparsity))
     session.sparsity = sparsity
     session.shown = (None, None)  # the search drew its own allocation meanwhile
     notes = sync_cheap_runs(session)
-    yield (f"Pruned **{method_name}** (structured) on {protocol.describe()} in {srun.seconds:.1f} s; "
+    yield (f"Pruned **{method_name}** (structured) on {protocol.describe()} in {source.seconds:.1f} s; "
            "moving the sparsity slider re-prunes. " + " ".join([status(session), *notes]),
            *views(session, block, mtype))
 
@@ -291,7 +291,7 @@ def on_params(session: Session, method_name, pool_for, sparsity, pattern, block,
         run.params = dict(artifact.params)
         if artifact.method_obj.updates_weights:  # a re-solve takes minutes: only on request
             return ("Parameters stored; move the sparsity slider to re-solve with them.", *[gr.update()] * 4)
-        run.masks = cut(artifact, float(sparsity), parse_pattern(pattern), skip_misfits=True)
+        run.masks = run.source.masks_at(float(sparsity), parse_pattern(pattern))
         run.sparsity, run.pattern = float(sparsity), str(pattern)
     except Exception as exc:
         raise fail(exc) from exc

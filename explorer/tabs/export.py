@@ -12,6 +12,7 @@ import gradio as gr
 
 from core.export import export_pruned_model, export_sliced_model
 from core.masks import allocation_table, load_masks, save_masks
+from core.run_source import FixedMasks, is_structured
 from core.structured.plan import plan_from_maskset
 
 from .. import limits, session_file
@@ -57,7 +58,7 @@ def on_export_model(session: Session, progress=gr.Progress()):
     folder = session.tmpdir() / "pruned-model"
     progress(0.1, desc="writing the pruned weights")
     try:
-        structured = masks.meta.get("pattern") == "structured"  # physically smaller: sliced from the dense
+        structured = is_structured(masks)  # physically smaller: sliced from the dense
         with model_as(entry, None if structured else masks) as lm:
             if structured:
                 progress(0.1, desc="slicing out the removed heads and channels")
@@ -97,7 +98,7 @@ def on_import(session: Session, file, block, mtype):
     session.runs.add(Run(id="", name=f"{method} (file)", method=method,
                          params=params if isinstance(params, dict) else {},
                          pattern=str(masks.meta.get("pattern", "?")), text=f"mask file {Path(path).name}",
-                         origin="imported", masks=masks))
+                         origin="imported", source=FixedMasks(masks), masks=masks))
     msg = f"Imported {Path(path).name}. " + status(session)
     return (msg, *views(session, block, mtype))
 

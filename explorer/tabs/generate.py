@@ -8,6 +8,7 @@ import gradio as gr
 
 from core.errors import PruneError
 from core.evaluate import GenerationSettings, generation_ids, stream_generate
+from core.run_source import is_structured
 from core.structured.plan import plan_from_maskset
 from core.structured.slicing import slice_model
 
@@ -41,7 +42,7 @@ def sliced_model(session: Session, entry: ModelEntry, masks):
     """For structured masks, the physically smaller model they stand for (built once per mask
     set, kept on the session), so the pruned side's tokens/s is the smaller model's; None for
     other masks (those run as the dense model with zeroed weights: same size, same speed)."""
-    if masks.meta.get("pattern") != "structured":
+    if not is_structured(masks):
         return None
     for kept_masks, model in session.sliced:
         if kept_masks is masks:

@@ -7,9 +7,7 @@ import gradio as gr
 
 from core.errors import Cancelled, PatternError
 from core.masks import parse_pattern
-from core.pruning import cut
 
-from .. import structured_view
 from ..common import checked_sparsity, fail, progress_fn
 from ..state import Run, Session
 from ..views import cancelled_status, status, views
@@ -22,34 +20,31 @@ ALLOC_MODES = ["per block", "per matrix type"]
 
 def is_cheap(run: Run) -> bool:
     """A re-cut in well under a second (ranks compared): no solve, no structured prune."""
-    return run.artifact is not None and not run.artifact.method_obj.updates_weights
+    return run.source is not None and run.source.cheap
 
 
 def recut_run(session: Session, run: Run, sparsity: float, pattern: str, progress=None) -> None:
-    """Bring one run to (sparsity, pattern). A fixed mask stays; a structured run is pruned again
-    at the new sparsity (its pattern is its own); N:M masks do not depend on the sparsity, so at
-    the same N:M pattern nothing is cut. Raises PatternError for a pattern the method cannot make,
-    Cancelled if the session's Cancel is pressed (the run keeps its previous masks)."""
+    """Bring one run to (sparsity, pattern), as its source cuts: a fixed mask stays; a structured run
+    is pruned again at the new sparsity (its pattern is its own); N:M masks do not depend on the
+    sparsity, so at the same N:M pattern nothing is cut. Raises PatternError for a pattern the
+    method cannot make, Cancelled if the session's Cancel is pressed (the run keeps its previous
+    masks)."""
     sparsity, pattern = float(sparsity), str(pattern)
-    if run.artifact is None and run.structured is not None:
-        if run.sparsity != sparsity or run.masks is None:
-            run.masks = structured_view.prune(session.model, run.structured, sparsity,
-                                              progress_fn(progress, f"{run.name} at {sparsity:.0%}: "),
-                                              session.cancel.is_set)
-            run.sparsity = sparsity
+    source = run.source
+    if source is None or not source.follows_sparsity:
         return
-    if run.artifact is None:
-        return
-    pat = parse_pattern(pattern)
-    if run.masks is not None and pat.is_nm and pattern == run.pattern:
+    if run.masks is not None and source.same_masks((sparsity, pattern), (run.sparsity, run.pattern)):
         run.sparsity = sparsity
         return
-    if run.masks is None or (sparsity, pattern) != (run.sparsity, run.pattern):
-        if run.artifact.method_obj.updates_weights and progress is not None:
-            progress(0, desc=f"{run.artifact.method} re-solves every matrix: this takes a while")
-        run.masks = cut(run.artifact, sparsity, pat, skip_misfits=True,
-                        progress=progress_fn(progress, "re-solving: "), should_stop=session.cancel.is_set)
-        run.sparsity, run.pattern = sparsity, pattern
+    label = f"{run.name} at {sparsity:.0%}: "
+    if not source.cheap and progress is not None:
+        progress(0, desc=f"{label}{source.method} {'prunes' if source.structured else 're-solves'} again: "
+                         "this takes a while")
+    run.masks = source.masks_at(sparsity, None if source.structured else parse_pattern(pattern),
+                                progress_fn(progress, label), session.cancel.is_set)
+    run.sparsity = sparsity
+    if not source.structured:
+        run.pattern = pattern
 
 
 def sync_cheap_runs(session: Session, skip: Run | None = None) -> list[str]:

@@ -7,6 +7,7 @@ import gradio as gr
 import torch
 
 from core.masks import allocation_table
+from core.run_source import is_structured
 
 from .. import compare, figures
 from ..common import fail
@@ -15,7 +16,7 @@ from ..views import matrix_name
 
 
 def _structured(run: Run) -> bool:
-    return run.masks.meta.get("pattern") == "structured"
+    return is_structured(run.masks)
 
 
 def what_is_compared(a: Run, b: Run) -> str:

@@ -12,9 +12,8 @@ from core.data import DEFAULT_SOURCE, check_seqlen, evaluation_set
 from core.errors import Cancelled
 from core.evaluate import perplexity
 from core.masks import parse_pattern
-from core.pruning import cut
 
-from .. import figures, limits, structured_view
+from .. import figures, limits
 from ..common import checked_number, ensure_model, fail, parse_sparsities, progress_fn
 from ..state import ModelEntry, Run, Session, model_as
 
@@ -95,24 +94,20 @@ def on_perplexity(session: Session, source, seqlen, max_windows, progress=gr.Pro
     return (md, {"dense": d, "pruned": p, "protocol": protocol.as_dict()}, *comparison(session))
 
 
-def masks_at(session: Session, entry: ModelEntry, run: Run, sparsity: float, progress, label: str = ""):
-    """A run's masks at another sparsity, the run itself left as it is: cut from its calibration,
-    pruned again (structured), or its own fixed mask."""
-    if run.artifact is not None:
-        pattern = parse_pattern(run.pattern)
-        if pattern.is_nm:
-            pattern = parse_pattern("unstructured")  # a sweep varies the unstructured sparsity
-        return cut(run.artifact, sparsity, pattern, skip_misfits=True,
-                   progress=progress_fn(progress, f"{label}re-solving {sparsity:.0%}: "),
-                   should_stop=session.cancel.is_set)
-    if run.structured is not None:
-        if run.sparsity == sparsity and run.masks is not None:
-            return run.masks
-        masks, _plan = structured_view.prune_at(entry, run.structured, sparsity,
-                                                progress_fn(progress, f"{label}{run.name} at {sparsity:.0%}: "),
-                                                session.cancel.is_set)
-        return masks
-    return run.masks
+def masks_at(session: Session, run: Run, sparsity: float, progress, label: str = ""):
+    """A run's masks at another sparsity, the run itself left as it is, from its source: cut from its
+    calibration, pruned again (structured), or its own fixed mask. A sweep varies the unstructured
+    sparsity: an N:M run is cut unstructured."""
+    source = run.source
+    if source is None:
+        return run.masks
+    pattern = parse_pattern(run.pattern) if not source.structured else None
+    if pattern is not None and pattern.is_nm:
+        pattern = parse_pattern("unstructured")
+    if run.masks is not None and source.same_masks((sparsity, str(pattern)), (run.sparsity, run.pattern)):
+        return run.masks
+    return source.masks_at(sparsity, pattern, progress_fn(progress, f"{label}{run.name} at {sparsity:.0%}: "),
+                           session.cancel.is_set)
 
 
 def _release() -> None:
@@ -143,10 +138,10 @@ def on_sweep(session: Session, sparsities_text, source, seqlen, max_windows, pro
         windows, protocol = _eval_set(entry, source, seqlen, max_windows)
     except Exception as exc:
         raise fail(exc) from exc
-    if run.artifact is None:
-        how = f"**{run.structured.method}** (structured), pruned at each of {len(values)} sparsities"
+    if run.source.structured:
+        how = f"**{run.source.method}** (structured), pruned at each of {len(values)} sparsities"
     else:
-        how = f"**{run.artifact.method}**, one calibration, {len(values)} cuts"
+        how = f"**{run.source.method}**, one calibration, {len(values)} cuts"
     rows: list[tuple[float, float]] = []
 
     def table(head: str) -> str:
@@ -159,7 +154,7 @@ def on_sweep(session: Session, sparsities_text, source, seqlen, max_windows, pro
         dense_perplexity(session, entry, windows, protocol, progress)
         for i, v in enumerate(values):
             step = f"{i + 1}/{len(values)} "
-            masks = masks_at(session, entry, run, v, progress, step)
+            masks = masks_at(session, run, v, progress, step)
             value = masked_perplexity(session, entry, windows, protocol, masks, f"{step}pruned ({v:.0%}) ", progress)
             record(session, run, masks, value, protocol.describe())
             rows.append((masks.total_sparsity(), value))
@@ -174,8 +169,7 @@ def on_sweep(session: Session, sparsities_text, source, seqlen, max_windows, pro
     except Exception as exc:
         raise fail(exc) from exc
     finally:
-        if run.artifact is not None:
-            run.artifact.forget_solved()  # the solves of the sweep's last sparsity, not the run's
+        run.source.forget_work()  # e.g. the solves of the sweep's last sparsity, not the run's
         _release()
     yield (table(f"{how}."), *comparison(session))
 
@@ -214,7 +208,7 @@ def on_sweep_runs(session: Session, sparsities_text, source, seqlen, max_windows
         for i, (run, v) in enumerate(plan):
             step = f"{i + 1}/{len(plan)} {run.name}" + (f" at {v:.0%}" if v is not None else " (fixed mask)")
             progress((i, len(plan)), desc=step)
-            masks = run.masks if v is None else masks_at(session, entry, run, v, progress, f"{step}: ")
+            masks = run.masks if v is None else masks_at(session, run, v, progress, f"{step}: ")
             value = masked_perplexity(session, entry, windows, protocol, masks, f"{step}: ", progress)
             done.append(record(session, run, masks, value, protocol.describe()))
             masks = None
@@ -229,7 +223,7 @@ def on_sweep_runs(session: Session, sparsities_text, source, seqlen, max_windows
         raise fail(exc) from exc
     finally:
         for run in runs:
-            if run.artifact is not None:
-                run.artifact.forget_solved()
+            if run.source is not None:
+                run.source.forget_work()
         _release()
     yield (table(f"{len(runs)} runs, {len(done)} points, one line per run."), *comparison(session))
