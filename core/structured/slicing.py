@@ -52,6 +52,7 @@ from torch import nn
 from ..families import Family, family_for_config, head_info
 from ..kv_cache import find_cache
 from ..models import LoadedModel
+from ..outputs import write_folder_atomically
 from .plan import StructuredPlan
 from .units import all_block_units, unit_out_columns, unit_rows
 
@@ -261,10 +262,8 @@ def save_sliced(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dic
                 force: bool = False, inputs=()) -> Path:
     """save_pretrained a sliced model (config.json keeps its structure key), plus the tokenizer
     and a PRUNING.json (`meta`, or a bare marker); the folder appears only once complete. An
-    existing `out_dir` is replaced only as core.export.write_folder_atomically allows (`force`,
+    existing `out_dir` is replaced only as core.outputs.write_folder_atomically allows (`force`,
     `inputs`)."""
-    from ..export import write_folder_atomically
-
     structure = structure_of(model)
     if structure is None:
         raise ValueError("This model has no sliced structure in its config; slice it with slice_model first.")
