@@ -43,7 +43,7 @@ def _port_problem(host: str, port: int) -> str | None:
 
 
 def main(argv=None) -> None:
-    from core.models import DEFAULT_MODEL
+    from core.bundled import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(description="The pruning explorer (Gradio app).")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")

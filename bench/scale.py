@@ -111,7 +111,7 @@ def model_facts(folder: Path, dtype: str) -> dict:
 
     config = AutoConfig.from_pretrained(folder)
     params = sum(math.prod(shape) for _, shape in tensor_layout(config))
-    if dtype == "auto":  # the checkpoint's own dtype when it is 16-bit (core.models), else float32
+    if dtype == "auto":  # the checkpoint's own dtype when it is 16-bit (core.loading), else float32
         stored = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")
         dtype = stored.replace("torch.", "") if stored.endswith(("bfloat16", "float16")) else "float32"
     return {"params": params, "blocks": config.num_hidden_layers, "bf16_bytes": params * 2,
@@ -224,7 +224,7 @@ def cut_timing_main() -> None:
     """Child process: argv = model, artifact, sparsity, dtype, device. Prints one JSON line."""
     import gc
 
-    from core.models import load_model
+    from core.loading import load_model
 
     model, artifact, sparsity, dtype, device = sys.argv[1:6]
     lm = load_model(model, dtype, device)

@@ -2,7 +2,7 @@
 
 - `export_pruned_model`: the model as it is now (masks applied), full size.
 - `export_sliced_model`: a structured plan turned into a physically smaller model
-  (core.structured.slicing); `core.models.load_model` reads the folder back.
+  (core.structured.slicing); `core.loading.load_model` reads the folder back.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from .models import LoadedModel
+from .loaded_model import LoadedModel
 from .outputs import write_folder_atomically
 from .structured.slicing import save_sliced, slice_model
 from .structured.units import all_block_units
@@ -54,7 +54,7 @@ def export_sliced_model(lm: LoadedModel, plan, out: str | Path, meta: dict | Non
                         inputs: Iterable[str | Path] = ()) -> Path:
     """Slice `plan` out of `lm` (which is left unchanged) and save the smaller model, its
     tokenizer and a PRUNING.json (provenance, the kept attention units per block, parameter
-    counts). Load it back with core.models.load_model(out). `force` and `inputs`: see
+    counts). Load it back with core.loading.load_model(out). `force` and `inputs`: see
     core.outputs.write_folder_atomically (what may be replaced)."""
     units = all_block_units(lm)
     model = slice_model(lm, plan)

@@ -16,9 +16,13 @@
   the partial file gone (`reporting_disk_full`, `check_free_space` for the same before writing).
 - `write_folder_atomically(out, write)`: the same for a folder (an export): filled beside itself,
   renamed into place, an earlier export moved aside and removed only once the new one is in place.
+- `cache_dir()`, `process_folder(root, prefix)`, `new_offload_folder(parent, need)`: the tool's
+  cache folder and the temporary folders one process owns (spills, offloaded blocks); those of a
+  killed process are removed by the next.
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
@@ -29,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import PruneError
+from .errors import ModelLoadError, PruneError
 
 EXPORT_MARKER = "PRUNING.json"  # every folder an export writes has it (write_folder_atomically sees to it)
 RUN_FILES = ("masks.safetensors", "result.json")  # what prune / cut write into their --out
@@ -206,6 +210,16 @@ def check_run_folder(out: str | Path, force: bool = False) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- the cache folder
+
+def cache_dir() -> Path:
+    """Where converted models live: $PRUNE_EXPLORER_CACHE or ~/.cache/pruning-explorer."""
+    root = os.environ.get("PRUNE_EXPLORER_CACHE") or Path.home() / ".cache" / "pruning-explorer"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 # ---------------------------------------------------------------- folders owned by one process
 
 def process_folder(root: str | Path, prefix: str) -> Path:
@@ -232,6 +246,33 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # exists, owned by someone else
         return True
     return True
+
+
+_OFFLOAD_FOLDERS: list[Path] = []
+
+
+def new_offload_folder(parent: str | Path | None, need: int) -> str:
+    """A fresh folder of this process for pruned blocks written during --offload disk (inside
+    `parent`, else the cache folder), checked writable and with room for `need` bytes (the decoder
+    blocks' weights; 0: unknown), removed when the process exits."""
+    # a folder of the tool's own inside a user-given one: folders left there by killed runs are
+    # removed (process_folder), and nothing else of the user's can match
+    root = Path(parent).expanduser() / "pruning-explorer-offload" if parent else cache_dir() / "offload"
+    try:
+        folder = process_folder(root, "offload-")
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot write the offload folder in {root} ({exc.strerror or exc}). "
+                             "Point --offload-folder at a writable disk.") from exc
+    free = shutil.disk_usage(folder).free
+    if need * 1.05 > free:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ModelLoadError(
+            f"--offload disk writes pruned blocks to {root}: up to {need / 2**30:.1f} GiB, but only "
+            f"{free / 2**30:.1f} GiB is free there. Point --offload-folder at a disk with more room.")
+    if not _OFFLOAD_FOLDERS:
+        atexit.register(lambda: [shutil.rmtree(f, ignore_errors=True) for f in _OFFLOAD_FOLDERS])
+    _OFFLOAD_FOLDERS.append(folder)
+    return str(folder)
 
 
 # ---------------------------------------------------------------- a disk that fills

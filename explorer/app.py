@@ -16,7 +16,7 @@ import gradio as gr
 import torch
 
 from core.data import DEFAULT_SOURCE
-from core.models import BUNDLED, DEFAULT_MODEL
+from core.bundled import BUNDLED, DEFAULT_MODEL
 
 from . import figures, limits
 from .common import (ASSETS, DELETE_CACHE, HEAVY, PATTERNS, SESSION_TTL_S, Number, Slider, example_prompts, kw,
@@ -83,7 +83,7 @@ points already measured).
 def build_app(model: str = DEFAULT_MODEL, autoload: bool = True, dtype: str = "auto", device: str = "cpu",
               offload: str = "none") -> gr.Blocks:
     """Build the explorer. `model` is the default model spec (bundled name, folder, .gguf, hub id);
-    dtype, device and offload are the Model panel's starting values (core.models.load_model)."""
+    dtype, device and offload are the Model panel's starting values (core.loading.load_model)."""
     default_spec = str(model)
     with gr.Blocks(title="Pruning explorer", delete_cache=DELETE_CACHE) as demo:
         # Released (release_session) when the tab closes (demo.unload below) or after SESSION_TTL_S

@@ -34,7 +34,7 @@ keys are unchanged and a compensation bias survives.
 
 A sliced model's config carries `pruning_explorer_structure` (per-layer head counts and
 intermediate sizes, modules that gained a bias, all-removed sublayers); `save_sliced` writes
-it to config.json and `load_sliced` (used by `core.models.load_model` when it sees the key)
+it to config.json and `load_sliced` (used by `core.loading.load_model` when `is_sliced_config`)
 rebuilds the model from the config, reshapes each layer accordingly and loads the
 safetensors weights strictly. `AutoModelForCausalLM.from_pretrained` alone cannot read such a
 folder (its layers are not all the same size).
@@ -51,7 +51,7 @@ from torch import nn
 
 from ..families import Family, family_for_config, head_info
 from ..kv_cache import find_cache
-from ..models import LoadedModel
+from ..loaded_model import LoadedModel
 from ..outputs import write_folder_atomically
 from .plan import StructuredPlan
 from .units import all_block_units, unit_out_columns, unit_rows
@@ -254,6 +254,11 @@ def _built_with_bias(config, family: Family) -> set[str]:
 def structure_of(model: nn.Module) -> dict | None:
     """The sliced structure a model's config carries (None: not a sliced model)."""
     return getattr(model.config, STRUCTURE_KEY, None)
+
+
+def is_sliced_config(config) -> bool:
+    """Whether a model config (read from a folder) is a sliced model's: load it with load_sliced."""
+    return bool(getattr(config, STRUCTURE_KEY, None))
 
 
 # ---------------------------------------------------------------- save / load
