@@ -434,7 +434,7 @@ def protocol(args) -> dict:
 
 
 # The process before any model: interpreter, torch, transformers, this tool's modules, a tokenizer.
-RUNTIME_CODE = ("import sys, torch, transformers; from core import cli, pruning, models; "
+RUNTIME_CODE = ("import sys, torch, transformers; from core import cli, pruning, loading; "
                 "from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(sys.argv[1])")
 
 
@@ -518,6 +518,8 @@ def plot(rows: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------- main
 
 def parse_args():
+    from core.offload import OFFLOAD_CHOICES  # here, not at import: importing core loads torch
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b",
                     help="model folders under --models-dir (bench/random_models.py shapes)")
@@ -532,7 +534,7 @@ def parse_args():
     ap.add_argument("--cut-sparsity", type=float, default=0.7, help="the sparsity cut from an artifact")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--offload", choices=["none", "cpu", "disk"], default=None,
+    ap.add_argument("--offload", choices=OFFLOAD_CHOICES, default=None,
                     help="passed to the CLI as --offload when given (not passed otherwise)")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds per CLI command")
     ap.add_argument("--keep", action="store_true", help="keep masks and artifacts")

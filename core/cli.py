@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import PruneError
+from .offload import OFFLOAD_CHOICES
 from .outputs import DiskFullError, check_replaceable, check_run_folder, check_writable, write_text_atomic
 
 
@@ -56,7 +57,7 @@ def _add_model_args(p: argparse.ArgumentParser, from_artifact: bool = False) -> 
                    "bfloat16/float16, else float32), float32, bfloat16 or float16. Statistics are float32 either way")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where blocks run: cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
-    p.add_argument("--offload", default="none", choices=("none", "cpu", "disk"),
+    p.add_argument("--offload", default="none", choices=OFFLOAD_CHOICES,
                    help="where the decoder blocks' weights live: none (on --device), cpu (CPU memory, each block "
                         "brought to the GPU when it runs), disk (read from the checkpoint when a block runs; pruned "
                         "blocks go to an offload folder). For models bigger than the device or the RAM")

@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import gradio as gr
 import torch
 
-from core.data import DEFAULT_SOURCE
 from core.bundled import BUNDLED, DEFAULT_MODEL
+from core.data import DEFAULT_SOURCE
+from core.offload import OFFLOAD_CHOICES
 
 from . import figures, limits
 from .common import (ASSETS, DELETE_CACHE, HEAVY, PATTERNS, SESSION_TTL_S, Number, Slider, example_prompts, kw,
@@ -115,7 +116,7 @@ def layout(default_spec: str, placement: dict) -> SimpleNamespace:
                     ui.dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value=placement["dtype"],
                                            label="dtype", info="auto: the checkpoint's own if 16-bit")
                     ui.device = gr.Dropdown(devices, value=placement["device"], label="device")
-                    ui.offload = gr.Dropdown(["none", "cpu", "disk"], value=placement["offload"], label="offload",
+                    ui.offload = gr.Dropdown(list(OFFLOAD_CHOICES), value=placement["offload"], label="offload",
                                              info="blocks kept off the device: disk for models bigger than RAM")
                 ui.load = gr.Button("Load", variant="secondary")
                 ui.facts = gr.JSON(label="Model facts")
