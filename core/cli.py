@@ -22,7 +22,7 @@ import torch
 
 from .errors import PruneError
 from .offload import OFFLOAD_CHOICES
-from .outputs import DiskFullError, check_replaceable, check_run_folder, check_writable, write_text_atomic
+from .outputs import DiskFullError, cache_dir, check_replaceable, check_run_folder, check_writable, write_text_atomic
 
 
 def _progress_bar(desc: str):
@@ -280,7 +280,6 @@ def _rescue_run(masks, lm, results: dict) -> Path | None:
     so the whole pair goes to one place."""
     import tempfile
 
-    from .outputs import cache_dir
     from .outputs import DiskFullError as Full, fix_modes
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -576,7 +575,6 @@ def _model_paths(spec: str) -> list[Path]:
     import os
 
     from .bundled import BUNDLED
-    from .outputs import cache_dir
 
     if spec in BUNDLED:  # converted once into the model cache
         return [cache_dir()]

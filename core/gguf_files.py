@@ -62,7 +62,7 @@ def check_gguf(gguf: Path) -> None:
             raise _corrupt_gguf(gguf, f"it is only {stat.st_size} bytes long")
         raise _corrupt_gguf(gguf, "it does not start with the GGUF magic bytes (is it really a .gguf file?)")
     try:
-        from gguf import GGUFReader  # on first use, as transformers: not needed to start the tool
+        from gguf import GGUFReader  # on first use, as transformers
     except ImportError:  # transformers needs gguf to read the file at all and says so itself
         return
     try:
@@ -103,7 +103,7 @@ def gguf_to_cache(name: str, gguf: Path) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
-    # transformers is imported on first use: a few seconds that `python -m core --help` need not wait
+    # transformers on first use: seconds that importing core need not cost
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_gguf(gguf)

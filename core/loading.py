@@ -139,8 +139,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
     check_fits(config, torch_dtype, device, offload)
     placement = {}
     if offload != "none":
-        folder = new_offload_folder(offload_folder, block_weight_bytes(config, torch_dtype)) if offload == "disk" \
-            else None
+        folder = None
+        if offload == "disk":  # with room for every block, should all be pruned and written back
+            folder = new_offload_folder(offload_folder, block_weight_bytes(config, torch_dtype))
         placement = {"device_map": device_map(config, family, device, offload), "offload_folder": folder}
     elif device.startswith("cuda"):
         placement = {"device_map": {"": device}}
