@@ -43,7 +43,8 @@ def _port_problem(host: str, port: int) -> str | None:
 
 
 def main(argv=None) -> None:
-    from core.models import DEFAULT_MODEL
+    from core.bundled import DEFAULT_MODEL
+    from core.offload import OFFLOAD_CHOICES
 
     parser = argparse.ArgumentParser(description="The pruning explorer (Gradio app).")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="the model's dtype (default auto: the checkpoint's own if 16-bit, else float32)")
     parser.add_argument("--device", default="cpu", help="where blocks run: cpu (default), cuda or cuda:N")
-    parser.add_argument("--offload", default="none", choices=("none", "cpu", "disk"),
+    parser.add_argument("--offload", default="none", choices=OFFLOAD_CHOICES,
                         help="where the decoder blocks live: none (on --device), cpu (CPU memory, brought to the "
                              "GPU one at a time), disk (read from the checkpoint one at a time)")
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ from core.data import calibration_set, evaluation_set  # noqa: E402
 from core.evaluate import perplexity  # noqa: E402
 from core.masks import parse_pattern  # noqa: E402
 from core.dense import DenseWeights  # noqa: E402
-from core.models import load_model  # noqa: E402
+from core.loading import load_model  # noqa: E402
 from core.pruning import calibrate, cut, prune_sequential  # noqa: E402
 
 ROWS = [(m, p, s) for m in ("magnitude", "wanda", "sparsegpt") for p, s in

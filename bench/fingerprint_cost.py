@@ -37,7 +37,7 @@ def main() -> None:
 
     from core.dense import DenseWeights
     from core.fingerprint import fingerprint, sampled_fingerprint
-    from core.models import load_model
+    from core.loading import load_model
 
     rows = []
     lm = load_model(args.folder, dtype="auto")

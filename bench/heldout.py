@@ -33,7 +33,7 @@ from core.evaluate import perplexity  # noqa: E402
 from core.masks import parse_pattern  # noqa: E402
 from core.dense import DenseWeights  # noqa: E402
 from core.methods import get_method  # noqa: E402
-from core.models import load_model  # noqa: E402
+from core.loading import load_model  # noqa: E402
 from core.pruning import calibrate, cut, update_cut_params  # noqa: E402
 from core.structured.pipeline import prune_structured  # noqa: E402
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, save  # noqa: E402
 from core.memory import memory_model  # noqa: E402
-from core.models import count_parameters  # noqa: E402
+from core.fit import count_parameters  # noqa: E402
 
 GIB = 2**30
 # Llama-family shapes (bench/random_models.py builds the first three; 70B is the Llama-3.1-70B config)

@@ -111,7 +111,7 @@ def model_facts(folder: Path, dtype: str) -> dict:
 
     config = AutoConfig.from_pretrained(folder)
     params = sum(math.prod(shape) for _, shape in tensor_layout(config))
-    if dtype == "auto":  # the checkpoint's own dtype when it is 16-bit (core.models), else float32
+    if dtype == "auto":  # the checkpoint's own dtype when it is 16-bit (core.loading), else float32
         stored = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")
         dtype = stored.replace("torch.", "") if stored.endswith(("bfloat16", "float16")) else "float32"
     return {"params": params, "blocks": config.num_hidden_layers, "bf16_bytes": params * 2,
@@ -224,7 +224,7 @@ def cut_timing_main() -> None:
     """Child process: argv = model, artifact, sparsity, dtype, device. Prints one JSON line."""
     import gc
 
-    from core.models import load_model
+    from core.loading import load_model
 
     model, artifact, sparsity, dtype, device = sys.argv[1:6]
     lm = load_model(model, dtype, device)
@@ -434,7 +434,7 @@ def protocol(args) -> dict:
 
 
 # The process before any model: interpreter, torch, transformers, this tool's modules, a tokenizer.
-RUNTIME_CODE = ("import sys, torch, transformers; from core import cli, pruning, models; "
+RUNTIME_CODE = ("import sys, torch, transformers; from core import cli, pruning, loading; "
                 "from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(sys.argv[1])")
 
 
@@ -518,6 +518,8 @@ def plot(rows: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------- main
 
 def parse_args():
+    from core.offload import OFFLOAD_CHOICES  # here, not at import: importing core loads torch
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b",
                     help="model folders under --models-dir (bench/random_models.py shapes)")
@@ -532,7 +534,7 @@ def parse_args():
     ap.add_argument("--cut-sparsity", type=float, default=0.7, help="the sparsity cut from an artifact")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--offload", choices=["none", "cpu", "disk"], default=None,
+    ap.add_argument("--offload", choices=OFFLOAD_CHOICES, default=None,
                     help="passed to the CLI as --offload when given (not passed otherwise)")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds per CLI command")
     ap.add_argument("--keep", action="store_true", help="keep masks and artifacts")

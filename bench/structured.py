@@ -25,7 +25,7 @@ from bench.common import RESULTS, PeakRSS, Timer, add_protocol_args, print_table
 from core.data import calibration_set, evaluation_set  # noqa: E402
 from core.evaluate import perplexity  # noqa: E402
 from core.dense import DenseWeights  # noqa: E402
-from core.models import load_model  # noqa: E402
+from core.loading import load_model  # noqa: E402
 from core.structured.pipeline import prune_structured  # noqa: E402
 from core.structured.units import all_block_units, decoder_params  # noqa: E402
 

@@ -53,7 +53,8 @@ from bench.common import RESULTS, SHARED, print_table, save  # noqa: E402
 from core.fast_decode import compile_for_decode, compiled_greedy, eager_decode, timed_greedy  # noqa: E402
 from core.kv_cache import output_cache, with_cache  # noqa: E402
 from core.dense import DenseWeights  # noqa: E402
-from core.models import LoadedModel, load_model  # noqa: E402
+from core.loaded_model import LoadedModel  # noqa: E402
+from core.loading import load_model  # noqa: E402
 from core.structured.plan import StructuredPlan  # noqa: E402
 from core.structured.slicing import save_sliced, slice_model  # noqa: E402
 from core.structured.units import all_block_units, unit_out_columns, unit_rows  # noqa: E402

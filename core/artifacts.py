@@ -27,9 +27,11 @@ from .calibrate import LayerStats
 from .dense import DenseWeights
 from .errors import MaskFileError
 from .fingerprint import mismatch, written_with
+from .fit import available_memory_bytes
+from .loaded_model import LoadedModel
 from .masks import _atomic_write, ascending_ranks
 from .methods import Method, get_method
-from .models import LoadedModel, available_memory_bytes, cache_dir
+from .outputs import cache_dir
 from .tensor_store import FileStore, MemoryStore, SpillStore, write_safetensors
 
 ARTIFACT_FORMAT = "pruning-explorer-artifact"

@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import Cancelled
 from .kv_cache import CACHE_ARG_NAMES
-from .models import LoadedModel
+from .loaded_model import LoadedModel
 from .offload import onloaded
 
 STAT_KINDS = frozenset({"sum_x2", "sum_x", "xtx", "window_x2"})

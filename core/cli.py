@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .errors import PruneError
-from .outputs import DiskFullError, check_replaceable, check_run_folder, check_writable, write_text_atomic
+from .offload import OFFLOAD_CHOICES
+from .outputs import DiskFullError, cache_dir, check_replaceable, check_run_folder, check_writable, write_text_atomic
 
 
 def _progress_bar(desc: str):
@@ -46,7 +47,7 @@ def _progress_bar(desc: str):
 def _add_model_args(p: argparse.ArgumentParser, from_artifact: bool = False) -> None:
     """from_artifact: the command may read an --artifact, which names its model; --model then
     defaults to None and _load fills it in (the artifact's model, else the default model)."""
-    from .models import BUNDLED, DEFAULT_MODEL
+    from .bundled import BUNDLED, DEFAULT_MODEL
 
     default_text = f"the model --artifact was calibrated on, else {DEFAULT_MODEL}" if from_artifact else DEFAULT_MODEL
     p.add_argument("--model", default=None if from_artifact else DEFAULT_MODEL,
@@ -56,7 +57,7 @@ def _add_model_args(p: argparse.ArgumentParser, from_artifact: bool = False) -> 
                    "bfloat16/float16, else float32), float32, bfloat16 or float16. Statistics are float32 either way")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where blocks run: cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
-    p.add_argument("--offload", default="none", choices=("none", "cpu", "disk"),
+    p.add_argument("--offload", default="none", choices=OFFLOAD_CHOICES,
                    help="where the decoder blocks' weights live: none (on --device), cpu (CPU memory, each block "
                         "brought to the GPU when it runs), disk (read from the checkpoint when a block runs; pruned "
                         "blocks go to an offload folder). For models bigger than the device or the RAM")
@@ -105,7 +106,7 @@ def _params(items: list[str]) -> dict:
 def _fill_model(args) -> None:
     """--model not given (cut, sweep): the model the --artifact names, else the default model."""
     from .artifacts import read_artifact_meta
-    from .models import DEFAULT_MODEL
+    from .bundled import DEFAULT_MODEL
 
     artifact = getattr(args, "artifact", None)
     if not artifact:
@@ -121,7 +122,7 @@ def _fill_model(args) -> None:
 def _load(args):
     from .data import check_seqlen
     from .errors import ModelLoadError
-    from .models import load_model
+    from .loading import load_model
 
     from_artifact = getattr(args, "model", None) is None and bool(getattr(args, "artifact", None))
     if getattr(args, "model", None) is None:
@@ -279,7 +280,6 @@ def _rescue_run(masks, lm, results: dict) -> Path | None:
     so the whole pair goes to one place."""
     import tempfile
 
-    from .models import cache_dir
     from .outputs import DiskFullError as Full, fix_modes
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -585,7 +585,7 @@ def _model_paths(spec: str) -> list[Path]:
     """The local files / folders a --model spec reads (an export must never replace them)."""
     import os
 
-    from .models import BUNDLED, cache_dir
+    from .bundled import BUNDLED
 
     if spec in BUNDLED:  # converted once into the model cache
         return [cache_dir()]
@@ -613,7 +613,7 @@ def cmd_export(args) -> int:
         path = export_sliced_model(lm, plan_from_maskset(lm, masks), args.out, masks.meta, force=args.force,
                                    inputs=inputs)
         print(f"Sliced (physically smaller) model written to {path}; load it with "
-              f"core.models.load_model({str(path)!r}) or core.structured.slicing.load_sliced({str(path)!r})")
+              f"core.loading.load_model({str(path)!r}) or core.structured.slicing.load_sliced({str(path)!r})")
         return 0
     DenseWeights(lm).apply(masks)
     path = export_pruned_model(lm, args.out, masks.meta, force=args.force, inputs=inputs)

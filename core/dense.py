@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .loaded_model import LoadedModel
 from .masks import MaskSet
-from .models import LoadedModel, cache_dir
 from .offload import is_offloaded, offload_entry, read_offloaded, set_offload_entry, write_offloaded
-from .outputs import process_folder
+from .outputs import cache_dir, process_folder
 from .sources import WatchedFiles
 
 class DenseWeights:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .data import check_seqlen
 from .errors import Cancelled
-from .models import LoadedModel
+from .loaded_model import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@ import threading
 import torch
 from torch import nn
 
+from .offload import param_source
+from .outputs import cache_dir, write_text_atomic
+from .sources import FileIdentity
+
 VERSION = "2"  # 1: a sample of 1024 values per tensor (missed unsampled changes)
 _CACHE_NAME = "fingerprints.json"
 _CACHE_FILES = 256  # checkpoint files remembered; the oldest are forgotten
@@ -58,8 +62,6 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def _offloaded_digest(model: nn.Module, name: str, cache: "_DigestCache") -> str:
-    from .offload import param_source
-
     loader, key = param_source(model, name)
     entry = getattr(loader, "index", {}).get(key) if key not in (getattr(loader, "state_dict", None) or {}) else None
     if not entry or not entry.get("safetensors_file"):
@@ -77,8 +79,6 @@ class _DigestCache:
         self._dirty = False
 
     def _path(self):
-        from .models import cache_dir
-
         return cache_dir() / _CACHE_NAME
 
     def _load(self) -> dict:
@@ -92,8 +92,6 @@ class _DigestCache:
         return self._data
 
     def get(self, path: str, key: str, compute) -> str:
-        from .sources import FileIdentity
-
         ident = FileIdentity.of(path)
         file_key = f"{ident.path}|{ident.device}|{ident.inode}|{ident.size}|{ident.mtime_ns}"
         files = self._load()
@@ -109,8 +107,6 @@ class _DigestCache:
         """Write the cache back (atomically); a cache that cannot be written is only a cost later."""
         if not self._dirty:
             return
-        from .outputs import write_text_atomic
-
         files = self._load()
         for stale in list(files)[:-_CACHE_FILES]:
             del files[stale]
@@ -124,8 +120,6 @@ class _DigestCache:
 def sampled_fingerprint(model: nn.Module) -> str:
     """Version 1, which files written before version 2 record: 1024 values spread over each
     tensor. Only used to recognise those files (it misses a change between the samples)."""
-    from .offload import param_source
-
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())

@@ -21,7 +21,7 @@ import torch
 
 from .errors import MaskFileError, PatternError
 from .fingerprint import mismatch, written_with
-from .models import LoadedModel
+from .loaded_model import LoadedModel
 
 FORMAT_VERSION = "2"  # what save_masks writes: masks packed 8 inputs per byte
 READABLE_VERSIONS = ("1", "2")  # 1: one uint8 per weight, as written before packing

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import PruneError
+from .fit import available_memory_bytes, count_parameters
 
 GIB = 2**30
 # need = estimate * SAFETY_FACTOR + SAFETY_BYTES must fit in what is available: room for the
@@ -285,8 +286,6 @@ def memory_model(config, dtype: torch.dtype, method, n_windows: int, seqlen: int
     only the parameters outside the decoder blocks plus one block), then estimate_calibration's
     parts. On a GPU with --offload cpu|disk the device holds one block plus the same activations,
     statistics and temporaries."""
-    from .models import count_parameters
-
     shapes = ModelShapes.from_config(config, dtype)
     total, in_blocks = count_parameters(config)
     size = torch.finfo(dtype).bits // 8
@@ -302,8 +301,6 @@ def available_bytes(device: str | torch.device = "cpu") -> int | None:
     if device.type == "cuda" and torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    from .models import available_memory_bytes
-
     return available_memory_bytes()
 
 

@@ -4,7 +4,8 @@ A model loaded with `--offload cpu` or `--offload disk` keeps its decoder blocks
 the compute device: transformers dispatches it through accelerate, whose AlignDevicesHook on
 every leaf module loads that module's weights from a weights map (CPU tensors, or the
 checkpoint's safetensors / an offload folder on disk) before its forward and drops them (back
-to the meta device) after. This module adds the three things pruning needs on top:
+to the meta device) after. `device_map(config, family, device, offload)` is the placement such a
+load asks for. This module adds the three things pruning needs on top:
 
 - `onloaded(block)`: the block's weights materialised once for as long as the engine works on
   it (every calibration batch, the pruning, the re-run), not once per forward call;
@@ -22,7 +23,29 @@ from typing import Iterator
 import torch
 from torch import nn
 
-OFFLOAD_CHOICES = ("none", "cpu", "disk")
+from .families import Family
+from .outputs import preallocate, reporting_disk_full
+
+OFFLOAD_CHOICES = ("none", "cpu", "disk")  # where decoder blocks live: --offload, the app's Model panel
+
+
+def device_map(config, family: Family, device: str, offload: str) -> dict[str, str]:
+    """Every decoder block on "cpu" or "disk" (offloaded, run on `device`), the rest on `device`."""
+    # accelerate and transformers on first use: seconds that importing core need not cost
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    prefix = family.blocks_path + "."
+    where = "disk" if offload == "disk" else "cpu"
+    placement: dict[str, str] = {}
+    for name, _ in list(skeleton.named_parameters()) + list(skeleton.named_buffers()):
+        if name.startswith(prefix):
+            placement[prefix + name[len(prefix):].split(".", 1)[0]] = where
+        else:
+            placement[name.rpartition(".")[0]] = device
+    return placement
 
 
 def _hook(module: nn.Module):
@@ -113,8 +136,6 @@ def _write_dat(weight: torch.Tensor, key: str, folder: str, index: dict) -> None
     folder left behind; plain writes raise ENOSPC instead (core.outputs.DiskFullError). The rename
     keeps the previous file whole until the new one is complete. Reading stays accelerate's
     memory map of a complete file, which is safe."""
-    from .outputs import preallocate, reporting_disk_full
-
     tensor = weight.detach().to("cpu").contiguous()
     dtype = str(tensor.dtype).split(".")[-1]  # "float32", "bfloat16", "float8_e4m3fn" as accelerate names them
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16 / float8: their bytes as ints of that width

@@ -14,9 +14,15 @@
 - `atomic_write(path, write)`: a file written beside itself and renamed into place; a disk that
   fills on the way ends in one `DiskFullError` (the place, the space needed, the space free) with
   the partial file gone (`reporting_disk_full`, `check_free_space` for the same before writing).
+- `write_folder_atomically(out, write)`: the same for a folder (an export): filled beside itself,
+  renamed into place, an earlier export moved aside and removed only once the new one is in place.
+- `cache_dir()`, `process_folder(root, prefix)`, `new_offload_folder(parent, need)`: the tool's
+  cache folder and the temporary folders one process owns (spills, offloaded blocks); those of a
+  killed process are removed by the next.
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
@@ -27,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import PruneError
+from .errors import ModelLoadError, PruneError
 
 EXPORT_MARKER = "PRUNING.json"  # every folder an export writes has it (write_folder_atomically sees to it)
 RUN_FILES = ("masks.safetensors", "result.json")  # what prune / cut write into their --out
@@ -204,6 +210,16 @@ def check_run_folder(out: str | Path, force: bool = False) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- the cache folder
+
+def cache_dir() -> Path:
+    """Where converted models live: $PRUNE_EXPLORER_CACHE or ~/.cache/pruning-explorer."""
+    root = os.environ.get("PRUNE_EXPLORER_CACHE") or Path.home() / ".cache" / "pruning-explorer"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 # ---------------------------------------------------------------- folders owned by one process
 
 def process_folder(root: str | Path, prefix: str) -> Path:
@@ -230,6 +246,33 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # exists, owned by someone else
         return True
     return True
+
+
+_OFFLOAD_FOLDERS: list[Path] = []
+
+
+def new_offload_folder(parent: str | Path | None, need: int) -> str:
+    """A fresh folder of this process for pruned blocks written during --offload disk (inside
+    `parent`, else the cache folder), checked writable and with room for `need` bytes (the decoder
+    blocks' weights; 0: unknown), removed when the process exits."""
+    # a folder of the tool's own inside a user-given one: folders left there by killed runs are
+    # removed (process_folder), and nothing else of the user's can match
+    root = Path(parent).expanduser() / "pruning-explorer-offload" if parent else cache_dir() / "offload"
+    try:
+        folder = process_folder(root, "offload-")
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot write the offload folder in {root} ({exc.strerror or exc}). "
+                             "Point --offload-folder at a writable disk.") from exc
+    free = shutil.disk_usage(folder).free
+    if need * 1.05 > free:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ModelLoadError(
+            f"--offload disk writes pruned blocks to {root}: up to {need / 2**30:.1f} GiB, but only "
+            f"{free / 2**30:.1f} GiB is free there. Point --offload-folder at a disk with more room.")
+    if not _OFFLOAD_FOLDERS:
+        atexit.register(lambda: [shutil.rmtree(f, ignore_errors=True) for f in _OFFLOAD_FOLDERS])
+    _OFFLOAD_FOLDERS.append(folder)
+    return str(folder)
 
 
 # ---------------------------------------------------------------- a disk that fills
@@ -367,3 +410,62 @@ def _remove_empty(folders: list[Path]) -> None:
 def write_text_atomic(path: str | Path, text: str, what: str | None = None) -> None:
     data = text.encode("utf-8")
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), what, len(data))
+
+
+# ---------------------------------------------------------------- folders written whole
+
+def write_folder_atomically(out: str | Path, write: Callable[[Path], None], *, force: bool = False,
+                            inputs: Iterable[str | Path] = (), need: int | None = None) -> Path:
+    """Run `write(staging)` on a fresh folder beside `out`, then rename it to `out`: the folder
+    appears only once complete, and a failed write leaves no trace.
+
+    An existing `out` is replaced only if it is empty or an earlier export (it carries
+    EXPORT_MARKER, which every folder written here gets); any other folder needs `force`, and a
+    folder holding one of `inputs` is never replaced (check_replaceable). The old
+    folder is moved aside under a unique name, removed only once the new one is in place, and put
+    back if that fails. Files and folders get the umask's ordinary modes (0644 / 0755).
+
+    `need`: the bytes the folder will take (its weights), checked against the free space before
+    anything is written; a disk that fills anyway ends in one DiskFullError, the partial folder gone."""
+    out = check_replaceable(out, inputs, force)
+    what = f"the export {out.name}/"
+    if need:
+        check_free_space(out.parent, need, what)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-", suffix=".partial"))
+    except OSError as exc:
+        if is_no_space(exc):
+            raise disk_full_error(out.parent, what, need) from exc
+        raise OutputError(f"Cannot write the export folder {out}: {exc.strerror or exc}. Choose a folder "
+                          f"you can write to.") from None
+    with reporting_disk_full(out.parent, what, need):  # outside the finally below: the space free after it
+        _fill_and_rename(out, staging, write)
+    return out
+
+
+def _fill_and_rename(out: Path, staging: Path, write: Callable[[Path], None]) -> None:
+    """write_folder_atomically's work: fill `staging`, move it to `out` (the old `out` moved aside,
+    removed once the new one is in place); `staging` is gone afterwards whatever happened."""
+    try:
+        write(staging)
+        if not (staging / EXPORT_MARKER).exists():
+            (staging / EXPORT_MARKER).write_text(json.dumps({"written_by": "pruning-explorer export"}))
+        fix_modes(staging)
+        if out.exists() or out.is_symlink():
+            # A unique name for the old folder (no fixed "out.old" to collide with): inside a
+            # fresh folder beside it, so the rename never lands on something that exists.
+            holder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-", suffix=".old"))
+            backup = holder / out.name
+            os.rename(out, backup)
+            try:
+                os.rename(staging, out)
+            except BaseException:
+                os.rename(backup, out)  # put the old folder back
+                os.rmdir(holder)
+                raise
+            shutil.rmtree(holder, ignore_errors=True)  # the new folder is in place: now the old goes
+        else:
+            os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -21,10 +21,10 @@ from .artifacts import Artifact, block_names, method_scope, new_store, recompute
 from .calibrate import BlockContext, ProgressFn, release_free_memory, run_layerwise
 from .data import check_seqlen
 from .dense import DenseWeights
+from .loaded_model import LoadedModel
 from .masks import (LazyMasks, MaskSet, PackedMasks, Pattern, check_nm_fits, check_sparsity, cut_mask, pack_mask,
                     pruned_count)
 from .methods import Method, get_method
-from .models import LoadedModel
 from .offload import onloaded
 
 __all__ = ["Artifact", "calibrate", "cut", "matrix_sparsities", "prune_sequential", "recomputes_scores",

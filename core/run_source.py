@@ -23,7 +23,7 @@ from .artifacts import Artifact
 from .calibrate import ProgressFn
 from .dense import DenseWeights
 from .masks import MaskSet, Pattern, parse_pattern
-from .models import LoadedModel
+from .loaded_model import LoadedModel
 from .pruning import cut
 from .structured.pipeline import prune_structured
 from .structured.plan import StructuredPlan

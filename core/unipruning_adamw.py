@@ -13,7 +13,8 @@ import torch
 from .calibrate import ProgressFn
 from .errors import Cancelled, PruneError
 from .dense import DenseWeights
-from .models import LoadedModel, available_memory_bytes
+from .fit import available_memory_bytes
+from .loaded_model import LoadedModel
 from .unipruning import FirstStep, backprop_memory_bytes, mirror_descent_step, prox_nm, raw_window_saliency, subset_size
 
 

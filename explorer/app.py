@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import gradio as gr
 import torch
 
+from core.bundled import BUNDLED, DEFAULT_MODEL
 from core.data import DEFAULT_SOURCE
-from core.models import BUNDLED, DEFAULT_MODEL
+from core.offload import OFFLOAD_CHOICES
 
 from . import figures, limits
 from .common import (ASSETS, DELETE_CACHE, HEAVY, PATTERNS, SESSION_TTL_S, Number, Slider, example_prompts, kw,
@@ -83,7 +84,7 @@ points already measured).
 def build_app(model: str = DEFAULT_MODEL, autoload: bool = True, dtype: str = "auto", device: str = "cpu",
               offload: str = "none") -> gr.Blocks:
     """Build the explorer. `model` is the default model spec (bundled name, folder, .gguf, hub id);
-    dtype, device and offload are the Model panel's starting values (core.models.load_model)."""
+    dtype, device and offload are the Model panel's starting values (core.loading.load_model)."""
     default_spec = str(model)
     with gr.Blocks(title="Pruning explorer", delete_cache=DELETE_CACHE) as demo:
         # Released (release_session) when the tab closes (demo.unload below) or after SESSION_TTL_S
@@ -115,7 +116,7 @@ def layout(default_spec: str, placement: dict) -> SimpleNamespace:
                     ui.dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value=placement["dtype"],
                                            label="dtype", info="auto: the checkpoint's own if 16-bit")
                     ui.device = gr.Dropdown(devices, value=placement["device"], label="device")
-                    ui.offload = gr.Dropdown(["none", "cpu", "disk"], value=placement["offload"], label="offload",
+                    ui.offload = gr.Dropdown(list(OFFLOAD_CHOICES), value=placement["offload"], label="offload",
                                              info="blocks kept off the device: disk for models bigger than RAM")
                 ui.load = gr.Button("Load", variant="secondary")
                 ui.facts = gr.JSON(label="Model facts")

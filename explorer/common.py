@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from core.errors import PruneError
-from core.models import DEFAULT_MODEL
+from core.bundled import DEFAULT_MODEL
 
 from .limits import LimitError, take_seat
 from .state import ModelEntry, Session, get_model

@@ -22,7 +22,8 @@ from pathlib import Path
 from core.calibrate import release_free_memory
 from core.masks import MaskSet
 from core.dense import DenseWeights
-from core.models import LoadedModel, load_model
+from core.loaded_model import LoadedModel
+from core.loading import load_model
 from core.outputs import process_folder
 from core.run_source import RunSource, is_structured
 

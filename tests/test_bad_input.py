@@ -27,7 +27,9 @@ from core.data import check_seqlen
 from core.errors import DataError, ModelLoadError
 from core.evaluate import perplexity
 from core.families import context_length
-from core.models import BUNDLED, check_gguf, load_model
+from core.bundled import BUNDLED
+from core.gguf_files import check_gguf
+from core.loading import load_model
 from core.pruning import calibrate
 from tiny import MAX_POSITIONS, build_tiny_module, tiny_tokenizer
 

@@ -78,7 +78,7 @@ def test_prune_then_export_tiny_model(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from core.masks import load_masks
-    from core.models import load_model
+    from core.loading import load_model
 
     out = tmp_path / "run"
     result = run_cli("prune", "--model", str(tiny_llama_dir), "--method", "ria", "--pattern", "2:4",
@@ -105,7 +105,7 @@ def test_prune_then_export_tiny_model(tiny_llama_dir, tmp_path):
 
 def test_calibrate_once_then_cut_from_the_saved_artifact(tiny_llama_dir, tmp_path):
     from core.masks import load_masks
-    from core.models import load_model
+    from core.loading import load_model
 
     artifact = tmp_path / "uni.artifact.safetensors"
     data = ["--calib-windows", "4", "--seqlen", "32", "--eval-windows", "2"]
@@ -134,12 +134,12 @@ def test_calibrate_once_then_cut_from_the_saved_artifact(tiny_llama_dir, tmp_pat
 
 def test_structured_prune_then_export_a_smaller_model(tiny_llama_dir, tmp_path):
     """FLAP from the command line: the mask file says structured, the export is physically
-    smaller, loads through core.models.load_model, and computes what the masked model computes."""
+    smaller, loads through core.loading.load_model, and computes what the masked model computes."""
     import torch
 
     from core.masks import load_masks
     from core.dense import DenseWeights
-    from core.models import load_model
+    from core.loading import load_model
 
     out = tmp_path / "flap"
     result = run_cli("prune", "--model", str(tiny_llama_dir), "--method", "flap", "--sparsity", "0.3",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.models import BUNDLED
+from core.bundled import BUNDLED
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -51,7 +51,7 @@ def test_prune_eval_export_smollm2(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from core.masks import load_masks
-    from core.models import load_model
+    from core.loading import load_model
 
     half = prune(tmp_path / "s50", 0.5, "--eval-dense")
     more = prune(tmp_path / "s70", 0.7)

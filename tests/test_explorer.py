@@ -19,7 +19,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from core.masks import load_masks  # noqa: E402
-from core.models import load_model  # noqa: E402
+from core.loading import load_model  # noqa: E402
 from explorer import figures  # noqa: E402
 
 CALIB = dict(method_name="wanda", windows=4, seqlen=32)

@@ -16,7 +16,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from core.masks import load_masks  # noqa: E402
-from core.models import load_model  # noqa: E402
+from core.loading import load_model  # noqa: E402
 
 CALIB = dict(windows=4, seqlen=32)
 GEN = dict(prompt="The quick brown fox", max_new_tokens=10)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from core.families import FAMILIES, family_for_config, head_info
-from core.models import fingerprint
+from core.fingerprint import fingerprint
 from tiny import FAMILY_NAMES, HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, tiny_config
 
 H, I = HIDDEN, INTERMEDIATE

@@ -14,7 +14,7 @@ from core.cli import main
 from core.errors import Cancelled, MaskFileError
 from core.masks import Pattern, allocation_table, load_masks
 from core.dense import DenseWeights
-from core.models import load_model
+from core.loading import load_model
 from core.pruning import calibrate, cut
 
 DATA = ["--calib-windows", "2", "--seqlen", "16"]

@@ -25,7 +25,8 @@ from core.dense import DenseWeights
 from core.errors import MaskFileError
 from core.masks import MaskSet, Pattern, dense_note, load_masks, parse_pattern, save_masks
 from core.methods import all_methods
-from core.models import load_model, wrap_model
+from core.loaded_model import wrap_model
+from core.loading import load_model
 from core.pruning import calibrate, cut, prune_sequential
 from core.structured.pipeline import prune_structured
 from tiny import build_tiny, tiny_config

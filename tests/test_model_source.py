@@ -16,7 +16,7 @@ from core.artifacts import load_artifact, save_artifact
 from core.dense import DenseWeights
 from core.errors import MaskFileError, SourceChanged
 from core.masks import load_masks, save_masks
-from core.models import load_model
+from core.loading import load_model
 from core.pruning import calibrate, cut
 
 

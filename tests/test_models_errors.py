@@ -4,10 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core import models
+from core import fit, hub
+from core.bundled import BUNDLED
 from core.errors import ModelLoadError
 from core.families import FAMILIES
-from core.models import BUNDLED, load_model
+from core.fingerprint import fingerprint
+from core.loading import load_model
 from tiny import build_tiny_module
 
 FAMILY_NAMES_IN_MESSAGE = [f.name for f in FAMILIES]
@@ -51,14 +53,14 @@ def test_hub_id_while_hub_unreachable(hub_offline):
 ])
 def test_hub_error_classifies_network_failures(exc):
     # What transformers raises when the network itself is down (not offline mode).
-    message = str(models._hub_error("org/model", exc))
+    message = str(hub.hub_error("org/model", exc))
     assert "Could not reach the Hugging Face Hub" in message
     assert "bundled model" in message
 
 
 def test_hub_error_for_a_missing_repo():
     exc = OSError("org/model is not a valid model identifier listed on 'https://huggingface.co/models'")
-    message = str(models._hub_error("org/model", exc))
+    message = str(hub.hub_error("org/model", exc))
     assert "is not a model on the Hugging Face Hub nor a local path" in message
 
 
@@ -143,7 +145,7 @@ def test_load_saved_tiny_llama_folder(tmp_path, tiny_tokenizer):
     assert lm.model_id == str(tmp_path)
     assert lm.tokenizer is not None and lm.tokenizer.pad_token is not None
     assert lm.heads.num_kv_heads == 2
-    assert lm.fingerprint == models.fingerprint(module)  # the same weights came back
+    assert lm.fingerprint == fingerprint(module)  # the same weights came back
     ids = lm.tokenizer("hello world", return_tensors="pt").input_ids
     assert torch.isfinite(lm.model(ids).logits).all()
     assert not any(p.requires_grad for p in lm.model.parameters())
@@ -157,10 +159,10 @@ def test_model_too_big_for_memory_is_refused_before_loading(tmp_path, tiny_token
     module.save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
     # Pretend the machine has 64 KiB free: the tiny model's weights alone need more.
-    monkeypatch.setattr(models, "available_memory_bytes", lambda: 64 * 1024)
+    monkeypatch.setattr(fit, "available_memory_bytes", lambda: 64 * 1024)
     with pytest.raises(ModelLoadError) as info:
         load_model(str(tmp_path))
     message = str(info.value)
     assert "memory is free" in message and "smaller model" in message
-    monkeypatch.setattr(models, "available_memory_bytes", lambda: 64 * 2**30)
+    monkeypatch.setattr(fit, "available_memory_bytes", lambda: 64 * 2**30)
     assert load_model(str(tmp_path)).family.name == "llama"

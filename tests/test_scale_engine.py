@@ -18,7 +18,7 @@ import torch
 from core.dense import DenseWeights
 from core.errors import ModelLoadError
 from core.evaluate import perplexity
-from core.models import load_model
+from core.loading import load_model
 from core.offload import is_offloaded
 from core.pruning import calibrate, cut, prune_sequential
 
@@ -188,7 +188,7 @@ def test_cli_prune_with_disk_offload_writes_the_same_masks(tiny_llama_dir, tmp_p
 
 # ---------------------------------------------------------------- resident memory
 
-_LOAD_ONLY = "import sys; from core.models import load_model; load_model(sys.argv[1], dtype=\"auto\")"
+_LOAD_ONLY = "import sys; from core.loading import load_model; load_model(sys.argv[1], dtype=\"auto\")"
 
 
 def _peak_rss(cmd: list[str]) -> tuple[int, str]:

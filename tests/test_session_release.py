@@ -48,7 +48,7 @@ def _rss(pid: int) -> int:
 
 
 def _model_spec(tmp_path_factory) -> str:
-    from core.models import BUNDLED
+    from core.bundled import BUNDLED
 
     if BUNDLED["smollm2-135m"].gguf_path() is not None:
         return "smollm2-135m"

@@ -2,7 +2,7 @@
 
 The reference is the masked model, `DenseWeights(lm).apply(plan.to_maskset(lm))`: the sliced
 model must compute the same logits and generate the same ids, hold exactly the plan's
-parameters, and survive a save/load round trip (also through core.models.load_model).
+parameters, and survive a save/load round trip (also through core.loading.load_model).
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 from core.export import export_sliced_model
 from core.kv_cache import with_cache
 from core.dense import DenseWeights
-from core.models import fingerprint, load_model
+from core.fingerprint import fingerprint
+from core.loading import load_model
 from core.structured.plan import StructuredPlan
 from core.structured.slicing import (STRUCTURE_KEY, EmptyAttention, EmptyMLP, load_sliced, save_sliced,
                                      slice_model)

@@ -1,13 +1,13 @@
 """Tiny randomly-initialised models and a byte-level tokenizer for tests: no downloads.
 
-`build_tiny(family)` returns a `core.models.LoadedModel` for each supported family; all share
+`build_tiny(family)` returns a `core.loaded_model.LoadedModel` for each supported family; all share
 `VOCAB_SIZE`, so every model works with `tiny_tokenizer()`.
 """
 from __future__ import annotations
 
 import torch
 
-from core.models import LoadedModel, wrap_model
+from core.loaded_model import LoadedModel, wrap_model
 
 FAMILY_NAMES = ("llama", "gemma3", "opt", "gpt2", "gpt_neox")
 

@@ -11,7 +11,7 @@ from ..masks import MaskSet, check_sparsity
 from ..dense import DenseWeights
 from ..methods import get_method
 from ..methods.base import StructuredMethod
-from ..models import LoadedModel
+from ..loaded_model import LoadedModel
 from .plan import StructuredPlan
 from .units import all_block_units
 

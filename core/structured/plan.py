@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..masks import MaskSet
-from ..models import LoadedModel
+from ..loaded_model import LoadedModel
 from .units import BlockUnits, all_block_units, block_masks
 
 

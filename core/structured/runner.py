@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..calibrate import BlockContext, LayerStats, run_layerwise
-from ..models import LoadedModel
+from ..loaded_model import LoadedModel
 from .plan import StructuredPlan
 from .units import BlockUnits, all_block_units, block_masks
 

@@ -34,7 +34,7 @@ keys are unchanged and a compensation bias survives.
 
 A sliced model's config carries `pruning_explorer_structure` (per-layer head counts and
 intermediate sizes, modules that gained a bias, all-removed sublayers); `save_sliced` writes
-it to config.json and `load_sliced` (used by `core.models.load_model` when it sees the key)
+it to config.json and `load_sliced` (used by `core.loading.load_model` when `is_sliced_config`)
 rebuilds the model from the config, reshapes each layer accordingly and loads the
 safetensors weights strictly. `AutoModelForCausalLM.from_pretrained` alone cannot read such a
 folder (its layers are not all the same size).
@@ -51,7 +51,8 @@ from torch import nn
 
 from ..families import Family, family_for_config, head_info
 from ..kv_cache import find_cache
-from ..models import LoadedModel
+from ..loaded_model import LoadedModel
+from ..outputs import write_folder_atomically
 from .plan import StructuredPlan
 from .units import all_block_units, unit_out_columns, unit_rows
 
@@ -255,16 +256,19 @@ def structure_of(model: nn.Module) -> dict | None:
     return getattr(model.config, STRUCTURE_KEY, None)
 
 
+def is_sliced_config(config) -> bool:
+    """Whether a model config (read from a folder) is a sliced model's: load it with load_sliced."""
+    return bool(getattr(config, STRUCTURE_KEY, None))
+
+
 # ---------------------------------------------------------------- save / load
 
 def save_sliced(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dict | None = None, *,
                 force: bool = False, inputs=()) -> Path:
     """save_pretrained a sliced model (config.json keeps its structure key), plus the tokenizer
     and a PRUNING.json (`meta`, or a bare marker); the folder appears only once complete. An
-    existing `out_dir` is replaced only as core.export.write_folder_atomically allows (`force`,
+    existing `out_dir` is replaced only as core.outputs.write_folder_atomically allows (`force`,
     `inputs`)."""
-    from ..export import write_folder_atomically
-
     structure = structure_of(model)
     if structure is None:
         raise ValueError("This model has no sliced structure in its config; slice it with slice_model first.")

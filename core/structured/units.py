@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import LoadedModel
+from ..loaded_model import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def calibration_limits(spec: str, method: str = "wanda", available: int | None =
     seqlen) and the longest seqlen (at the default windows, at most the model's context) whose
     estimated calibration memory (core.memory) fits the memory available now. The calibrate
     handler still checks the actual request against the memory free when it runs."""
-    from core.models import load_config
+    from core.loading import load_config
 
     try:
         _source, _kwargs, config = load_config(spec)
