@@ -114,7 +114,7 @@ def serve(port: int, spec: str, parts_path: str) -> None:
 
     import gradio as gr
 
-    import core.masks
+    import core.maskset
     import explorer.app as app
     from explorer import figures
     from explorer import views as views_module
@@ -125,7 +125,7 @@ def serve(port: int, spec: str, parts_path: str) -> None:
     parts = _Parts()
     gr.Blocks.process_api = parts.wrap_async(gr.Blocks.process_api, "gradio process_api")
     live_tab.cut = parts.wrap_sync(live_tab.cut, "cut()")
-    views_module.allocation_table = parts.wrap_sync(core.masks.allocation_table, "allocation table")
+    views_module.allocation_table = parts.wrap_sync(core.maskset.allocation_table, "allocation table")
     for name in ("allocation_figure", "allocation_overlay_figure", "saliency_figure", "histogram_figure", "to_plot",
                  "agreement_figure", "jaccard_figure"):
         setattr(figures, name, parts.wrap_sync(getattr(figures, name), name))

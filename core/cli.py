@@ -178,7 +178,7 @@ def _check_params(args) -> None:
 
 def _check_args(args) -> None:
     """Validate what argparse cannot, before any model is loaded."""
-    from .masks import check_sparsity, parse_pattern
+    from .patterns import check_sparsity, parse_pattern
 
     for attr, (flag, least, what) in _COUNTS.items():
         value = getattr(args, attr, None)
@@ -205,7 +205,8 @@ def _check_args(args) -> None:
 
 def _read_masks(path, lm):
     """load_masks, and a stderr note naming the matrices the file leaves dense on purpose."""
-    from .masks import dense_note, load_masks
+    from .mask_file import load_masks
+    from .maskset import dense_note
 
     masks = load_masks(path, lm)
     note = dense_note(masks)
@@ -241,7 +242,7 @@ def cmd_methods(args) -> int:
 
 def _save_run(folder: str, masks, lm, results: dict) -> int:
     """What prune and cut leave behind: masks.safetensors and result.json, a summary printed."""
-    from .masks import dense_note
+    from .maskset import dense_note
 
     out = Path(folder)
     # achieved_sparsity counts every prunable weight, those of matrices left dense (skipped) at 0
@@ -266,7 +267,7 @@ def _save_run(folder: str, masks, lm, results: dict) -> int:
 def _write_run_files(out: Path, masks, lm, results: dict) -> None:
     """masks.safetensors, then result.json, each written atomically (a full disk leaves neither
     half written)."""
-    from .masks import save_masks
+    from .mask_file import save_masks
 
     save_masks(out / "masks.safetensors", masks, lm)
     write_text_atomic(out / "result.json", json.dumps(results, indent=2, default=str))
@@ -312,8 +313,8 @@ def _add_cut_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_prune(args) -> int:
     from .data import calibration_set
-    from .masks import parse_pattern
     from .dense import DenseWeights
+    from .patterns import parse_pattern
     from .pruning import calibrate, cut, prune_sequential
 
     structured = _is_structured(args.method)
@@ -400,8 +401,8 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_cut(args) -> int:
-    from .masks import parse_pattern
     from .dense import DenseWeights
+    from .patterns import parse_pattern
     from .pruning import cut, update_cut_params
 
     _refuse_structured(args, "cut")
@@ -473,8 +474,9 @@ def _sweep_structured(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .masks import dense_note, parse_pattern
     from .dense import DenseWeights
+    from .maskset import dense_note
+    from .patterns import parse_pattern
     from .pruning import cut
 
     if args.out:  # before any work
@@ -521,8 +523,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .masks import load_masks
     from .dense import DenseWeights
+    from .mask_file import load_masks
 
     lm = _load(args)
     if args.masks:
@@ -536,9 +538,9 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     """Greedy continuation of a prompt with its decode speed: a quick check of a pruned or
     sliced model (load_model reads sliced folders), eager or compiled (core.fast_decode)."""
-    from .fast_decode import check_can_compile, compiled_greedy, timed_greedy
-    from .masks import load_masks
     from .dense import DenseWeights
+    from .fast_decode import check_can_compile, compiled_greedy, timed_greedy
+    from .mask_file import load_masks
     from .prompts import check_prompt_chars, prompt_ids
 
     if args.new_tokens < 2:
@@ -583,9 +585,9 @@ def _model_paths(spec: str) -> list[Path]:
 
 
 def cmd_export(args) -> int:
-    from .export import export_pruned_model
-    from .masks import load_masks
     from .dense import DenseWeights
+    from .export import export_pruned_model
+    from .mask_file import load_masks
 
     # Before any work: --out must be writable, and replaceable (missing, empty, an earlier export,
     # or --force), and must not hold the mask file or the model's own folder (never, even with --force).

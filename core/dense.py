@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
-from .masks import MaskSet
+from .maskset import MaskSet
 from .models import LoadedModel, cache_dir
 from .offload import is_offloaded, offload_entry, read_offloaded, set_offload_entry, write_offloaded
 from .outputs import process_folder

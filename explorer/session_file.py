@@ -30,7 +30,9 @@ import torch
 from core.artifacts import (ARTIFACT_FORMAT, ARTIFACT_VERSION, artifact_from_tensors, artifact_tensors)
 from core.errors import MaskFileError
 from core.fingerprint import mismatch, written_with
-from core.masks import MaskSet, _atomic_write, parse_pattern
+from core.maskset import MaskSet
+from core.outputs import atomic_write
+from core.patterns import parse_pattern
 from core.pruning import cut
 from core.tensor_store import FileStore, write_safetensors
 
@@ -133,7 +135,7 @@ def save_session(path: str | Path, session: Session) -> Path:
             "slider": json.dumps({"sparsity": session.sparsity, "pattern": session.pattern,
                                   "alloc_mode": session.alloc_mode}),
             "ppl_runs": json.dumps(_meta_json(session.ppl_runs)), "ppl_dense": json.dumps(session.ppl_dense)}
-    _atomic_write(path, lambda tmp: write_safetensors(tmp, entries, meta))
+    atomic_write(path, lambda tmp: write_safetensors(tmp, entries, meta))
     return path
 
 

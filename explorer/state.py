@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.calibrate import release_free_memory
-from core.masks import MaskSet
 from core.dense import DenseWeights
+from core.maskset import MaskSet
 from core.models import LoadedModel, load_model
 from core.outputs import process_folder
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.masks import MaskSet
+from core.maskset import MaskSet
 from core.structured.pipeline import prune_structured
 from core.structured.plan import StructuredPlan
 

@@ -6,12 +6,14 @@ import json
 
 import gradio as gr
 
+from core.cutting import LazyMasks
 from core.data import DEFAULT_SOURCE, calibration_set, check_seqlen
 from core.errors import Cancelled
-from core.masks import LazyMasks, PackedMasks, parse_pattern
 from core.memory import (APP_HINTS, CalibrationMemoryError, ModelShapes, available_bytes,
                          check_calibration_memory, largest_fitting)
 from core.methods import all_methods, get_method
+from core.packing import PackedMasks
+from core.patterns import parse_pattern
 from core.pruning import calibrate, cut, update_cut_params
 from core.structured.units import all_block_units
 

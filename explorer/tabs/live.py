@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from core.errors import Cancelled, PatternError
-from core.masks import parse_pattern
+from core.patterns import parse_pattern
 from core.pruning import cut
 
 from .. import structured_view

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 import torch
 
-from core.masks import allocation_table
+from core.maskset import allocation_table
 
 from .. import compare, figures
 from ..common import fail
