@@ -114,18 +114,15 @@ def serve(port: int, spec: str, parts_path: str) -> None:
 
     import gradio as gr
 
-    import core.masks
+    import core.maskset
     import explorer.app as app
-    from explorer import figures
-    from explorer import views as views_module
-    from explorer import compare
-    from explorer.tabs import live as live_tab
-    from explorer.tabs import masks as masks_tab
+    from explorer import figures, views as views_module, compare
+    from explorer.tabs import live as live_tab, masks as masks_tab
 
     parts = _Parts()
     gr.Blocks.process_api = parts.wrap_async(gr.Blocks.process_api, "gradio process_api")
     live_tab.cut = parts.wrap_sync(live_tab.cut, "cut()")
-    views_module.allocation_table = parts.wrap_sync(core.masks.allocation_table, "allocation table")
+    views_module.allocation_table = parts.wrap_sync(core.maskset.allocation_table, "allocation table")
     for name in ("allocation_figure", "allocation_overlay_figure", "saliency_figure", "histogram_figure", "to_plot",
                  "agreement_figure", "jaccard_figure"):
         setattr(figures, name, parts.wrap_sync(getattr(figures, name), name))
@@ -458,8 +455,7 @@ def _descendants_cpu_seconds(root: int) -> float:
 def _browser_timings(url: str, spec: str, args, session_file: str | None = None) -> dict:
     import shutil
 
-    from playwright.sync_api import Error as PlaywrightError
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import Error as PlaywrightError, expect, sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import PeakRSS, Timer, print_table, save, wt2_sources  # noqa: E402
 from core.data import calibration_windows, evaluation_windows, load_text, tokenize  # noqa: E402
-from core.evaluate import perplexity  # noqa: E402
-from core.masks import parse_pattern  # noqa: E402
 from core.dense import DenseWeights  # noqa: E402
+from core.evaluate import perplexity  # noqa: E402
 from core.methods import get_method  # noqa: E402
 from core.loading import load_model  # noqa: E402
+from core.patterns import parse_pattern  # noqa: E402
 from core.pruning import calibrate, cut, update_cut_params  # noqa: E402
 from core.structured.pipeline import prune_structured  # noqa: E402
 

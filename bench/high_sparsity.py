@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, PeakRSS, Timer, add_protocol_args, print_table, protocol_label, save, wt2_sources  # noqa: E402
 from core.calibrate import statistics_dtype  # noqa: E402
 from core.data import calibration_set, evaluation_set  # noqa: E402
-from core.evaluate import perplexity  # noqa: E402
-from core.masks import parse_pattern  # noqa: E402
 from core.dense import DenseWeights  # noqa: E402
 from core.loading import load_model  # noqa: E402
+from core.evaluate import perplexity  # noqa: E402
+from core.patterns import parse_pattern  # noqa: E402
 from core.pruning import calibrate, cut, prune_sequential, update_cut_params  # noqa: E402
 
 SEQUENTIAL = {"wanda", "owl", "sparsegpt"}  # pruned block by block, as bench/baselines.py

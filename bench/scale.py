@@ -193,7 +193,7 @@ def timed_cut(artifact_path: str, lm, sparsity: float) -> dict:
     """load_artifact + cut, then every mask of the cut made. The only place this benchmark calls
     core's artifact API: adapt it here when those signatures change."""
     from core.artifacts import load_artifact
-    from core.masks import LazyMasks
+    from core.cutting import LazyMasks
     from core.pruning import cut
 
     start = time.perf_counter()

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, PeakRSS, Timer, add_protocol_args, print_table, protocol_label, save, wt2_sources  # noqa: E402
 from core.data import calibration_set, evaluation_set  # noqa: E402
-from core.evaluate import perplexity  # noqa: E402
-from core.masks import parse_pattern  # noqa: E402
 from core.dense import DenseWeights  # noqa: E402
 from core.loading import load_model  # noqa: E402
+from core.evaluate import perplexity  # noqa: E402
+from core.patterns import parse_pattern  # noqa: E402
 from core.pruning import calibrate, cut, update_cut_params  # noqa: E402
 
 ALL = [("unstructured", s) for s in (0.5, 0.6, 0.7, 0.8)] + [("2:4", None), ("4:8", None)]

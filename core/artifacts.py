@@ -24,14 +24,14 @@ from types import MappingProxyType
 import torch
 
 from .calibrate import LayerStats
+from .cutting import ascending_ranks
 from .dense import DenseWeights
 from .errors import MaskFileError
 from .fingerprint import mismatch, written_with
 from .fit import available_memory_bytes
 from .loaded_model import LoadedModel
-from .masks import _atomic_write, ascending_ranks
 from .methods import Method, get_method
-from .outputs import cache_dir
+from .outputs import cache_dir, atomic_write
 from .tensor_store import FileStore, MemoryStore, SpillStore, write_safetensors
 
 ARTIFACT_FORMAT = "pruning-explorer-artifact"
@@ -399,7 +399,7 @@ def save_artifact(path: str | Path, artifact: Artifact, lm: LoadedModel) -> Path
     """One safetensors file, written one tensor at a time (never the whole artifact in memory)."""
     path = Path(path)
     entries, meta = artifact_tensors(artifact, lm)
-    _atomic_write(path, lambda tmp: write_safetensors(tmp, entries, meta))
+    atomic_write(path, lambda tmp: write_safetensors(tmp, entries, meta))
     return path
 
 

@@ -179,7 +179,7 @@ def _check_params(args) -> None:
 
 def _check_args(args) -> None:
     """Validate what argparse cannot, before any model is loaded."""
-    from .masks import check_sparsity, parse_pattern
+    from .patterns import check_sparsity, parse_pattern
 
     for attr, (flag, least, what) in _COUNTS.items():
         value = getattr(args, attr, None)
@@ -206,7 +206,8 @@ def _check_args(args) -> None:
 
 def _read_masks(path, lm):
     """load_masks, and a stderr note naming the matrices the file leaves dense on purpose."""
-    from .masks import dense_note, load_masks
+    from .mask_file import load_masks
+    from .maskset import dense_note
 
     masks = load_masks(path, lm)
     note = dense_note(masks)
@@ -242,7 +243,7 @@ def cmd_methods(args) -> int:
 
 def _save_run(folder: str, masks, lm, results: dict) -> int:
     """What prune and cut leave behind: masks.safetensors and result.json, a summary printed."""
-    from .masks import dense_note
+    from .maskset import dense_note
 
     out = Path(folder)
     # achieved_sparsity counts every prunable weight, those of matrices left dense (skipped) at 0
@@ -267,7 +268,7 @@ def _save_run(folder: str, masks, lm, results: dict) -> int:
 def _write_run_files(out: Path, masks, lm, results: dict) -> None:
     """masks.safetensors, then result.json, each written atomically (a full disk leaves neither
     half written)."""
-    from .masks import save_masks
+    from .mask_file import save_masks
 
     save_masks(out / "masks.safetensors", masks, lm)
     write_text_atomic(out / "result.json", json.dumps(results, indent=2, default=str))
@@ -312,10 +313,10 @@ def _add_cut_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_prune(args) -> int:
     from .data import calibration_set
-    from .masks import parse_pattern
     from .dense import DenseWeights
     from .pruning import prune_sequential
     from .structured.units import all_block_units
+    from .patterns import parse_pattern
 
     structured = _is_structured(args.method)
     pattern = None if structured else parse_pattern(args.pattern)
@@ -409,10 +410,10 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_cut(args) -> int:
-    from .masks import parse_pattern
     from .dense import DenseWeights
     from .pruning import update_cut_params
     from .run_source import ArtifactCut
+    from .patterns import parse_pattern
 
     _refuse_structured(args, "cut")
     check_run_folder(args.out, args.force)  # before any work
@@ -451,7 +452,7 @@ def _refuse_structured(args, command: str) -> None:
 def _sweep_points(args, source) -> list:
     """(pattern, sparsity) of every row: a structured method at each sparsity (its pattern is its
     own: None), others at each sparsity of each pattern (an N:M pattern once: its sparsity is fixed)."""
-    from .masks import parse_pattern
+    from .patterns import parse_pattern
 
     sparsities = [float(s) for s in args.sparsities.split(",")]
     if source.structured:
@@ -465,7 +466,7 @@ def _sweep_points(args, source) -> list:
 
 def _sweep_rows(args, lm, dense, source) -> list[dict]:
     """One row per point: the masks from the source, the time they took, their perplexity."""
-    from .masks import dense_note
+    from .maskset import dense_note
     from .structured.units import all_block_units
 
     time_key = "prune_s" if source.structured else "cut_s"
@@ -532,7 +533,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .masks import load_masks
     from .dense import DenseWeights
 
     lm = _load(args)
@@ -547,9 +547,8 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     """Greedy continuation of a prompt with its decode speed: a quick check of a pruned or
     sliced model (load_model reads sliced folders), eager or compiled (core.fast_decode)."""
-    from .fast_decode import check_can_compile, compiled_greedy, timed_greedy
-    from .masks import load_masks
     from .dense import DenseWeights
+    from .fast_decode import check_can_compile, compiled_greedy, timed_greedy
     from .prompts import check_prompt_chars, prompt_ids
 
     if args.new_tokens < 2:
@@ -594,10 +593,9 @@ def _model_paths(spec: str) -> list[Path]:
 
 
 def cmd_export(args) -> int:
-    from .export import export_pruned_model
-    from .masks import load_masks
     from .dense import DenseWeights
     from .run_source import is_structured
+    from .export import export_pruned_model
 
     # Before any work: --out must be writable, and replaceable (missing, empty, an earlier export,
     # or --force), and must not hold the mask file or the model's own folder (never, even with --force).

@@ -24,9 +24,9 @@ import torch
 
 from .errors import ModelLoadError
 from .loaded_model import LoadedModel
-from .masks import MaskSet
-from .offload import is_offloaded, offload_entry, read_offloaded, set_offload_entry, write_offloaded
+from .maskset import MaskSet
 from .outputs import cache_dir, process_folder
+from .offload import is_offloaded, offload_entry, read_offloaded, set_offload_entry, write_offloaded
 from .sources import WatchedFiles
 
 class DenseWeights:

@@ -19,11 +19,13 @@ import torch
 
 from .artifacts import Artifact, block_names, method_scope, new_store, recomputes_scores
 from .calibrate import BlockContext, ProgressFn, release_free_memory, run_layerwise
+from .cutting import LazyMasks, cut_mask, pruned_count
 from .data import check_seqlen
 from .dense import DenseWeights
 from .loaded_model import LoadedModel
-from .masks import (LazyMasks, MaskSet, PackedMasks, Pattern, check_nm_fits, check_sparsity, cut_mask, pack_mask,
-                    pruned_count)
+from .maskset import MaskSet
+from .packing import PackedMasks, pack_mask
+from .patterns import Pattern, check_nm_fits, check_sparsity
 from .methods import Method, get_method
 from .offload import onloaded
 

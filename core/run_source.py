@@ -22,7 +22,8 @@ import torch
 from .artifacts import Artifact
 from .calibrate import ProgressFn
 from .dense import DenseWeights
-from .masks import MaskSet, Pattern, parse_pattern
+from .maskset import MaskSet
+from .patterns import Pattern, parse_pattern
 from .loaded_model import LoadedModel
 from .pruning import cut
 from .structured.pipeline import prune_structured

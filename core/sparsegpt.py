@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import Pattern
+from .patterns import Pattern
 
 
 def sparsegpt_prune(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, sparsity: float,

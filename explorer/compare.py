@@ -104,7 +104,7 @@ def matrix_shapes(mask_set) -> dict[str, tuple[int, int]]:
 
 
 def overlaps(masks_a, masks_b, block_and_type: Mapping[str, tuple[int, str]]) -> list[dict]:
-    """Per matrix of two core.masks.MaskSet (same model): block, type and the agreement counts.
+    """Per matrix of two core.maskset.MaskSet (same model): block, type and the agreement counts.
 
     block_and_type: matrix name -> (block, matrix type). Matrices one set leaves dense count as
     all kept there."""

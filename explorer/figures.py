@@ -92,7 +92,7 @@ def _type_order(types) -> list[str]:
 def allocation_figure(rows: list[dict], target: float | None = None, title_extra: str = "") -> dict:
     """Grouped bars: sparsity of each block, one bar per matrix type, with the target as a line.
 
-    `rows` is core.masks.allocation_table output (block, type, params, pruned, sparsity)."""
+    `rows` is core.maskset.allocation_table output (block, type, params, pruned, sparsity)."""
     if not rows:
         return empty_figure("No masks yet: calibrate, or import a mask file.")
     pruned = sum(r["pruned"] for r in rows)
@@ -314,7 +314,7 @@ def _block_sparsity(rows: list[dict]) -> dict[int, float]:
 def allocation_overlay_figure(series: list[dict], target: float | None = None, mode: str = "block") -> dict:
     """Several runs' allocations on one chart, one trace per run.
 
-    series: {"name", "rows" (core.masks.allocation_table of its masks), "structured" (the
+    series: {"name", "rows" (core.maskset.allocation_table of its masks), "structured" (the
     per-block structured allocation, or None), "pattern"}. mode "block": the pruned fraction of
     each block's weights; "type": of each matrix type within each block (x = "block type").
     A structured run's matrix masks remove whole rows / columns, so on the same axes its q/k/v/o

@@ -5,9 +5,12 @@ metadata: never a pickle. Reopening it on the same model restores the runs witho
 Per run i the file holds, under the prefix "run{i}/":
 - "artifact/<key>": the calibration artifact's own tensors (as core.artifacts writes them; its
   metadata is kept in the run's JSON), where the run has one;
-- "mask/<matrix>" (uint8, 1 = keep), "weight/<matrix>", "bias/<matrix>": the run's current masks,
-  where they cannot be cut again in a moment: imported mask files, structured runs, and methods
-  that re-solve weights (SparseGPT), so that reopening never solves or prunes;
+- "mask/<matrix>" (core.packing.pack_mask's bits: uint8 (d_out, ceil(d_in / 8)), 8 inputs per byte
+  along each row, 1 = keep), "weight/<matrix>", "bias/<matrix>": the run's current masks, where
+  they cannot be cut again in a moment: imported mask files, structured runs, and methods that
+  re-solve weights (SparseGPT), so that reopening never solves or prunes. They reopen as
+  core.packing.PackedMasks (1 bit per weight). Files of format version 1 held each mask as one
+  flat np.packbits row (d_out * d_in bits); they still open, packed per row as they are read;
 - "windows": a structured run's calibration token ids (the slider prunes it again from them).
 A run with a score artifact (Wanda, OWL, UniPruning ...) is cut again on reopening (lazily: a
 fraction of a second), at the sparsity and pattern it was saved at.
@@ -27,32 +30,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.artifacts import (ARTIFACT_FORMAT, ARTIFACT_VERSION, artifact_from_tensors, artifact_tensors)
+from core.artifacts import ARTIFACT_FORMAT, ARTIFACT_VERSION, artifact_from_tensors, artifact_tensors
 from core.errors import MaskFileError
 from core.fingerprint import mismatch, written_with
-from core.masks import MaskSet, _atomic_write, parse_pattern
+from core.maskset import MaskSet
+from core.patterns import parse_pattern
 from core.run_source import ArtifactCut, FixedMasks, StructuredReprune
+from core.outputs import atomic_write
+from core.packing import PackedMasks, pack_mask, packed_shape
 from core.tensor_store import FileStore, write_safetensors
 
 from .state import ModelEntry, Run, Session
 from .structured_view import reprune_source
 
 FORMAT = "pruning-explorer-session"
-VERSION = "1"
+VERSION = "2"  # what save_session writes: masks packed per row, as core.packing.pack_mask packs them
+READABLE_VERSIONS = ("1", "2")  # 1: each mask one flat np.packbits row
 
 
 class SessionFileError(MaskFileError):
     """A session file that cannot be reopened here (the message says why and what to do)."""
 
 
-# ---------------------------------------------------------------- masks, packed
+# ---------------------------------------------------------------- masks of version-1 files
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask as bits (uint8, 8 weights a byte): what the file stores."""
-    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy().astype(np.bool_)))
-
-
-def unpack_mask(bits: torch.Tensor, shape) -> torch.Tensor:
+def unpack_flat_mask(bits: torch.Tensor, shape) -> torch.Tensor:
+    """A version-1 file's mask: one flat np.packbits row of the whole (d_out, d_in) matrix, as bool."""
     n = math.prod(shape)
     if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != -(-n // 8):
         raise ValueError(f"{bits.numel()} bytes cannot hold a {tuple(shape)} mask")
@@ -86,8 +89,12 @@ def _once(entries: list[tuple]) -> list[tuple]:
 
 
 def _mask_entry(key: str, masks: MaskSet, name: str, shape) -> tuple:
-    """A run's mask of one matrix, packed when the file is written (one matrix at a time)."""
-    return key, lambda: pack_mask(masks.masks[name]), torch.uint8, (-(-math.prod(shape) // 8),)
+    """A run's mask of one matrix as pack_mask packs it, packed when the file is written (one matrix
+    at a time); masks held packed are written as held, nothing unpacked."""
+    held = masks.masks
+    if isinstance(held, PackedMasks):
+        return key, lambda: held.packed(name).contiguous(), torch.uint8, packed_shape(shape)
+    return key, lambda: pack_mask(held[name]), torch.uint8, packed_shape(shape)
 
 
 def save_session(path: str | Path, session: Session) -> Path:
@@ -131,7 +138,7 @@ def save_session(path: str | Path, session: Session) -> Path:
             "slider": json.dumps({"sparsity": session.sparsity, "pattern": session.pattern,
                                   "alloc_mode": session.alloc_mode}),
             "ppl_runs": json.dumps(_meta_json(session.ppl_runs)), "ppl_dense": json.dumps(session.ppl_dense)}
-    _atomic_write(path, lambda tmp: write_safetensors(tmp, entries, meta))
+    atomic_write(path, lambda tmp: write_safetensors(tmp, entries, meta))
     return path
 
 
@@ -153,9 +160,9 @@ def read_header(path: str | Path) -> dict:
         kind = {"pruning-explorer-masks": "a mask file (import it with Import masks)",
                 "pruning-explorer-artifact": "a calibration artifact"}.get(meta.get("format"), "not a session file")
         raise SessionFileError(f"{path.name} is {kind}, not a session file saved by the explorer.")
-    if meta.get("format_version") != VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise SessionFileError(f"{path.name} has session format {meta.get('format_version')}; this explorer reads "
-                               f"{VERSION}.")
+                               f"{' and '.join(READABLE_VERSIONS)}.")
     return meta
 
 
@@ -190,8 +197,19 @@ def _open(path: Path) -> FileStore:
     return store
 
 
-def _masks_from(store: FileStore, prefix: str, item: dict, shapes: dict, path: Path) -> MaskSet:
-    """A run's stored masks (bits), weights and biases, checked against the loaded model."""
+def _packed_mask(tensor: torch.Tensor, shape: tuple[int, int], version: str) -> torch.Tensor:
+    """A stored mask as pack_mask's bits, in memory (so that the run's masks outlive the file): as
+    stored (version 2), or packed per row from a version-1 file's flat bits."""
+    if version == "1":
+        return pack_mask(unpack_flat_mask(tensor, shape))
+    if tensor.dtype != torch.uint8 or tuple(tensor.shape) != packed_shape(shape):
+        raise ValueError(f"a {tuple(shape)} mask packs to uint8 {packed_shape(shape)}, not {tensor.dtype} "
+                         f"{tuple(tensor.shape)}")
+    return tensor.clone()
+
+
+def _masks_from(store: FileStore, prefix: str, item: dict, shapes: dict, path: Path, version: str) -> MaskSet:
+    """A run's stored masks (as PackedMasks), weights and biases, checked against the loaded model."""
     name_of = item.get("name")
     recorded = item.get("mask_shapes") or {}
     masks, weights, biases = {}, {}, {}
@@ -208,7 +226,7 @@ def _masks_from(store: FileStore, prefix: str, item: dict, shapes: dict, path: P
                 raise SessionFileError(f"{path.name}: run {name_of!r}: {name} is recorded as {recorded.get(name)}, "
                                        f"the model's is {list(shapes[name])}; the file was altered.")
             try:
-                masks[name] = unpack_mask(tensor, shapes[name])
+                masks[name] = _packed_mask(tensor, shapes[name], version)
             except ValueError as exc:
                 raise SessionFileError(f"{path.name}: run {name_of!r}: the mask of {name} is damaged ({exc}).") from None
             continue
@@ -222,7 +240,8 @@ def _masks_from(store: FileStore, prefix: str, item: dict, shapes: dict, path: P
     if missing:
         raise SessionFileError(f"{path.name}: run {name_of!r} lacks the masks of {len(missing)} matrices "
                                f"(e.g. {missing[0]}); the file is incomplete. Save the session again.")
-    return MaskSet(masks=masks, weights=weights, meta=dict(item.get("masks_meta") or {}), biases=biases,
+    packed = PackedMasks(packed=masks, shapes={n: shapes[n] for n in masks})
+    return MaskSet(masks=packed, weights=weights, meta=dict(item.get("masks_meta") or {}), biases=biases,
                    dense_layers=dense_layers)
 
 
@@ -273,7 +292,8 @@ def read_session(path: str | Path, entry: ModelEntry, workdir: Path | None = Non
     except (OSError, ValueError) as exc:
         raise _unreadable(path, exc) from exc
     shapes = entry.dense.shapes()
-    runs = [_run_from(store, path, i, item, entry, shapes) for i, item in enumerate(items)]
+    version = meta["format_version"]
+    runs = [_run_from(store, path, i, item, entry, shapes, version) for i, item in enumerate(items)]
     try:
         active = int(meta.get("active", "0"))
     except ValueError:
@@ -283,7 +303,8 @@ def read_session(path: str | Path, entry: ModelEntry, workdir: Path | None = Non
             "ppl_dense": ppl_dense if isinstance(ppl_dense, dict) else {}}
 
 
-def _run_from(store: FileStore, path: Path, i: int, item: dict, entry: ModelEntry, shapes: dict) -> Run:
+def _run_from(store: FileStore, path: Path, i: int, item: dict, entry: ModelEntry, shapes: dict,
+              version: str) -> Run:
     prefix = f"run{i}/"
     stored = item.get("stored") or []
     try:
@@ -295,7 +316,7 @@ def _run_from(store: FileStore, path: Path, i: int, item: dict, entry: ModelEntr
     except (TypeError, ValueError) as exc:
         raise SessionFileError(f"{path.name}: run {i + 1}'s settings are not valid ({exc}).") from None
     if "masks" in stored:
-        run.masks = _masks_from(store, prefix, item, shapes, path)
+        run.masks = _masks_from(store, prefix, item, shapes, path, version)
     if "windows" in stored:
         s = item.get("structured") or {}
         windows = store.get(prefix + "windows")

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.calibrate import release_free_memory
-from core.masks import MaskSet
 from core.dense import DenseWeights
 from core.loaded_model import LoadedModel
 from core.loading import load_model
+from core.maskset import MaskSet
 from core.outputs import process_folder
 from core.run_source import RunSource, is_structured
 

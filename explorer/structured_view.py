@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from core.masks import MaskSet
+from core.maskset import MaskSet
 from core.run_source import StructuredReprune
 
 from .figures import PALETTE, base_figure, empty_figure, target_line

@@ -7,7 +7,7 @@ import gradio as gr
 import torch
 
 from core.errors import Cancelled
-from core.masks import allocation_table
+from core.maskset import allocation_table
 from core.run_source import is_structured
 
 from . import figures, structured_view

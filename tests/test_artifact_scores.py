@@ -8,8 +8,9 @@ from safetensors import safe_open
 
 from core.artifacts import load_artifact, save_artifact
 from core.calibrate import release_free_memory
-from core.masks import Pattern, ascending_ranks, cut_unstructured
+from core.cutting import ascending_ranks, cut_unstructured
 from core.methods import get_method
+from core.patterns import Pattern
 from core.pruning import calibrate, cut, prune_sequential, recomputes_scores
 from tiny import build_tiny
 

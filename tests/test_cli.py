@@ -77,7 +77,7 @@ def test_prune_then_export_tiny_model(tiny_llama_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from core.masks import load_masks
+    from core.mask_file import load_masks
     from core.loading import load_model
 
     out = tmp_path / "run"
@@ -104,7 +104,7 @@ def test_prune_then_export_tiny_model(tiny_llama_dir, tmp_path):
 
 
 def test_calibrate_once_then_cut_from_the_saved_artifact(tiny_llama_dir, tmp_path):
-    from core.masks import load_masks
+    from core.mask_file import load_masks
     from core.loading import load_model
 
     artifact = tmp_path / "uni.artifact.safetensors"
@@ -137,9 +137,9 @@ def test_structured_prune_then_export_a_smaller_model(tiny_llama_dir, tmp_path):
     smaller, loads through core.loading.load_model, and computes what the masked model computes."""
     import torch
 
-    from core.masks import load_masks
     from core.dense import DenseWeights
     from core.loading import load_model
+    from core.mask_file import load_masks
 
     out = tmp_path / "flap"
     result = run_cli("prune", "--model", str(tiny_llama_dir), "--method", "flap", "--sparsity", "0.3",

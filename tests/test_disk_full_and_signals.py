@@ -123,7 +123,7 @@ def _files_under(folder: Path) -> list[str]:
 
 def test_prune_onto_a_full_disk_keeps_the_masks_in_the_cache_and_says_where(
         wide_model_dir, tmpfs, tmp_path, monkeypatch, capsys):
-    from core.masks import load_masks
+    from core.mask_file import load_masks
     from core.loading import load_model
 
     disk = tmpfs("8k")

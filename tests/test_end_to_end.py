@@ -50,7 +50,7 @@ def prune(out: Path, sparsity: float, *extra: str) -> dict:
 def test_prune_eval_export_smollm2(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from core.masks import load_masks
+    from core.mask_file import load_masks
     from core.loading import load_model
 
     half = prune(tmp_path / "s50", 0.5, "--eval-dense")

@@ -18,7 +18,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from core.masks import load_masks  # noqa: E402
+from core.mask_file import load_masks  # noqa: E402
 from core.loading import load_model  # noqa: E402
 from explorer import figures  # noqa: E402
 

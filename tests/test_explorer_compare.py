@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.masks import MaskSet
+from core.maskset import MaskSet
 from explorer import compare, figures
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from core.masks import load_masks  # noqa: E402
+from core.mask_file import load_masks  # noqa: E402
 from core.loading import load_model  # noqa: E402
 
 CALIB = dict(windows=4, seqlen=32)
@@ -111,7 +111,8 @@ def test_masks_compared_counts_sum_and_jaccard(three_runs, tiny_llama_dir):
 
 
 def test_jaccard_of_identical_runs_is_one_and_of_a_complement_zero(app_url, tiny_llama_dir, tmp_path):
-    from core.masks import MaskSet, save_masks
+    from core.mask_file import save_masks
+    from core.maskset import MaskSet
 
     client = _client(app_url, tiny_llama_dir)
     _calibrate(client, "wanda")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("gradio")
@@ -250,6 +251,89 @@ def test_reopened_session_reads_its_artifacts_from_the_session_file(session, tmp
     session_file.restore(third, session_file.read_session(again, third.model))
     for run, reopened in zip(other.runs, third.runs):
         assert all(bool((reopened.masks.masks[n] == run.masks.masks[n]).all()) for n in run.masks.masks), run.name
+
+
+def _session_with_stored_masks(session):
+    """A session whose runs' masks go into its file: SparseGPT (it re-solves weights) and a fixed
+    mask (an imported one, no calibration)."""
+    from core.maskset import MaskSet
+
+    _calibrate(session, "sparsegpt")
+    generator = torch.Generator().manual_seed(0)
+    fixed = {name: torch.rand(shape, generator=generator) < 0.7 for name, shape in session.model.dense.shapes().items()}
+    session.runs.add(Run(id="", name="fixed", method="imported", origin="imported",
+                         masks=MaskSet(masks=fixed, meta={"method": "imported"})))
+    return session
+
+
+def _same_masks(a, b) -> bool:
+    return set(a.masks) == set(b.masks) and all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+
+
+def test_a_reopened_sessions_masks_are_packed_one_bit_a_weight(session, tmp_path):
+    from safetensors import safe_open
+
+    from core.packing import PackedMasks, packed_shape
+    from explorer import session_file
+
+    _session_with_stored_masks(session)
+    path = session_file.save_session(tmp_path / "saved.safetensors", session)
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.metadata()["format_version"] == session_file.VERSION == "2"
+        stored = {k: fh.get_tensor(k) for k in fh.keys() if "/mask/" in k}
+    shapes = session.model.dense.shapes()
+    assert len(stored) == 2 * len(shapes)  # both runs' masks, in core.packing.pack_mask's per-row layout
+    assert all(t.dtype == torch.uint8 and tuple(t.shape) == packed_shape(shapes[k.split("/mask/")[1]])
+               for k, t in stored.items())
+    other = Session(model=session.model, default_spec=session.default_spec)
+    session_file.restore(other, session_file.read_session(path, other.model))
+    for run, saved in zip(other.runs, session.runs):
+        assert isinstance(run.masks.masks, PackedMasks), run.name
+        assert run.masks.masks.nbytes() == sum(-(-d_in // 8) * d_out for d_out, d_in in shapes.values())
+        assert _same_masks(run.masks, saved.masks), run.name
+        assert run.masks.pruned_counts() == saved.masks.pruned_counts()
+        assert all(torch.equal(run.masks.weights[n], saved.masks.weights[n]) for n in saved.masks.weights)
+    # saved again from packed masks (written as held), it reopens the same
+    again = session_file.save_session(tmp_path / "again.safetensors", other)
+    third = Session(model=session.model, default_spec=session.default_spec)
+    session_file.restore(third, session_file.read_session(again, third.model))
+    assert all(_same_masks(a.masks, b.masks) for a, b in zip(third.runs, session.runs))
+
+
+def test_a_session_file_of_the_old_layout_still_opens(session, tmp_path):
+    """Format version 1 stored each mask as one flat np.packbits row of the whole matrix."""
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from core.packing import PackedMasks, unpack_mask
+    from explorer import session_file
+
+    _session_with_stored_masks(session)
+    path = session_file.save_session(tmp_path / "saved.safetensors", session)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    shapes = session.model.dense.shapes()
+    for key, tensor in tensors.items():
+        if "/mask/" in key:  # as version 1 wrote it
+            mask = unpack_mask(tensor, shapes[key.split("/mask/")[1]][1])
+            tensors[key] = torch.from_numpy(np.packbits(mask.reshape(-1).numpy()))
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**meta, "format_version": "1"})
+    other = Session(model=session.model, default_spec=session.default_spec)
+    session_file.restore(other, session_file.read_session(old, other.model))
+    assert [r.name for r in other.runs] == [r.name for r in session.runs]
+    for run, saved in zip(other.runs, session.runs):
+        assert isinstance(run.masks.masks, PackedMasks) and _same_masks(run.masks, saved.masks), run.name
+    # a version-1 mask a byte short is refused as damaged, not misread
+    save_file(dict(tensors, **{k: v[:-1] for k, v in tensors.items() if "/mask/" in k}), str(old),
+              metadata={**meta, "format_version": "1"})
+    with pytest.raises(session_file.SessionFileError, match="is damaged"):
+        session_file.read_session(old, other.model)
+    save_file(tensors, str(old), metadata={**meta, "format_version": "3"})
+    with pytest.raises(session_file.SessionFileError, match="session format 3; this explorer reads 1 and 2"):
+        session_file.read_session(old, other.model)
 
 
 def test_parameter_widgets_always_hold_values_within_their_bounds():

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from core.cli import main
-from core.errors import Cancelled, MaskFileError
-from core.masks import Pattern, allocation_table, load_masks
 from core.dense import DenseWeights
 from core.loading import load_model
+from core.errors import Cancelled, MaskFileError
+from core.mask_file import load_masks
+from core.maskset import allocation_table
+from core.patterns import Pattern
 from core.pruning import calibrate, cut
 
 DATA = ["--calib-windows", "2", "--seqlen", "16"]

@@ -7,9 +7,12 @@ import threading
 import pytest
 import torch
 
-from core.masks import LazyMasks, Pattern, allocation_table, cut_mask, load_masks, save_masks
-from core.dense import DenseWeights
 from core.artifacts import method_scope
+from core.cutting import LazyMasks, cut_mask
+from core.dense import DenseWeights
+from core.mask_file import load_masks, save_masks
+from core.maskset import allocation_table
+from core.patterns import Pattern
 from core.pruning import calibrate, cut, matrix_sparsities
 from tiny import build_tiny
 

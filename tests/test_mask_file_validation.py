@@ -19,14 +19,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import core.masks
+import core.packing
 from core.cli import main
 from core.dense import DenseWeights
 from core.errors import MaskFileError
-from core.masks import MaskSet, Pattern, dense_note, load_masks, parse_pattern, save_masks
+from core.mask_file import load_masks, save_masks
+from core.maskset import dense_note
 from core.methods import all_methods
 from core.loaded_model import wrap_model
 from core.loading import load_model
+from core.patterns import Pattern, parse_pattern
 from core.pruning import calibrate, cut, prune_sequential
 from core.structured.pipeline import prune_structured
 from tiny import build_tiny, tiny_config
@@ -148,7 +150,7 @@ def test_a_finite_float_bias_of_the_right_shape_is_accepted(lm, sparsegpt_file, 
 
 def test_a_flipped_mask_bit_is_refused_naming_the_matrix(lm, wanda_file, tmp_path):
     _, tensors = _read(wanda_file)
-    pruned = 64 * 64 - core.masks.packed_kept_count(tensors[f"mask/{Q}"])
+    pruned = 64 * 64 - core.packing.packed_kept_count(tensors[f"mask/{Q}"])
     bad = _rewrite(wanda_file, tmp_path / "bad.safetensors", tensors=_flip(f"mask/{Q}"))
     counted = pruned + (1 if tensors[f"mask/{Q}"][0, 0] & 0x80 else -1)
     with pytest.raises(MaskFileError, match=rf"mask of {Q} prunes {counted} of 4096 weights, but the file "
@@ -244,7 +246,7 @@ def test_a_version_1_file_is_held_to_its_allocation_too(lm, wanda_file, tmp_path
 
 
 def test_loading_counts_on_the_packed_bits_without_unpacking(lm, wanda_file, monkeypatch):
-    monkeypatch.setattr(core.masks, "unpack_mask", lambda *a: pytest.fail("load_masks unpacked a mask"))
+    monkeypatch.setattr(core.packing, "unpack_mask", lambda *a: pytest.fail("load_masks unpacked a mask"))
     masks = load_masks(wanda_file, lm)
     assert masks.total_sparsity() == 0.5  # counted once, at load: kept, not counted again
 

@@ -7,10 +7,12 @@ import os
 import pytest
 import torch
 
-from core.errors import MaskFileError, PatternError
-from core.masks import (MaskSet, Pattern, ascending_ranks, check_nm_fits, check_sparsity, cut_from_ranks, cut_mask,
-                        cut_nm, cut_unstructured, load_masks, parse_pattern, save_masks)
+from core.cutting import ascending_ranks, cut_from_ranks, cut_mask, cut_nm, cut_unstructured
 from core.dense import DenseWeights
+from core.errors import MaskFileError, PatternError
+from core.mask_file import load_masks, save_masks
+from core.maskset import MaskSet
+from core.patterns import Pattern, check_nm_fits, check_sparsity, parse_pattern
 from tiny import build_tiny
 
 T, F = True, False
@@ -334,14 +336,14 @@ def test_load_refuses_other_format_version(llama, tmp_path):
 def test_save_is_atomic(llama, saved, monkeypatch):
     path, ms = saved
     original = path.read_bytes()
-    import core.tensor_store
+    import core.mask_file
 
     def half_then_fail(filename, entries, metadata=None):
         with open(filename, "wb") as fh:
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(core.tensor_store, "write_safetensors", half_then_fail)
+    monkeypatch.setattr(core.mask_file, "write_safetensors", half_then_fail)
     other = MaskSet({n: torch.zeros_like(m) for n, m in ms.masks.items()})
     with pytest.raises(OSError, match="disk full"):
         save_masks(path, other, llama)

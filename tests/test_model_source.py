@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from core.artifacts import load_artifact, save_artifact
 from core.dense import DenseWeights
 from core.errors import MaskFileError, SourceChanged
-from core.masks import load_masks, save_masks
+from core.mask_file import load_masks, save_masks
 from core.loading import load_model
 from core.pruning import calibrate, cut
 

@@ -11,10 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import core.masks
+import core.packing
 from core.errors import MaskFileError
-from core.masks import (PACKING, MaskSet, PackedMasks, allocation_table, load_masks, mask_shapes, pack_mask,
-                        packed_kept_count, packed_shape, save_masks, unpack_mask)
+from core.mask_file import load_masks, save_masks
+from core.maskset import MaskSet, allocation_table, mask_shapes
+from core.packing import PACKING, PackedMasks, pack_mask, packed_kept_count, packed_shape, unpack_mask
 from tiny import build_tiny
 
 T, F = True, False
@@ -37,7 +38,7 @@ def no_unpacking(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a packed mask was unpacked")
 
-    monkeypatch.setattr(core.masks, "unpack_mask", refuse)
+    monkeypatch.setattr(core.packing, "unpack_mask", refuse)
 
 
 # ---------------------------------------------------------------- pack, unpack, count
@@ -66,7 +67,7 @@ def test_pack_unpack_round_trip(d_out, d_in):
 def test_the_any_byte_order_path_packs_the_same(monkeypatch, d_in):
     mask = _random_mask(9, d_in, seed=3)
     fast = pack_mask(mask)
-    monkeypatch.setattr(core.masks, "_LITTLE_ENDIAN", False)
+    monkeypatch.setattr(core.packing, "_LITTLE_ENDIAN", False)
     assert torch.equal(pack_mask(mask), fast)
 
 
@@ -77,7 +78,7 @@ def test_packing_in_row_steps_gives_the_same_bits(monkeypatch, d_in):
     mask = _random_mask(37, d_in, seed=5)
     reference = np.packbits(mask.numpy(), axis=1)
     for step in (1, 8 * 64, 8 * 200):
-        monkeypatch.setattr(core.masks, "_STEP_ENTRIES", step)
+        monkeypatch.setattr(core.packing, "_STEP_ENTRIES", step)
         packed = pack_mask(mask)
         assert np.array_equal(packed.numpy(), reference), step
         assert torch.equal(unpack_mask(packed, d_in), mask), step
@@ -227,7 +228,7 @@ def test_saving_packed_masks_writes_the_same_file_without_unpacking(llama, tmp_p
     meta = {"method": "magnitude", "params": {"x": 1}}
     plain = save_masks(tmp_path / "plain.safetensors", MaskSet(masks, meta=meta), llama)
     packed_set = MaskSet(PackedMasks(masks), meta=meta)
-    monkeypatch.setattr(core.masks, "unpack_mask", lambda *a: pytest.fail("save unpacked a mask"))
+    monkeypatch.setattr(core.packing, "unpack_mask", lambda *a: pytest.fail("save unpacked a mask"))
     packed = save_masks(tmp_path / "packed.safetensors", packed_set, llama)
     monkeypatch.undo()
     # safetensors writes metadata keys in hash order, so compare contents, not bytes

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from core.calibrate import LayerStats, run_layerwise
-from core.errors import Cancelled, PatternError
-from core.masks import Pattern
 from core.dense import DenseWeights
+from core.errors import Cancelled, PatternError
 from core.methods import all_methods
+from core.patterns import Pattern
 from core.pruning import calibrate, cut, prune_sequential
 from tiny import FAMILY_NAMES, build_tiny
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from core.masks import LazyMasks, PackedMasks
+from core.cutting import LazyMasks
+from core.packing import PackedMasks
 from explorer.tabs.calibrate import masks_nbytes
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.dense import DenseWeights
-from core.masks import Pattern
+from core.patterns import Pattern
 from core.pruning import calibrate, cut
 from core.run_source import ArtifactCut, FixedMasks, StructuredReprune, is_structured
 from tiny import build_tiny

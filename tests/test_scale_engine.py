@@ -169,7 +169,7 @@ def test_an_unwritable_offload_folder_is_refused(tiny_llama_dir):
 
 
 def test_cli_prune_with_disk_offload_writes_the_same_masks(tiny_llama_dir, tmp_path):
-    from core.masks import load_masks
+    from core.mask_file import load_masks
 
     outs = []
     for offload in ("none", "disk"):

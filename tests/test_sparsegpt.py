@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.masks import Pattern, cut_nm, cut_unstructured
+from core.cutting import cut_nm, cut_unstructured
+from core.patterns import Pattern
 from core.saliency import wanda
 from core.sparsegpt import sparsegpt_prune
 

@@ -8,11 +8,9 @@ import torch
 from core.artifacts import load_artifact, save_artifact
 from core.calibrate import run_layerwise
 from core.errors import MaskFileError
-from core.masks import Pattern
+from core.patterns import Pattern
 from core.pruning import calibrate, cut, update_cut_params
-from core.unipruning import (BUDGET_SCALES, budget_scales, keep_mask_from_count, mirror_descent,
-                             mirror_descent_step, prune_counts, quantile_threshold, subset_size,
-                             window_saliency)
+from core.unipruning import BUDGET_SCALES, budget_scales, keep_mask_from_count, mirror_descent, mirror_descent_step, prune_counts, quantile_threshold, subset_size, window_saliency
 from tiny import FAMILY_NAMES, build_tiny
 
 BATCH = 4

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..calibrate import LayerStats
-from ..masks import Pattern
+from ..patterns import Pattern
 
 
 def _number(value) -> float | int | None:

@@ -1,4 +1,4 @@
-from ..masks import LazyMasks, cut_from_ranks, cut_nm, pruned_count
+from ..cutting import LazyMasks, cut_from_ranks, cut_nm, pruned_count
 from ..unipruning import (BUDGET_SCALES, SALIENCIES, budget_scales, cut_rows_by_count, first_step_scores,
                           keep_mask_from_count, mirror_descent, prune_counts)
 from . import register

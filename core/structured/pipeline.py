@@ -6,12 +6,13 @@ import time
 import torch
 
 from ..data import check_seqlen
-from ..errors import PatternError
-from ..masks import MaskSet, check_sparsity
 from ..dense import DenseWeights
+from ..errors import PatternError
+from ..maskset import MaskSet
 from ..methods import get_method
 from ..methods.base import StructuredMethod
 from ..loaded_model import LoadedModel
+from ..patterns import check_sparsity
 from .plan import StructuredPlan
 from .units import all_block_units
 

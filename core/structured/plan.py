@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..masks import MaskSet
+from ..maskset import MaskSet
 from ..loaded_model import LoadedModel
 from .units import BlockUnits, all_block_units, block_masks
 

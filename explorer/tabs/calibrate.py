@@ -6,19 +6,19 @@ import json
 
 import gradio as gr
 
+from core.cutting import LazyMasks
 from core.data import DEFAULT_SOURCE, calibration_set, check_seqlen
 from core.errors import Cancelled
-from core.masks import LazyMasks, PackedMasks, parse_pattern
-from core.memory import (APP_HINTS, CalibrationMemoryError, ModelShapes, available_bytes,
-                         check_calibration_memory, largest_fitting)
+from core.memory import APP_HINTS, CalibrationMemoryError, ModelShapes, available_bytes, check_calibration_memory, largest_fitting
 from core.methods import all_methods, get_method
 from core.pruning import calibrate, update_cut_params
 from core.run_source import ArtifactCut
+from core.packing import PackedMasks
+from core.patterns import parse_pattern
 from core.structured.units import all_block_units
 
 from .. import figures, limits, structured_view
-from ..common import (CALIB_BATCH, NO_BOUND, checked_number, checked_sparsity, ensure_model, fail,
-                      progress_fn)
+from ..common import CALIB_BATCH, NO_BOUND, checked_number, checked_sparsity, ensure_model, fail, progress_fn
 from ..state import ModelEntry, Run, Session, model_as
 from ..views import cancelled_status, status, views
 from .live import sync_cheap_runs

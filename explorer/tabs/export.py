@@ -11,7 +11,8 @@ from pathlib import Path
 import gradio as gr
 
 from core.export import export_pruned_model, export_sliced_model
-from core.masks import allocation_table, load_masks, save_masks
+from core.mask_file import load_masks, save_masks
+from core.maskset import allocation_table
 from core.run_source import FixedMasks, is_structured
 from core.structured.plan import plan_from_maskset
 

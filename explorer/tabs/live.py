@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from core.errors import Cancelled, PatternError
-from core.masks import parse_pattern
+from core.patterns import parse_pattern
 
 from ..common import checked_sparsity, fail, progress_fn
 from ..state import Run, Session

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 import torch
 
-from core.masks import allocation_table
+from core.maskset import allocation_table
 from core.run_source import is_structured
 
 from .. import compare, figures

@@ -11,7 +11,7 @@ from core.calibrate import release_free_memory
 from core.data import DEFAULT_SOURCE, check_seqlen, evaluation_set
 from core.errors import Cancelled
 from core.evaluate import perplexity
-from core.masks import parse_pattern
+from core.patterns import parse_pattern
 
 from .. import figures, limits
 from ..common import checked_number, ensure_model, fail, parse_sparsities, progress_fn
