@@ -14,12 +14,7 @@ from core.pruning import calibrate, cut, prune_sequential
 from tiny import FAMILY_NAMES, build_tiny
 
 METHODS = sorted(n for n, m in all_methods().items() if not m.structured)  # structured: test_structured.py
-N_WINDOWS, SEQLEN, BATCH = 6, 32, 4  # two uneven batches (4 + 2); seqlen > gemma3's window of 8
-
-
-@pytest.fixture(scope="module")
-def windows():
-    return torch.randint(0, 256, (N_WINDOWS, SEQLEN), generator=torch.Generator().manual_seed(0))
+BATCH = 4  # conftest's 6 windows: two uneven batches (4 + 2)
 
 
 def logits(lm, windows):
