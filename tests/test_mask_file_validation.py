@@ -31,14 +31,10 @@ from core.loading import load_model
 from core.patterns import Pattern, parse_pattern
 from core.pruning import calibrate, cut, prune_sequential
 from core.structured.pipeline import prune_structured
-from tiny import build_tiny, tiny_config
+from tiny import build_tiny, random_windows, tiny_config
 
 DOWN = "model.layers.0.mlp.down_proj"  # input width 128 in the tiny Llama: fits 64:128
 Q = "model.layers.0.self_attn.q_proj"  # input width 64
-
-
-def _windows():
-    return torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
 
 
 def _read(path) -> tuple[dict, dict]:
@@ -88,21 +84,22 @@ def lm():
 def wanda_file(lm, tmp_path_factory):
     """A real unstructured wanda mask file of the tiny Llama."""
     path = tmp_path_factory.mktemp("wanda") / "masks.safetensors"
-    return save_masks(path, cut(calibrate(lm, "wanda", _windows()), 0.5, Pattern()), lm)
+    return save_masks(path, cut(calibrate(lm, "wanda", random_windows(4, 16)), 0.5, Pattern()), lm)
 
 
 @pytest.fixture(scope="module")
 def sparsegpt_file(lm, tmp_path_factory):
     """A real sparsegpt mask file: masks and new weights."""
     path = tmp_path_factory.mktemp("sgpt") / "masks.safetensors"
-    return save_masks(path, cut(calibrate(lm, "sparsegpt", _windows()), 0.5, Pattern()), lm)
+    return save_masks(path, cut(calibrate(lm, "sparsegpt", random_windows(4, 16)), 0.5, Pattern()), lm)
 
 
 @pytest.fixture(scope="module")
 def wide_file(lm, tmp_path_factory):
     """A real 64:128 file: 12 of the 14 matrices (width 64) are misfits, left dense."""
     path = tmp_path_factory.mktemp("wide") / "masks.safetensors"
-    return save_masks(path, cut(calibrate(lm, "wanda", _windows()), 0.5, Pattern(64, 128), skip_misfits=True), lm)
+    masks = cut(calibrate(lm, "wanda", random_windows(4, 16)), 0.5, Pattern(64, 128), skip_misfits=True)
+    return save_masks(path, masks, lm)
 
 
 # ---------------------------------------------------------------- what the keys are
@@ -217,7 +214,8 @@ def _odd_llama():
 def test_padding_bits_of_packed_rows_must_be_zero(tmp_path):
     lm = _odd_llama()
     down = "model.layers.1.mlp.down_proj"  # (64, 100): 13 bytes a row, the last 4 bits padding
-    good = save_masks(tmp_path / "m.safetensors", cut(calibrate(lm, "wanda", _windows()), 0.37, Pattern()), lm)
+    good = save_masks(tmp_path / "m.safetensors", cut(calibrate(lm, "wanda", random_windows(4, 16)), 0.37, Pattern()),
+                      lm)
     loaded = load_masks(good, lm)  # what save_masks writes loads, counts right
     assert loaded.pruned_counts()[down] == int(0.37 * 100) * 64
     bad = _rewrite(good, tmp_path / "bad.safetensors", tensors=_flip(f"mask/{down}", row=3, byte=12, bit=0x01))
@@ -308,17 +306,17 @@ def _mask_sets(name: str, lm):
     method = all_methods()[name]
     dense = DenseWeights(lm)
     if method.structured:
-        masks, _plan = prune_structured(lm, name, _windows(), 0.3, dense=dense)
+        masks, _plan = prune_structured(lm, name, random_windows(4, 16), 0.3, dense=dense)
         yield masks
         dense.restore()
         return
-    artifact = calibrate(lm, name, _windows(), dense=dense)
+    artifact = calibrate(lm, name, random_windows(4, 16), dense=dense)
     for text in ("unstructured", "2:4", "64:128", "3:7"):  # 3:7 fits no matrix: all are left dense
         pattern = parse_pattern(text)
         if not pattern.is_nm or "nm" in method.patterns:
             yield cut(artifact, 0.37, pattern, skip_misfits=True)
     if method.sequential:
-        masks, _ = prune_sequential(lm, name, _windows(), 0.45, Pattern(), dense=dense, keep_artifact=False)
+        masks, _ = prune_sequential(lm, name, random_windows(4, 16), 0.45, Pattern(), dense=dense, keep_artifact=False)
         yield masks  # saved before the weights are put back (weight-updating methods read them then)
         dense.restore()
 
@@ -338,7 +336,8 @@ def test_every_method_and_pattern_round_trips(method, tmp_path):
 
 def test_cli_eval_and_export_refuse_a_bad_file_in_one_line(tiny_llama_dir, tmp_path, capsys):
     lm = load_model(str(tiny_llama_dir))
-    good = save_masks(tmp_path / "good.safetensors", cut(calibrate(lm, "sparsegpt", _windows()), 0.5, Pattern()), lm)
+    good = save_masks(tmp_path / "good.safetensors",
+                      cut(calibrate(lm, "sparsegpt", random_windows(4, 16)), 0.5, Pattern()), lm)
     for i, (tensors, what) in enumerate([(_set(f"junk/{Q}", torch.randn(64, 64)), f"junk/{Q}"),
                                          (_set(f"weight/{Q}", torch.ones(64, 64, dtype=torch.int8)), "torch.int8"),
                                          (_flip(f"mask/{Q}"), f"mask of {Q} prunes")]):
@@ -361,7 +360,8 @@ def test_explorer_import_refuses_a_bad_file_with_a_message(tiny_llama_dir, tmp_p
 
     session = Session(model=get_model(str(tiny_llama_dir)))
     lm = session.model.lm
-    good = save_masks(tmp_path / "good.safetensors", cut(calibrate(lm, "wanda", _windows()), 0.5, Pattern()), lm)
+    good = save_masks(tmp_path / "good.safetensors", cut(calibrate(lm, "wanda", random_windows(4, 16)), 0.5, Pattern()),
+                      lm)
     bad = _rewrite(good, tmp_path / "bad.safetensors", tensors=_flip(f"mask/{Q}"))
     with pytest.raises(gr.Error, match=rf"mask of {Q} prunes"):
         on_import(session, str(bad), 0, "q")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,9 +20,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from core.dense import DenseWeights  # noqa: E402
 from core.memory import (CalibrationMemoryError, ModelShapes, check_calibration_memory,  # noqa: E402
                          estimate_calibration)
+from core.methods import all_methods  # noqa: E402
 from core.pruning import calibrate  # noqa: E402
+from support import REPO, free_port  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 HUGE_WINDOWS, LONG_CONTEXT = 100_000, 8192
 
 
@@ -43,7 +43,8 @@ def long_llama_dir(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "unipruning"])
+# every method that calibrates an artifact (a structured method prunes instead: no artifact to compare)
+@pytest.mark.parametrize("method", sorted(name for name, m in all_methods().items() if not m.structured))
 def test_estimate_of_the_artifact_matches_a_real_one(tiny_model, method):
     lm = tiny_model("llama")
     windows = torch.randint(0, 250, (8, 32))
@@ -158,12 +159,6 @@ def test_cli_refuses_an_oversized_calibration_before_memory_grows(long_llama_dir
     assert seconds < 120, seconds
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_app_refuses_an_oversized_calibration(long_llama_dir):
     pytest.importorskip("gradio")
     from gradio_client import Client
@@ -173,7 +168,7 @@ def test_app_refuses_an_oversized_calibration(long_llama_dir):
 
     demo = build_app(model=str(long_llama_dir))
     demo.queue(default_concurrency_limit=1)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)

@@ -19,20 +19,15 @@ import math
 import os
 
 import pytest
-import torch
 
 from core.cli import main
 from core.methods import all_methods
 from core.pruning import calibrate
-from tiny import build_tiny
+from tiny import build_tiny, random_windows
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 NUMERIC = [(m.name, p) for m in all_methods().values() for p in m.params if p.kind in ("float", "int")]
-
-
-def _windows():
-    return torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
 
 
 # ---------------------------------------------------------------- the schema
@@ -75,7 +70,7 @@ def test_owl_lam_nan_is_refused_before_any_work():
     lm = build_tiny("llama")
     work = []
     with pytest.raises(ValueError, match=r"lam must be a finite number in \[0\.0, 0\.5\]; got nan"):
-        calibrate(lm, "owl", _windows(), params={"lam": math.nan}, progress=lambda *a: work.append(a))
+        calibrate(lm, "owl", random_windows(4, 16), params={"lam": math.nan}, progress=lambda *a: work.append(a))
     assert work == []
 
 

@@ -14,12 +14,7 @@ from core.pruning import calibrate, cut, prune_sequential
 from tiny import FAMILY_NAMES, build_tiny
 
 METHODS = sorted(n for n, m in all_methods().items() if not m.structured)  # structured: test_structured.py
-N_WINDOWS, SEQLEN, BATCH = 6, 32, 4  # two uneven batches (4 + 2); seqlen > gemma3's window of 8
-
-
-@pytest.fixture(scope="module")
-def windows():
-    return torch.randint(0, 256, (N_WINDOWS, SEQLEN), generator=torch.Generator().manual_seed(0))
+BATCH = 4  # conftest's 6 windows: two uneven batches (4 + 2)
 
 
 def logits(lm, windows):
@@ -292,7 +287,7 @@ def test_engine_reproduces_real_inputs(family, windows):
     assert set(got) == set(expected) == set(lm.prunable())
     for name, ref in expected.items():
         stats = got[name]
-        assert stats.n_tokens == N_WINDOWS * SEQLEN == ref["n"]
+        assert stats.n_tokens == windows.numel() == ref["n"]
         _close(stats.xtx, ref["xtx"], f"{name} X^T X")
         _close(stats.sum_x2, ref["sum_x2"], f"{name} sum x^2")
         _close(stats.sum_x, ref["sum_x"], f"{name} sum x")
@@ -317,7 +312,7 @@ def test_shared_inputs_share_one_stats_object(family, windows):
         for group in groups:
             objs = [stats[prefix + rel] for rel in group]
             assert all(o is objs[0] for o in objs), group
-            assert objs[0].n_tokens == N_WINDOWS * SEQLEN  # counted once, not once per sharer
+            assert objs[0].n_tokens == windows.numel()  # counted once, not once per sharer
             _close(objs[0].xtx, expected[prefix + group[0]]["xtx"], f"{group} X^T X")
             _close(objs[0].sum_x2, expected[prefix + group[-1]]["sum_x2"], f"{group} sum x^2")
         # different inputs never share

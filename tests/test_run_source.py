@@ -5,7 +5,6 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
 
 from core.dense import DenseWeights
@@ -17,18 +16,13 @@ from tiny import build_tiny
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def windows():
-    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-
-
 def _weights(lm) -> dict[str, torch.Tensor]:
     return {name: lm.family.weight_view(m).detach().clone() for name, m in lm.prunable().items()}
 
 
-def test_an_artifact_cut_gives_the_masks_cut_gives_and_says_what_it_can_do(windows):
+def test_an_artifact_cut_gives_the_masks_cut_gives_and_says_what_it_can_do(windows_4x32):
     lm = build_tiny("llama")
-    artifact = calibrate(lm, "wanda", windows, batch_size=2)
+    artifact = calibrate(lm, "wanda", windows_4x32, batch_size=2)
     source = ArtifactCut(artifact)
     for sparsity, pattern in [(0.3, Pattern()), (0.6, Pattern()), (0.5, Pattern(2, 4))]:
         got, want = source.masks_at(sparsity, pattern), cut(artifact, sparsity, pattern)
@@ -42,9 +36,9 @@ def test_an_artifact_cut_gives_the_masks_cut_gives_and_says_what_it_can_do(windo
     assert source.nbytes() == artifact.nbytes() > 0
 
 
-def test_a_weight_updating_cut_is_not_cheap_and_forgets_its_solves(windows):
+def test_a_weight_updating_cut_is_not_cheap_and_forgets_its_solves(windows_4x32):
     lm = build_tiny("llama")
-    source = ArtifactCut(calibrate(lm, "sparsegpt", windows, batch_size=2))
+    source = ArtifactCut(calibrate(lm, "sparsegpt", windows_4x32, batch_size=2))
     assert source.updates_weights and not source.cheap
     masks = source.masks_at(0.5)
     assert masks.weights  # the re-solved weights come with the masks
@@ -53,23 +47,23 @@ def test_a_weight_updating_cut_is_not_cheap_and_forgets_its_solves(windows):
     assert source.nbytes() < held  # the kept solves are let go
 
 
-def test_a_structured_reprune_prunes_again_per_sparsity_and_leaves_the_model_dense(windows):
+def test_a_structured_reprune_prunes_again_per_sparsity_and_leaves_the_model_dense(windows_4x32):
     lm = build_tiny("llama")
     dense = DenseWeights(lm)
     before = _weights(lm)
-    source = StructuredReprune(lm, dense, "wanda-sp", windows, {}, {"source": "test"})
+    source = StructuredReprune(lm, dense, "wanda-sp", windows_4x32, {}, {"source": "test"})
     assert source.structured and source.follows_sparsity and not source.cheap and source.updates_weights
     light, heavy = source.masks_at(0.2), source.masks_at(0.5)
     assert is_structured(light) and is_structured(heavy)
     assert heavy.total_sparsity() > light.total_sparsity()
-    assert source.plan is not None and source.nbytes() == windows.numel() * windows.element_size()
+    assert source.plan is not None and source.nbytes() == windows_4x32.numel() * windows_4x32.element_size()
     after = _weights(lm)
     assert all(torch.equal(before[n], after[n]) for n in before)  # dense again after each prune
     assert source.same_masks((0.5, "unstructured"), (0.5, "2:4"))  # its pattern is always its own
     assert not source.same_masks((0.5, "structured"), (0.2, "structured"))
 
 
-def test_the_model_context_is_used_for_every_prune(windows):
+def test_the_model_context_is_used_for_every_prune(windows_4x32):
     lm = build_tiny("llama")
     dense = DenseWeights(lm)
     entered = []
@@ -81,13 +75,13 @@ def test_the_model_context_is_used_for_every_prune(windows):
         yield lm
         dense.restore()
 
-    source = StructuredReprune(lm, dense, "wanda-sp", windows, {}, {}, using_model=using)
+    source = StructuredReprune(lm, dense, "wanda-sp", windows_4x32, {}, {}, using_model=using)
     source.masks_at(0.3)
     source.masks_at(0.4)
     assert len(entered) == 2
 
 
-def test_fixed_masks_come_back_as_they_are_at_any_setting(windows):
+def test_fixed_masks_come_back_as_they_are_at_any_setting(windows_4x32):
     lm = build_tiny("llama")
     masks = cut(calibrate(lm, "magnitude", None), 0.4)
     source = FixedMasks(masks)

@@ -15,8 +15,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+from support import REPO, free_port  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
 
 
@@ -52,9 +52,7 @@ def mid_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(mid_model, tmp_path_factory):
-    from conftest import _free_port
-
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "log.txt"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "EXPLORER_MAX_SESSIONS": "3", "EXPLORER_MAX_RUNS": "3"}
     with open(log, "w") as fh:

@@ -26,17 +26,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
+from support import REPO, free_port  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 SESSIONS = 4
 TOLERANCE = 300 * 2**20
 RELEASE_WAIT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss(pid: int) -> int:
@@ -75,7 +69,7 @@ def server(tmp_path_factory):
     tmp, cache = root / "tmp", root / "gradio-cache"
     tmp.mkdir()
     cache.mkdir()
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(cache), "GRADIO_ANALYTICS_ENABLED": "False",
            "GRADIO_HEARTBEAT_INTERVAL": "1",  # a closed client is noticed within a second, not 15
            "OMP_NUM_THREADS": "2"}

@@ -20,11 +20,6 @@ from tiny import FAMILY_NAMES, HEADS, INTERMEDIATE, KV_HEADS, build_tiny
 METHODS = ("wanda-sp", "flap", "spap", "structprune")
 
 
-@pytest.fixture(scope="module")
-def windows():
-    return torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))
-
-
 def logits(lm, windows):
     with torch.no_grad():
         return lm.model(windows, use_cache=False).logits

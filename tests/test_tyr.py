@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from core.calibrate import run_layerwise
-from core.data import calibration_windows, tokenize
 from core.errors import Cancelled
 from core.methods import get_method
 from core.structured import tyr
@@ -18,15 +17,6 @@ from core.structured.units import all_block_units, decoder_params
 from tiny import build_tiny
 
 FAST = {"generations": 4, "offspring": 6, "iterations": 2, "stage_tokens": "128,512,2048"}
-
-
-@pytest.fixture(scope="module")
-def windows():
-    from pydoc_data.topics import topics
-    from tiny import tiny_tokenizer
-
-    text = " ".join(topics[k] for k in sorted(topics)[:40])
-    return calibration_windows(tokenize(tiny_tokenizer(), text), 16, 64, seed=0)[0]
 
 
 def _problem(d_in=24, d_out=10, seed=0):
@@ -107,9 +97,9 @@ def _out_projection_hessians(lm, windows):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
-def test_levels_nested_exact_counts_and_refit_beats_masking(tiny_model, windows, family):
+def test_levels_nested_exact_counts_and_refit_beats_masking(tiny_model, text_windows, family):
     lm = tiny_model(family)
-    for name, w, h, size in _out_projection_hessians(lm, windows):
+    for name, w, h, size in _out_projection_hessians(lm, text_windows):
         n = w.shape[1] // size
         centre = n // 2
         lv = tyr.sublayer_levels(w, h, size, centre, max(1, n // 8), 9)
@@ -197,14 +187,15 @@ def _same_weights(lm, state):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
-def test_tyr_through_the_pipeline(tiny_model, windows, family):
+def test_tyr_through_the_pipeline(tiny_model, text_windows, family):
     lm = tiny_model(family)
     units = all_block_units(lm)
     total = decoder_params(units)
     plans, steps = [], []
     params = {**FAST, "seed": 3}
-    dense_logits = lm.model(windows[:4], use_cache=False).logits.detach()
-    mask_set, plan = prune_structured(lm, "tyr", windows, 0.3, params, progress=lambda d, t, w: steps.append((d, t)),
+    dense_logits = lm.model(text_windows[:4], use_cache=False).logits.detach()
+    mask_set, plan = prune_structured(lm, "tyr", text_windows, 0.3, params,
+                                      progress=lambda d, t, w: steps.append((d, t)),
                                       on_plan=lambda p, info: plans.append((p, info)))
     # the budget: within one MLP channel's parameters of the target, and as reported
     removed = plan.removed_params(units)
@@ -223,26 +214,26 @@ def test_tyr_through_the_pipeline(tiny_model, windows, family):
     # the model now is the plan: its KL to the dense model on the fitness tokens is the reported one
     from core.structured.tyr import kl_to_reference, topk_reference
 
-    chunks = windows[:, :64]
+    chunks = text_windows[:, :64]
     n = plan.meta["fitness_tokens"] // 64
     lm_dense = tiny_model(family)
     ref = topk_reference(lm_dense.model(chunks[:n], use_cache=False).logits, 64)
     kl = kl_to_reference(lm.model(chunks[:n], use_cache=False).logits, *ref).mean().item()
     assert kl == pytest.approx(plan.meta["fitness_kl"], rel=1e-3, abs=1e-9)
-    assert not torch.equal(lm.model(windows[:4], use_cache=False).logits, dense_logits)
+    assert not torch.equal(lm.model(text_windows[:4], use_cache=False).logits, dense_logits)
     # deterministic for a fixed seed
     lm2 = tiny_model(family)
-    _, again = prune_structured(lm2, "tyr", windows, 0.3, params)
+    _, again = prune_structured(lm2, "tyr", text_windows, 0.3, params)
     assert all(torch.equal(a, b) for a, b in zip(plan.keep_attn, again.keep_attn))
     assert all(torch.equal(a, b) for a, b in zip(plan.keep_channels, again.keep_channels))
     assert plan.weights.keys() == again.weights.keys()
     assert all(torch.equal(plan.weights[k], again.weights[k]) for k in plan.weights)
 
 
-def test_search_moves_the_distribution_and_no_search_is_the_uniform_start(tiny_model, windows):
+def test_search_moves_the_distribution_and_no_search_is_the_uniform_start(tiny_model, text_windows):
     lm = tiny_model("llama")
     units = all_block_units(lm)
-    _, flat = prune_structured(lm, "tyr", windows, 0.4, {**FAST, "search": False})
+    _, flat = prune_structured(lm, "tyr", text_windows, 0.4, {**FAST, "search": False})
     attn, mlp = tyr.initial_counts(0.4 * decoder_params(units), [u.attn_units for u in units],
                                    [u.attn_unit_params for u in units], [u.channels for u in units],
                                    [u.channel_params for u in units])
@@ -250,37 +241,37 @@ def test_search_moves_the_distribution_and_no_search_is_the_uniform_start(tiny_m
     assert [u.channels - int(c.sum()) for u, c in zip(units, flat.keep_channels)] == mlp
     assert flat.meta["fitness_kl"] == flat.meta["no_search_fitness_kl"] and flat.meta["generations_run"] == 0
     # the other start: every block's own removal counts, as the other structured methods
-    _, per_block = prune_structured(tiny_model("llama"), "tyr", windows, 0.4,
+    _, per_block = prune_structured(tiny_model("llama"), "tyr", text_windows, 0.4,
                                     {**FAST, "search": False, "start": "block"})
     assert [(u.attn_units - int(a.sum()), u.channels - int(c.sum()))
             for u, a, c in zip(units, per_block.keep_attn, per_block.keep_channels)] == \
         [u.removal_counts(0.4) for u in units]
     lm = tiny_model("llama")
-    _, searched = prune_structured(lm, "tyr", windows, 0.4, {**FAST, "generations": 8, "offspring": 8})
+    _, searched = prune_structured(lm, "tyr", text_windows, 0.4, {**FAST, "generations": 8, "offspring": 8})
     assert searched.meta["no_search_fitness_kl"] == pytest.approx(flat.meta["fitness_kl"], rel=1e-9)
     assert searched.meta["fitness_kl"] < flat.meta["fitness_kl"]  # the tiny llama does improve
     assert searched.removed_params(units) == flat.removed_params(units)
 
 
-def test_expected_propagation_hits_the_budget(tiny_model, windows):
+def test_expected_propagation_hits_the_budget(tiny_model, text_windows):
     lm = tiny_model("opt")
     units = all_block_units(lm)
-    _, plan = prune_structured(lm, "tyr", windows, 0.5, {**FAST, "propagation": "expected", "levels": 5})
+    _, plan = prune_structured(lm, "tyr", text_windows, 0.5, {**FAST, "propagation": "expected", "levels": 5})
     assert abs(plan.removed_params(units) - 0.5 * decoder_params(units)) <= units[0].channel_params
     assert plan.meta["fitness_kl"] <= plan.meta["no_search_fitness_kl"]
 
 
 @pytest.fixture(scope="module")
-def stop_checks(windows):
+def stop_checks(text_windows):
     """How many times a whole (uncancelled) Týr run on the tiny llama asks whether to stop (one
     run for the module: the cancel tests below stop at fractions of it)."""
     calls = []
-    prune_structured(build_tiny("llama"), "tyr", windows, 0.3, FAST, should_stop=lambda: calls.append(1) and False)
+    prune_structured(build_tiny("llama"), "tyr", text_windows, 0.3, FAST, should_stop=lambda: calls.append(1) and False)
     return len(calls)
 
 
 @pytest.mark.parametrize("when", [0.02, 0.3, 0.9])
-def test_cancel_raises_and_leaves_the_model_dense(tiny_model, windows, stop_checks, when):
+def test_cancel_raises_and_leaves_the_model_dense(tiny_model, text_windows, stop_checks, when):
     """Stops in the build, at the first generations or deep in the search."""
     method = get_method("tyr")
     stop_after = max(1, int(when * stop_checks))
@@ -295,9 +286,9 @@ def test_cancel_raises_and_leaves_the_model_dense(tiny_model, windows, stop_chec
 
         with pytest.raises(Cancelled):
             if direct:  # the method's own restore, without the pipeline's
-                method.prune_structured(lm, windows, 0.3, method.resolve_params(FAST), should_stop=should_stop)
+                method.prune_structured(lm, text_windows, 0.3, method.resolve_params(FAST), should_stop=should_stop)
             else:
-                prune_structured(lm, "tyr", windows, 0.3, FAST, should_stop=should_stop)
+                prune_structured(lm, "tyr", text_windows, 0.3, FAST, should_stop=should_stop)
         assert _same_weights(lm, dense)
 
 

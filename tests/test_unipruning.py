@@ -16,11 +16,6 @@ from tiny import FAMILY_NAMES, build_tiny
 BATCH = 4
 
 
-@pytest.fixture(scope="module")
-def windows():
-    return torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
-
-
 # ---------------------------------------------------------------- the maths, by hand
 
 def test_mirror_descent_steps_by_hand():
@@ -140,9 +135,9 @@ def test_global_budget_respects_bounds():
 # ---------------------------------------------------------------- on models
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_unipruning_on_every_family(family, windows):
+def test_unipruning_on_every_family(family, windows_seed1):
     lm = build_tiny(family)
-    artifact = calibrate(lm, "unipruning", windows, batch_size=BATCH)
+    artifact = calibrate(lm, "unipruning", windows_seed1, batch_size=BATCH)
     total = sum(s.numel() for s in artifact.scores.values())
     for sparsity in (0.3, 0.5, 0.8):
         masks = cut(artifact, sparsity)
@@ -153,13 +148,13 @@ def test_unipruning_on_every_family(family, windows):
     assert set(artifact.extras[next(iter(artifact.scores))]) == {"first_step"}
 
 
-def test_global_allocation_follows_the_scores_and_bounds_hold(windows):
+def test_global_allocation_follows_the_scores_and_bounds_hold(windows_seed1):
     lm = build_tiny("llama")
     skewed = "model.layers.0.self_attn.q_proj"  # 90% of its weights made tiny: few matter
     with torch.no_grad():
         weight = lm.family.weight_view(lm.prunable()[skewed])
         weight[torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) < 0.9] *= 0.01
-    artifact = calibrate(lm, "unipruning", windows, batch_size=BATCH)
+    artifact = calibrate(lm, "unipruning", windows_seed1, batch_size=BATCH)
     spread = cut(artifact, 0.5).sparsity_per_matrix()
     assert spread[skewed] > 0.8  # the allocation is an output: the budget goes where scores are low
     assert all(s < 0.5 for name, s in spread.items() if name != skewed)
@@ -177,16 +172,16 @@ def test_global_allocation_follows_the_scores_and_bounds_hold(windows):
 
 @pytest.mark.parametrize("nm_score", ["gamma", "first_step"])
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
-def test_unipruning_nm_valid(windows, nm_score, n, m):
+def test_unipruning_nm_valid(windows_seed1, nm_score, n, m):
     lm = build_tiny("llama")
-    artifact = calibrate(lm, "unipruning", windows, params={"nm_score": nm_score}, batch_size=BATCH)
+    artifact = calibrate(lm, "unipruning", windows_seed1, params={"nm_score": nm_score}, batch_size=BATCH)
     masks = cut(artifact, 0.0, Pattern(n, m))
     for mask in masks.masks.values():
         groups = mask.reshape(mask.shape[0], -1, m)
         assert (groups.sum(dim=2) == n).all()
 
 
-def test_window_statistics_match_the_pooled_ones(windows):
+def test_window_statistics_match_the_pooled_ones(windows_seed1):
     lm = build_tiny("llama")
     seen = {}
 
@@ -194,16 +189,16 @@ def test_window_statistics_match_the_pooled_ones(windows):
         seen.update(ctx.stats)
         return False
 
-    run_layerwise(lm, windows, frozenset({"sum_x2", "window_x2"}), on_block, batch_size=BATCH)
+    run_layerwise(lm, windows_seed1, frozenset({"sum_x2", "window_x2"}), on_block, batch_size=BATCH)
     for stats in seen.values():
         per_window = stats.window_mean_x2()
-        assert per_window.shape[0] == windows.shape[0]
+        assert per_window.shape[0] == windows_seed1.shape[0]
         assert torch.allclose(per_window.mean(0), stats.mean_x2(), rtol=1e-5, atol=1e-7)
 
 
-def test_artifact_round_trip(tmp_path, windows):
+def test_artifact_round_trip(tmp_path, windows_seed1):
     lm = build_tiny("llama")
-    artifact = calibrate(lm, "unipruning", windows, batch_size=BATCH)
+    artifact = calibrate(lm, "unipruning", windows_seed1, batch_size=BATCH)
     path = save_artifact(tmp_path / "a.safetensors", artifact, lm)
     again = load_artifact(path, lm)
     assert again.method == "unipruning" and again.params == artifact.params
@@ -215,17 +210,17 @@ def test_artifact_round_trip(tmp_path, windows):
         assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
 
 
-def test_artifact_of_a_weight_updating_method_round_trips(tmp_path, windows):
+def test_artifact_of_a_weight_updating_method_round_trips(tmp_path, windows_seed1):
     lm = build_tiny("llama")
-    artifact = calibrate(lm, "sparsegpt", windows, batch_size=BATCH)
+    artifact = calibrate(lm, "sparsegpt", windows_seed1, batch_size=BATCH)
     again = load_artifact(save_artifact(tmp_path / "s.safetensors", artifact, lm), lm)
     a, b = cut(artifact, 0.5), cut(again, 0.5)
     assert all(torch.equal(a.weights[n], b.weights[n]) for n in a.weights)
 
 
-def test_artifact_refuses_other_model_and_corrupt_files(tmp_path, windows):
+def test_artifact_refuses_other_model_and_corrupt_files(tmp_path, windows_seed1):
     lm = build_tiny("llama")
-    path = save_artifact(tmp_path / "a.safetensors", calibrate(lm, "wanda", windows, batch_size=BATCH), lm)
+    path = save_artifact(tmp_path / "a.safetensors", calibrate(lm, "wanda", windows_seed1, batch_size=BATCH), lm)
     with pytest.raises(MaskFileError, match="calibrated on"):
         load_artifact(path, build_tiny("opt"))
     broken = tmp_path / "broken.safetensors"
@@ -246,13 +241,13 @@ def test_prox_nm_by_hand():
     assert torch.equal(prox_nm(torch.ones(2, 6), 2, 4, 0.1), torch.ones(2, 6))  # width 6: not 2:4-able
 
 
-def test_adamw_variant_moves_weights_only_transiently(windows):
+def test_adamw_variant_moves_weights_only_transiently(windows_seed1):
     lm = build_tiny("llama")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     seen = []
-    artifact = calibrate(lm, "unipruning-adamw", windows, params={"lr": 1e-2, "prox_nm": "2:4"},
+    artifact = calibrate(lm, "unipruning-adamw", windows_seed1, params={"lr": 1e-2, "prox_nm": "2:4"},
                          progress=lambda done, total, what: seen.append(what))
-    assert len(seen) == windows.shape[0] and "loss" in seen[0]
+    assert len(seen) == windows_seed1.shape[0] and "loss" in seen[0]
     for key, value in lm.model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert all(p.grad is None for p in lm.model.parameters())
@@ -270,7 +265,7 @@ def test_adamw_variant_refuses_what_memory_cannot_hold():
         check_backprop_memory(lm, 4_000_000)  # activations of 4M-token windows do not
 
 
-def test_global_row_controller_is_exact_and_even_per_row(windows):
+def test_global_row_controller_is_exact_and_even_per_row(windows_seed1):
     from core.unipruning import cut_rows_by_count
 
     ranks = torch.stack([torch.randperm(10) for _ in range(4)])
@@ -278,7 +273,7 @@ def test_global_row_controller_is_exact_and_even_per_row(windows):
     assert (~mask).sum(dim=1).tolist() == [4, 3, 3, 3]
     assert all(set(ranks[i][~mask[i]].tolist()) == set(range(int((~mask[i]).sum()))) for i in range(4))
     lm = build_tiny("llama")
-    artifact = calibrate(lm, "unipruning", windows, params={"controller": "global-row"}, batch_size=BATCH)
+    artifact = calibrate(lm, "unipruning", windows_seed1, params={"controller": "global-row"}, batch_size=BATCH)
     total = sum(s.numel() for s in artifact.scores.values())
     masks = cut(artifact, 0.6)
     assert sum(int((~m).sum()) for m in masks.masks.values()) == int(0.6 * total)
@@ -287,11 +282,11 @@ def test_global_row_controller_is_exact_and_even_per_row(windows):
         assert int(per_row.max() - per_row.min()) <= 1
 
 
-def test_nm_masks_are_reused_until_a_cut_parameter_changes(windows):
+def test_nm_masks_are_reused_until_a_cut_parameter_changes(windows_seed1):
     from core.pruning import update_cut_params
 
     lm = build_tiny("llama")
-    artifact = calibrate(lm, "unipruning", windows, batch_size=BATCH)
+    artifact = calibrate(lm, "unipruning", windows_seed1, batch_size=BATCH)
     first = cut(artifact, 0.3, Pattern(2, 4))
     again = cut(artifact, 0.7, Pattern(2, 4))  # the sparsity does not matter at N:M
     assert all(again.masks[n] is first.masks[n] for n in first.masks)  # served from the cache

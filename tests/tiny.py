@@ -76,6 +76,11 @@ def build_tiny(family: str, tokenizer=None, seed: int = 0) -> LoadedModel:
     return wrap_model(build_tiny_module(family, seed), tokenizer=tokenizer, model_id=f"tiny-{family}")
 
 
+def random_windows(n: int, seqlen: int, seed: int = 0, high: int = 256) -> torch.Tensor:
+    """n windows of seqlen random token ids in [0, high) (bytes by default: no special token), seeded."""
+    return torch.randint(0, high, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
 _TRAIN_TEXT = "The quick brown fox jumps over the lazy dog. " * 4
 
 
