@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .hessian import damped, dead_inputs, layer_hessian
 from .patterns import Pattern
 
 
@@ -18,11 +19,9 @@ def sparsegpt_prune(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, spar
     # contiguous: GPT-2's canonical view is a transpose, and the flat index below needs a plain layout
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     d_out, d_in = W.shape
-    H = xtx.detach().clone().double() * (2.0 / max(n_tokens, 1))
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(d_in, dtype=H.dtype, device=H.device)
+    H = layer_hessian(xtx, n_tokens)
+    W[:, dead_inputs(H)] = 0
+    H = damped(H, percdamp)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     keep = torch.ones_like(W, dtype=torch.bool)
     prune_n = (pattern.m - pattern.n) if pattern.is_nm else 0

@@ -12,7 +12,8 @@ from core.errors import Cancelled
 from core.methods import get_method
 from core.structured import tyr
 from core.structured.pipeline import prune_structured
-from core.structured.solve import damped, reconstruction_error, refit_columns
+from core.hessian import damped
+from core.structured.solve import reconstruction_error, refit_columns
 from core.structured.units import all_block_units, decoder_params
 from tiny import build_tiny
 

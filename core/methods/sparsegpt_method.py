@@ -1,6 +1,7 @@
 from ..sparsegpt import sparsegpt_prune
 from . import register
 from .base import Method, Param
+from ..hessian import damped, layer_hessian
 
 
 @register
@@ -21,11 +22,7 @@ class SparseGPT(Method):
         # For drawing only: the OBS saliency w^2 / [H^-1]_jj^2 is what SparseGPT cuts by.
         import torch
 
-        from ..structured.solve import damped
-
-        # damped on the statistics' own device (a torch.eye without one failed on CUDA), dead inputs
-        # given a unit diagonal as the solve does
-        h = damped(stats.xtx * (2.0 / max(stats.n_tokens, 1)), params["percdamp"])
+        h = damped(layer_hessian(stats.xtx, stats.n_tokens), params["percdamp"])  # as the solve damps
         hinv_diag = torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(h))).float()
         return weight.float() ** 2 / hinv_diag.unsqueeze(0) ** 2
 

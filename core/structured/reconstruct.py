@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .solve import damped, refit_columns
+from ..hessian import damped
+from .solve import refit_columns
 
 
 def _group_error(z: torch.Tensor, h_diag: torch.Tensor, cols_per_unit: int) -> torch.Tensor:
@@ -40,7 +41,8 @@ class _Ridge:
 
     def solve_right(self, b: torch.Tensor, c: float) -> torch.Tensor:
         """b (d_out, d_in) -> b (2H + c I)^-1 (H symmetric)."""
-        chol = torch.linalg.cholesky(self.h2 + c * torch.eye(self.h2.shape[0]))
+        eye = torch.eye(self.h2.shape[0], dtype=self.h2.dtype, device=self.h2.device)
+        chol = torch.linalg.cholesky(self.h2 + c * eye)
         return torch.cholesky_solve(b.float().t(), chol).t()
 
 

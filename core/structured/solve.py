@@ -7,15 +7,7 @@ from __future__ import annotations
 
 import torch
 
-
-def damped(h: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
-    """H + percdamp * mean(diag H) * I in float64 (dead inputs get a unit diagonal)."""
-    h = h.double().clone()
-    diag = torch.diagonal(h)
-    dead = diag == 0
-    diag[dead] = 1.0
-    diag += percdamp * diag.mean()
-    return h
+from ..hessian import damped
 
 
 def refit_columns(weight: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:

@@ -10,7 +10,7 @@ Local pruning (one sublayer)
 ----------------------------
 The loss is the reconstruction error of the layer's output against a reference weight W_ref
 (the dense weight): E(W) = 1/2 tr((W - W_ref) H_d (W - W_ref)^T), H_d = H damped as in
-`solve.damped`. With A the still-active columns, Hinv = (H_d[A, A])^-1 and, for unit g,
+`core.hessian.damped`. With A the still-active columns, Hinv = (H_d[A, A])^-1 and, for unit g,
 M_g = ([Hinv]_gg)^-1 (unit_size x unit_size), the group OBS score is
 
     score_g = sum over rows r and columns j in g of  W_rj * ( (W_g M_g)_rj / 2 - G_rj ),
@@ -52,7 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .solve import damped, refit_columns
+from ..hessian import damped
+from .solve import refit_columns
 
 
 # ---------------------------------------------------------------- local pruning
