@@ -17,8 +17,9 @@ from typing import Callable
 
 import torch
 
-from .artifacts import Artifact, block_names, method_scope, new_store, recomputes_scores
-from .calibrate import BlockContext, ProgressFn, release_free_memory, run_layerwise
+from .artifacts import Artifact, block_names, new_store
+from .calibrate import BlockContext, release_free_memory, run_layerwise
+from .progress import ProgressFn, staged
 from .cutting import LazyMasks, cut_mask, pruned_count
 from .data import check_seqlen
 from .dense import DenseWeights
@@ -28,8 +29,9 @@ from .packing import PackedMasks, pack_mask
 from .patterns import Pattern, check_nm_fits, check_sparsity
 from .methods import Method, get_method
 from .offload import onloaded
+from .errors import PatternError, Cancelled
 
-__all__ = ["Artifact", "calibrate", "cut", "matrix_sparsities", "prune_sequential", "recomputes_scores",
+__all__ = ["Artifact", "calibrate", "cut", "matrix_sparsities", "prune_sequential",
            "update_cut_params"]
 
 
@@ -53,20 +55,20 @@ def calibrate(lm: LoadedModel, method: str | Method, windows: torch.Tensor, prot
                 artifact.set_stats(name, stats)
             else:
                 kept = method.matrix_artifacts(dense.weight(name), stats, params)
-                artifact.set_scores(name, kept.pop("score"), method_scope(method, params), stats)
+                artifact.set_scores(name, kept.pop("score"), method.cut_scope(params), stats)
                 artifact.set_extras(name, kept)
         return False
 
     own = method.calibrate_model(lm, windows, params, dense, progress, should_stop)
     if own is not None:  # a whole-model calibration (UniPruning's AdamW variant)
         for name, kept in own.items():
-            artifact.set_scores(name, kept.pop("score"), method_scope(method, params))
+            artifact.set_scores(name, kept.pop("score"), method.cut_scope(params))
             artifact.set_extras(name, kept)
     elif method.stats:
         run_layerwise(lm, windows, method.stats, on_block, batch_size, progress, should_stop)
     else:  # magnitude: no data needed
         for name in lm.prunable():
-            artifact.set_scores(name, method.score(dense.weight(name), None, params), method_scope(method, params))
+            artifact.set_scores(name, method.score(dense.weight(name), None, params), method.cut_scope(params))
             # the matrix's scoring buffers, freed between the ranks kept: without this the heap
             # grew by ~0.27 GB of free-but-resident holes over smollm2-135m's 210 matrices
             release_free_memory()
@@ -79,7 +81,6 @@ def calibrate(lm: LoadedModel, method: str | Method, windows: torch.Tensor, prot
 def _validate(artifact_shapes: dict, method: Method, sparsity: float, pattern: Pattern,
               skip_misfits: bool) -> tuple[float, list[str]]:
     if pattern.is_nm and "nm" not in method.patterns:
-        from .errors import PatternError
         raise PatternError(f"{method.name} supports {', '.join(method.patterns)}, not N:M.")
     sparsity = pattern.sparsity if pattern.is_nm else check_sparsity(sparsity)
     skipped = check_nm_fits(artifact_shapes, pattern, skip_misfits)
@@ -146,7 +147,7 @@ def _cut_lazy(artifact: Artifact, sparsity: float, pattern: Pattern, names: list
     when a reader first needs them (the explorer draws one matrix per slider move) into `made`;
     the pruned counts are known without making any."""
     method = artifact.method_obj
-    scope = method_scope(method, artifact.params)
+    scope = method.cut_scope(artifact.params)
     shapes = artifact.dense.shapes()
     targets = _targets(artifact, sparsity, pattern, names)
     pruned = {}
@@ -176,7 +177,6 @@ def _cut_solved(artifact: Artifact, sparsity: float, pattern: Pattern, names: li
     for i, name in enumerate(names):
         if name not in solved:
             if should_stop is not None and should_stop():
-                from .errors import Cancelled
                 done = sum(n in solved for n in names)
                 exc = Cancelled(f"Cancelled while re-solving, after {done} of {len(names)} matrices; "
                                 "those are kept for the next cut at the same settings.")
@@ -232,13 +232,13 @@ def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tenso
     per_block = None
     if method.needs_dense_prepass and not pattern.is_nm:
         pre = calibrate(lm, method, windows, protocol, params, dense, batch_size,
-                        _stage(progress, "dense pass for the allocation"), should_stop)
+                        staged(progress, "dense pass for the allocation"), should_stop)
         per_block = matrix_sparsities(pre, sparsity)
         del pre
     mode = f"sequential at {pattern if pattern.is_nm else sparsity}"
     artifact = Artifact(method.name, params, {**(protocol or {}), "mode": mode}, lm.fingerprint, dense,
                         block_of=block_of, store=new_store(lm, method, params)) if keep_artifact else None
-    scope = method_scope(method, params)
+    scope = method.cut_scope(params)
     packed, mask_shapes = {}, {}  # one bit per weight: an 8B model's masks in 1 GB, not 8
     weights = {} if keep_artifact or not method.updates_weights else dense.current_weights()
 
@@ -270,7 +270,7 @@ def prune_sequential(lm: LoadedModel, method: str | Method, windows: torch.Tenso
     start = time.perf_counter()
     try:
         if method.stats:
-            run_layerwise(lm, windows, method.stats, on_block, batch_size, _stage(progress, "pruning"), should_stop)
+            run_layerwise(lm, windows, method.stats, on_block, batch_size, staged(progress, "pruning"), should_stop)
         else:  # data-free (magnitude): no forward pass can change the masks
             _prune_data_free(lm, block_of, on_block, progress, should_stop)
     except BaseException:
@@ -291,7 +291,6 @@ def _prune_data_free(lm: LoadedModel, block_of: dict[str, int], on_block, progre
     prunable = lm.prunable()
     for index, block in enumerate(blocks):
         if should_stop is not None and should_stop():  # same contract as run_layerwise
-            from .errors import Cancelled
             raise Cancelled(f"Cancelled before block {index} of {len(blocks)}.")
         linears = {name: module for name, module in prunable.items() if block_of[name] == index}
         with onloaded(block):
@@ -300,7 +299,3 @@ def _prune_data_free(lm: LoadedModel, block_of: dict[str, int], on_block, progre
             progress(index + 1, len(blocks), f"block {index + 1}/{len(blocks)}")
 
 
-def _stage(progress: ProgressFn | None, label: str) -> ProgressFn | None:
-    if progress is None:
-        return None
-    return lambda done, total, what: progress(done, total, f"{label}: {what}")

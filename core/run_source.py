@@ -20,7 +20,7 @@ from typing import Callable, ContextManager, Iterator
 import torch
 
 from .artifacts import Artifact
-from .calibrate import ProgressFn
+from .progress import ProgressFn
 from .dense import DenseWeights
 from .maskset import MaskSet
 from .patterns import Pattern, parse_pattern

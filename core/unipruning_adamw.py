@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .calibrate import ProgressFn
+from .progress import ProgressFn
 from .errors import Cancelled, PruneError
 from .dense import DenseWeights
 from .fit import available_memory_bytes

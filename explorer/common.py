@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from core.errors import PruneError
+from core.progress import staged
 from core.bundled import DEFAULT_MODEL
 
 from .limits import LimitError, take_seat
@@ -37,15 +38,12 @@ def fail(exc: BaseException) -> gr.Error:
     return gr.Error(f"{type(exc).__name__}: {exc}")
 
 
-def progress_fn(progress, label: str = ""):
-    """core's progress callback (done, total, what) as a gr.Progress call; None without one."""
+def progress_fn(progress, stage: str = ""):
+    """core's progress callback (done, total, what) as a gr.Progress call, its messages prefixed
+    "stage: " (core.progress.staged); None without one."""
     if progress is None:
         return None
-
-    def report(done: int, total: int, what: str) -> None:
-        progress((done, total), desc=f"{label}{what}")
-
-    return report
+    return staged(lambda done, total, what: progress((done, total), desc=what), stage)
 
 
 def ensure_model(session: Session) -> ModelEntry:

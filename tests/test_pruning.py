@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.calibrate import LayerStats, run_layerwise
+from core.calibrate import run_layerwise
+from core.layer_stats import LayerStats
 from core.dense import DenseWeights
 from core.errors import Cancelled, PatternError
 from core.methods import all_methods

@@ -5,6 +5,9 @@ from ..structured.scores import keep_top, softmax_allocation, wanda_sp_columns
 from ..structured.solve import reconstruction_error, refit_columns
 from . import register
 from .base import Param, StructuredMethod
+from ..structured.units import all_block_units
+from ..progress import staged
+from ..structured.runner import collect_dense, run_blockwise, solve_block
 
 
 @register
@@ -66,9 +69,6 @@ class StructPrune(StructuredMethod):
                                   0.0, params["max_layer_sparsity"])
 
     def prune_structured(self, lm, windows, sparsity, params, progress=None, should_stop=None, on_plan=None):
-        from ..structured.runner import collect_dense, run_blockwise, solve_block, staged
-        from ..structured.units import all_block_units
-
         units = all_block_units(lm)
         energies = [0.0] * len(units)
         if params["allocation"] == "softmax":

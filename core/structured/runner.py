@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from ..calibrate import BlockContext, LayerStats, run_layerwise
+from ..calibrate import BlockContext, run_layerwise
+from ..layer_stats import LayerStats
 from ..loaded_model import LoadedModel
 from .plan import StructuredPlan
 from .units import BlockUnits, all_block_units, block_masks
@@ -115,8 +116,3 @@ def collect_dense(lm: LoadedModel, windows: torch.Tensor, stats: frozenset, prog
     return kept
 
 
-def staged(progress, label: str):
-    """A progress callback that prefixes its messages with the stage's name."""
-    if progress is None:
-        return None
-    return lambda done, total, what: progress(done, total, f"{label}: {what}")

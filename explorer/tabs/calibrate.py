@@ -216,14 +216,14 @@ def on_calibrate(session: Session, method_name, source, windows, seqlen, sparsit
         if artifact is None:
             with model_as(entry):  # the forward passes need the weights dense
                 artifact = calibrate(lm, method, data, protocol.as_dict(), params, dense=entry.dense,
-                                     progress=progress_fn(progress, "calibrating: "),
+                                     progress=progress_fn(progress, "calibrating"),
                                      should_stop=session.cancel.is_set)
         pat = parse_pattern(pattern)
         if pat.is_nm and "nm" not in method.patterns:
             pattern = "unstructured"
         source = ArtifactCut(artifact, skip_misfits=True)
         try:  # the session's runs change only once the new masks are complete
-            masks = source.masks_at(float(sparsity), parse_pattern(pattern), progress_fn(progress, "cutting: "),
+            masks = source.masks_at(float(sparsity), parse_pattern(pattern), progress_fn(progress, "cutting"),
                                     session.cancel.is_set)
         except Cancelled:
             session.interrupted = artifact  # Calibrate at these settings resumes from it
@@ -255,7 +255,7 @@ def _calibrate_structured(session: Session, entry: ModelEntry, method_name: str,
     units = all_block_units(lm)
     masks = None
     for kind, item, info in structured_view.prune_streaming(
-            source, sparsity, progress_fn(progress, "pruning: "), session.cancel.is_set):
+            source, sparsity, progress_fn(progress, "pruning"), session.cancel.is_set):
         if kind == "plan":  # a search's best candidate so far: animate its allocation
             title = f"best so far: generation {info.get('generation', '?')}"
             if "fitness" in info:

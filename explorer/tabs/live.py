@@ -36,9 +36,9 @@ def recut_run(session: Session, run: Run, sparsity: float, pattern: str, progres
     if run.masks is not None and source.same_masks((sparsity, pattern), (run.sparsity, run.pattern)):
         run.sparsity = sparsity
         return
-    label = f"{run.name} at {sparsity:.0%}: "
+    label = f"{run.name} at {sparsity:.0%}"
     if not source.cheap and progress is not None:
-        progress(0, desc=f"{label}{source.method} {'prunes' if source.structured else 're-solves'} again: "
+        progress(0, desc=f"{label}: {source.method} {'prunes' if source.structured else 're-solves'} again: "
                          "this takes a while")
     run.masks = source.masks_at(sparsity, None if source.structured else parse_pattern(pattern),
                                 progress_fn(progress, label), session.cancel.is_set)

@@ -32,7 +32,7 @@ def dense_perplexity(session: Session, entry: ModelEntry, windows, protocol, pro
     key = protocol.describe()
     if key not in session.ppl_dense:
         with model_as(entry) as lm:
-            session.ppl_dense[key] = perplexity(lm, windows, protocol.as_dict(), progress=progress_fn(progress, "dense "),
+            session.ppl_dense[key] = perplexity(lm, windows, protocol.as_dict(), progress=progress_fn(progress, "dense"),
                                                 should_stop=session.cancel.is_set).value
     return session.ppl_dense[key]
 
@@ -49,7 +49,7 @@ def measure(session: Session, entry: ModelEntry, windows, protocol, masks_list, 
     dense_perplexity(session, entry, windows, protocol, progress)
     results = {}
     for i, masks in enumerate(masks_list):
-        label = f"pruned {i + 1}/{len(masks_list)} ({masks.total_sparsity():.0%}) "
+        label = f"pruned {i + 1}/{len(masks_list)} ({masks.total_sparsity():.0%})"
         results[i] = masked_perplexity(session, entry, windows, protocol, masks, label, progress)
         record(session, run, masks, results[i], protocol.describe())
     return results
@@ -106,7 +106,7 @@ def masks_at(session: Session, run: Run, sparsity: float, progress, label: str =
         pattern = parse_pattern("unstructured")
     if run.masks is not None and source.same_masks((sparsity, str(pattern)), (run.sparsity, run.pattern)):
         return run.masks
-    return source.masks_at(sparsity, pattern, progress_fn(progress, f"{label}{run.name} at {sparsity:.0%}: "),
+    return source.masks_at(sparsity, pattern, progress_fn(progress, ": ".join(filter(None, (label, f"{run.name} at {sparsity:.0%}")))),
                            session.cancel.is_set)
 
 
@@ -153,9 +153,9 @@ def on_sweep(session: Session, sparsities_text, source, seqlen, max_windows, pro
     try:
         dense_perplexity(session, entry, windows, protocol, progress)
         for i, v in enumerate(values):
-            step = f"{i + 1}/{len(values)} "
+            step = f"{i + 1}/{len(values)}"
             masks = masks_at(session, run, v, progress, step)
-            value = masked_perplexity(session, entry, windows, protocol, masks, f"{step}pruned ({v:.0%}) ", progress)
+            value = masked_perplexity(session, entry, windows, protocol, masks, f"{step} pruned ({v:.0%})", progress)
             record(session, run, masks, value, protocol.describe())
             rows.append((masks.total_sparsity(), value))
             masks = None
@@ -208,8 +208,8 @@ def on_sweep_runs(session: Session, sparsities_text, source, seqlen, max_windows
         for i, (run, v) in enumerate(plan):
             step = f"{i + 1}/{len(plan)} {run.name}" + (f" at {v:.0%}" if v is not None else " (fixed mask)")
             progress((i, len(plan)), desc=step)
-            masks = run.masks if v is None else masks_at(session, run, v, progress, f"{step}: ")
-            value = masked_perplexity(session, entry, windows, protocol, masks, f"{step}: ", progress)
+            masks = run.masks if v is None else masks_at(session, run, v, progress, step)
+            value = masked_perplexity(session, entry, windows, protocol, masks, step, progress)
             done.append(record(session, run, masks, value, protocol.describe()))
             masks = None
             _release()
