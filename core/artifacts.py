@@ -4,7 +4,7 @@ session or on another day.
 An `Artifact` keeps, per prunable matrix, what a cut needs: the ranks of its scores (so an
 unstructured cut is one comparison), the scores themselves where they cannot be recomputed
 cheaply from the dense weight and small input statistics (Wanda, RIA, OWL and magnitude keep the
-statistics instead, see `recomputes_scores`), sorted scores for methods that cut by counts, a
+statistics instead, see `Method.recomputes_scores`), sorted scores for methods that cut by counts, a
 method's extra tensors (UniPruning's first-activation step) and, for weight-updating methods, the
 input statistics. The per-weight tensors live in a tensor store (core.tensor_store): in memory for
 small models, spilled to disk while a big model is calibrated, memory-mapped from a saved file.
@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 import torch
 
-from .calibrate import LayerStats
+from .layer_stats import LayerStats
 from .cutting import ascending_ranks
 from .dense import DenseWeights
 from .errors import MaskFileError
@@ -32,33 +32,11 @@ from .fit import available_memory_bytes
 from .loaded_model import LoadedModel
 from .methods import Method, get_method
 from .outputs import cache_dir, atomic_write
-from .tensor_store import FileStore, MemoryStore, SpillStore, write_safetensors
+from .tensor_store import FileStore, MemoryStore, SpillStore, write_safetensors, read_header
 
 ARTIFACT_FORMAT = "pruning-explorer-artifact"
 ARTIFACT_VERSION = "2"
 _STAT_FIELDS = ("sum_x2", "sum_x", "xtx")
-
-
-def recomputes_scores(method: Method) -> bool:
-    """Whether an artifact of `method` recomputes scores from statistics rather than storing them:
-    the method's own `recompute_scores` if it sets one, else True for a plain score method (no
-    weight update, no own calibration or per-matrix artifacts) whose statistics are vectors
-    (sum_x2, sum_x; not X^T X or per-window ones): those scores cost milliseconds per matrix to
-    recompute, against 4 bytes per weight to keep."""
-    declared = getattr(method, "recompute_scores", None)
-    if declared is not None:
-        return bool(declared)
-    cls = type(method)
-    return (not method.updates_weights and not method.structured
-            and cls.score is not Method.score
-            and cls.matrix_artifacts is Method.matrix_artifacts
-            and cls.calibrate_model is Method.calibrate_model
-            and frozenset(method.stats) <= {"sum_x2", "sum_x"})
-
-
-def method_scope(method: Method, params: dict) -> str:
-    """The unstructured comparison group of a method's cut: 'row', 'matrix' or 'sorted'."""
-    return params.get("scope", method.scope)
 
 
 def block_names(lm: LoadedModel) -> dict[str, int]:
@@ -188,7 +166,7 @@ class Artifact:
     def recomputes_scores(self) -> bool:
         """Whether this artifact keeps small per-matrix statistics instead of scores (see the
         module function). Unstructured cuts never need scores: they compare ranks."""
-        return recomputes_scores(self.method_obj)
+        return self.method_obj.recomputes_scores()
 
     def _can_recompute(self, name: str) -> bool:
         return self.recomputes_scores and (name in self.stats or not self.method_obj.stats)
@@ -323,15 +301,25 @@ class NmMasks:
 
 # ---------------------------------------------------------------- where a new artifact's tensors go
 
-def bytes_per_weight(method: Method, params: dict, d_in: int = 4096) -> float:
-    """What an artifact of `method` keeps per prunable weight (ranks, scores, sorted scores, extras)."""
-    rank = 2 if d_in < 2**15 else 4
-    scope = method_scope(method, params)
-    total = 0.0 if recomputes_scores(method) else 4.0
-    total += 4.0 if scope == "sorted" else rank
-    total += rank * len(method.also_rank_by)
-    total += float(getattr(method, "extra_bytes_per_weight", 0))
-    return 0.0 if method.updates_weights else total
+def rank_bytes(scope: str, d_out: int, d_in: int) -> int:
+    """Bytes of one matrix's ranks within `scope` (core.cutting.ascending_ranks: int16 while a
+    comparison group holds fewer than 2^15 entries, else int32)."""
+    group = d_in if scope == "row" else d_out * d_in
+    return d_out * d_in * (2 if group < 2**15 else 4)
+
+
+def artifact_bytes(method: Method, params: dict, d_out: int, d_in: int) -> int:
+    """What an artifact of `method` keeps for one (d_out, d_in) matrix: its scores unless they are
+    recomputed from statistics, its ranks (or sorted scores), extra rank scopes and extras. A
+    weight-updating or structured method keeps no per-weight artifact."""
+    if method.updates_weights or method.structured:
+        return 0
+    numel = d_out * d_in
+    scope = method.cut_scope(params)
+    total = 0 if method.recomputes_scores() else 4 * numel
+    total += 4 * numel if scope == "sorted" else rank_bytes(scope, d_out, d_in)
+    total += sum(rank_bytes(extra, d_out, d_in) for extra in method.also_rank_by)
+    return total + int(method.extra_bytes_per_weight * numel)
 
 
 def artifact_spills(nbytes: float) -> bool:
@@ -349,8 +337,8 @@ def artifact_spills(nbytes: float) -> bool:
 
 def new_store(lm: LoadedModel, method: Method, params: dict):
     """The store a new artifact's per-weight tensors go to (see artifact_spills)."""
-    n = sum(lm.family.weight_view(m).numel() for m in lm.prunable().values())
-    if artifact_spills(n * bytes_per_weight(method, params)):
+    shapes = [lm.family.weight_view(m).shape for m in lm.prunable().values()]
+    if artifact_spills(sum(artifact_bytes(method, params, d_out, d_in) for d_out, d_in in shapes)):
         return SpillStore(cache_dir() / "artifact-spill")
     return MemoryStore()
 
@@ -406,7 +394,6 @@ def save_artifact(path: str | Path, artifact: Artifact, lm: LoadedModel) -> Path
 def read_artifact_meta(path: str | Path) -> dict:
     """An artifact's string metadata (method, parameters, the model it was calibrated on), read
     from the file's header alone: no tensor is loaded, so it can decide which model to load."""
-    from .tensor_store import read_header
 
     path = Path(path)
     if not path.is_file():
@@ -470,10 +457,9 @@ def artifact_from_tensors(store, meta: dict, lm: LoadedModel, dense: DenseWeight
             setattr(artifact.stats[name], field, base.get(key))
     for name, owner in alias.items():
         artifact.set_stats(name, artifact.stats[owner])
-    scope = method_scope(method, params)
     have = {key.split("/")[-1] for key in base.keys() if key.startswith(("score/", "rank/", "sorted/"))}
     missing = set(shapes) - have - set(artifact.stats)
-    if method.stats == frozenset() and recomputes_scores(method):
+    if method.stats == frozenset() and method.recomputes_scores():
         missing = set()  # scores of the weights alone (magnitude): nothing else is needed
     if missing:
         raise MaskFileError(f"{where} lacks {len(missing)} of the model's matrices (e.g. {sorted(missing)[0]}); "

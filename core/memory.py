@@ -44,6 +44,10 @@ import torch
 
 from .errors import PruneError
 from .fit import available_memory_bytes, count_parameters
+from .unipruning import backprop_memory_bytes
+from .methods import get_method, Method
+from .families import family_for_config, context_length, head_info
+from .artifacts import artifact_bytes, artifact_spills
 
 GIB = 2**30
 # need = estimate * SAFETY_FACTOR + SAFETY_BYTES must fit in what is available: room for the
@@ -100,8 +104,6 @@ class ModelShapes:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        from .families import family_for_config
-
         family = family_for_config(config)
         if family is None:
             raise PruneError(f"No adapter for model type {config.model_type!r}.")
@@ -111,8 +113,6 @@ class ModelShapes:
 
 
 def _shapes(model, family, config) -> ModelShapes:
-    from .families import context_length, head_info
-
     blocks = family.blocks(model)
     matrices = []
     for block in blocks:
@@ -177,19 +177,12 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:.0f} MiB"
 
 
-def _rank_bytes(scope: str, d_out: int, d_in: int) -> int:
-    group = d_in if scope == "row" else d_out * d_in
-    return d_out * d_in * (2 if group < 2**15 else 4)
-
-
 def estimate_calibration(shapes: ModelShapes, method, n_windows: int, seqlen: int, batch_size: int = 8,
                          mode: str = "calibrate", params: dict | None = None) -> MemoryEstimate:
     """Peak extra bytes of calibrating `method` on n_windows x seqlen tokens (see the module
     docstring for the parts). `mode`: "calibrate" (the one-shot artifact: explorer, `calibrate`,
     `sweep`, `cut`), "prune" (the CLI's prune: the artifact plus the masks and, for
     weight-updating methods, the new weights) or "structured" (a structured method's prune)."""
-    from .methods import Method, get_method
-    from .artifacts import recomputes_scores
 
     method = get_method(method) if isinstance(method, str) else method
     try:
@@ -208,7 +201,6 @@ def estimate_calibration(shapes: ModelShapes, method, n_windows: int, seqlen: in
 
     # activations: the engine's inputs and outputs for all windows, masks kept per batch
     if own:  # a whole-model calibration with backprop (UniPruning's AdamW variant)
-        from .unipruning import backprop_memory_bytes
 
         hidden_attn = shapes.num_heads * shapes.head_dim
         parts["activations"] = backprop_memory_bytes(N, shapes.n_blocks, hidden_attn, shapes.num_heads, s,
@@ -233,19 +225,10 @@ def estimate_calibration(shapes: ModelShapes, method, n_windows: int, seqlen: in
 
     # the artifact (and what a prune keeps besides)
     artifact = 0
-    scope = resolved.get("scope", method.scope)
     if method.structured:
         artifact = N  # the masks (1 byte per weight); the plan itself is small
-    elif not method.updates_weights and not (mode == "prune" and method.sequential):
-        stored = not recomputes_scores(method)
-        for d_out, d_in in shapes.matrices:
-            numel = d_out * d_in
-            artifact += 4 * numel if stored else 0
-            artifact += 4 * numel if scope == "sorted" else _rank_bytes(scope, d_out, d_in)
-            for extra in method.also_rank_by:
-                artifact += _rank_bytes(extra, d_out, d_in)
-            artifact += int(getattr(method, "extra_bytes_per_weight", 0) * numel)
-    from .artifacts import artifact_spills
+    elif not (mode == "prune" and method.sequential):
+        artifact = sum(artifact_bytes(method, resolved, d_out, d_in) for d_out, d_in in shapes.matrices)
 
     if artifact_spills(artifact):  # written to disk as it is made (core.artifacts.new_store)
         artifact = 0
@@ -377,7 +360,6 @@ def estimate_cut(shapes: ModelShapes, method) -> int:
     """Peak extra bytes of one mask set cut from an artifact and applied: its masks made (one
     byte a weight once read as bool), a weight-updating method's re-solved weights, and one
     matrix's ranking temporaries."""
-    from .methods import get_method
 
     method = get_method(method) if isinstance(method, str) else method
     n = shapes.n_prunable

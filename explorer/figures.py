@@ -257,7 +257,7 @@ def histogram_figure(scores: torch.Tensor | None, mask: torch.Tensor | None, nam
         notes.append({"text": "threshold", "x": x, "y": 1, "yref": "paper", "xanchor": "left",
                       "showarrow": False})
     note = {"row": " (per-row thresholds; line = largest pruned score)",
-            "sorted": " (global budget: each matrix's own threshold)"}.get(scope, "")
+            "global": " (global budget: each matrix's own threshold)"}.get(scope, "")
     return base_figure(data, f"Score histogram of {name}{note}", 340, barmode="stack", shapes=shapes,
                    annotations=notes, legend={"orientation": "h", "y": -0.25},
                    xaxis={"title": {"text": f"log10 {score_label}"}},

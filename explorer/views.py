@@ -137,10 +137,7 @@ def matrix_views(run: Run, name: str | None) -> tuple:
     artifact = run.artifact
     if artifact is not None:
         method_obj = artifact.method_obj
-        scope = artifact.params.get("scope", method_obj.scope)
-        controller = artifact.params.get("controller")
-        if controller in ("row", "matrix", "global-row"):  # what the histogram's threshold line means
-            scope = "row" if controller == "global-row" else controller
+        scope = method_obj.threshold_scope(artifact.params)  # what the histogram's threshold line means
         label = method_obj.score_label
     prepared = None
     if artifact is not None and name:

@@ -14,12 +14,12 @@ from core.calibrate import release_free_memory
 from core.cutting import ascending_ranks, cut_unstructured
 from core.methods import get_method, all_methods
 from core.patterns import Pattern
-from core.pruning import calibrate, cut, prune_sequential, recomputes_scores
+from core.pruning import calibrate, cut, prune_sequential
 from tiny import build_tiny
 
 RECOMPUTED = ("magnitude", "wanda", "ria", "owl")
 # the registry's methods whose artifacts recompute scores (RECOMPUTED and any added since)
-RECOMPUTING = sorted(name for name, method in all_methods().items() if recomputes_scores(method))
+RECOMPUTING = sorted(name for name, method in all_methods().items() if method.recomputes_scores())
 BATCH = 4
 
 
@@ -28,10 +28,10 @@ def _masks_equal(a, b) -> bool:
 
 
 def test_which_methods_recompute():
-    assert all(recomputes_scores(get_method(m)) for m in RECOMPUTED)
+    assert all(get_method(m).recomputes_scores() for m in RECOMPUTED)
     # Gamma comes out of mirror descent; SparseGPT solves; both keep what they keep today
-    assert not recomputes_scores(get_method("unipruning"))
-    assert not recomputes_scores(get_method("sparsegpt"))
+    assert not get_method("unipruning").recomputes_scores()
+    assert not get_method("sparsegpt").recomputes_scores()
 
 
 @pytest.mark.parametrize("method", RECOMPUTING)

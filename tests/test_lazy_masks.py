@@ -7,7 +7,6 @@ import threading
 import pytest
 import torch
 
-from core.artifacts import method_scope
 from core.cutting import LazyMasks, cut_mask
 from core.dense import DenseWeights
 from core.mask_file import load_masks, save_masks
@@ -19,7 +18,7 @@ from tiny import build_tiny, random_windows
 
 def _eager(artifact, sparsity: float, pattern: Pattern) -> dict[str, torch.Tensor]:
     """What cut() made before it was lazy: cut_mask for every matrix at its target."""
-    scope = method_scope(artifact.method_obj, artifact.params)
+    scope = artifact.method_obj.cut_scope(artifact.params)
     targets = matrix_sparsities(artifact, sparsity) if not pattern.is_nm else {n: sparsity for n in artifact.block_of}
     return {name: cut_mask(artifact.score(name), targets[name], pattern, scope,
                            None if pattern.is_nm else artifact.ranks(name, scope))

@@ -194,3 +194,17 @@ def test_app_refuses_an_oversized_calibration(long_llama_dir):
         client.close()
     finally:
         demo.close()
+
+
+# the spill decision and the estimate use one rule of what an artifact keeps per matrix
+@pytest.mark.parametrize("method", sorted(name for name, m in all_methods().items() if not m.structured))
+def test_artifact_bytes_are_what_a_real_artifact_stores(tiny_model, method):
+    from core.artifacts import artifact_bytes
+
+    lm = tiny_model("llama")
+    artifact = calibrate(lm, method, torch.randint(0, 250, (4, 32)), dense=DenseWeights(lm), batch_size=4)
+    stored = [artifact.stored(key) for key in artifact.stored_keys()]
+    held = sum(t.numel() * t.element_size() for t in stored)
+    shapes = [lm.family.weight_view(m).shape for m in lm.prunable().values()]
+    expected = sum(artifact_bytes(artifact.method_obj, artifact.params, d_out, d_in) for d_out, d_in in shapes)
+    assert held == expected, (held, expected, sorted({k.split("/")[0] for k in artifact.stored_keys()}))

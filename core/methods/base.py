@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calibrate import LayerStats
+from ..layer_stats import LayerStats
 from ..patterns import Pattern
 
 
@@ -109,6 +109,36 @@ class Method:
     updates_weights: bool = False
     structured: bool = False  # removes whole heads/channels (StructuredMethod)
     needs_dense_prepass: bool = False  # allocation needs every block's dense scores first (OWL)
+    # True/False: whether an artifact recomputes scores from its statistics instead of storing
+    # them; None: decided by recomputes_scores() from what the method overrides
+    recompute_scores: bool | None = None
+    extra_bytes_per_weight: float = 0.0  # what matrix_artifacts keeps per weight besides the score
+
+    def cut_scope(self, params: dict) -> str:
+        """The comparison group a cut from this method's artifact ranks within: 'row', 'matrix' or
+        'sorted' (cut by counts over sorted scores); a `scope` parameter overrides the class's."""
+        return params.get("scope", self.scope)
+
+    def threshold_scope(self, params: dict) -> str:
+        """How a cut from this method's artifact thresholds one matrix, for a view of its scores:
+        'row' (each row on its own), 'matrix' (one threshold) or 'global' (one budget over all
+        matrices sets each matrix's own threshold)."""
+        return self.cut_scope(params)
+
+    def recomputes_scores(self) -> bool:
+        """Whether an artifact of this method keeps statistics and recomputes scores from them:
+        `recompute_scores` where a method sets it, else True for a plain score method (no weight
+        update, no own calibration or per-matrix artifacts) whose statistics are vectors (sum_x2,
+        sum_x; not X^T X or per-window ones): those scores are cheap to recompute against 4 bytes
+        per weight to keep."""
+        if self.recompute_scores is not None:
+            return self.recompute_scores
+        cls = type(self)
+        return (not self.updates_weights and not self.structured
+                and cls.score is not Method.score
+                and cls.matrix_artifacts is Method.matrix_artifacts
+                and cls.calibrate_model is Method.calibrate_model
+                and frozenset(self.stats) <= {"sum_x2", "sum_x"})
 
     def resolve_params(self, given: dict | None = None) -> dict:
         given = dict(given or {})

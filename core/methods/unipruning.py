@@ -54,9 +54,15 @@ class UniPruning(Method):
     stats = frozenset({"window_x2"})
     scope = "sorted"  # calibration sorts each matrix's scores: cuts are then counts, never a sort
     also_rank_by = ("row",)  # and ranks them per row, for the global-row and row controllers
-    extra_bytes_per_weight = 2  # the artifact's first-activation step (int16), for core.memory's estimate
+    extra_bytes_per_weight = 2  # the artifact's first-activation step (int16)
     sequential = False
     score_label = "|Gamma| / mean (mirror descent)"
+
+    def threshold_scope(self, params):
+        # the controller says how a matrix is cut (global-row: the budget sets each matrix's
+        # sparsity, its rows are then cut evenly)
+        controller = params.get("controller", "global-row")
+        return {"global": "global", "global-row": "row"}.get(controller, controller)
 
     def score(self, weight, stats, params):
         return self.matrix_artifacts(weight, stats, params)["score"]
