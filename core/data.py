@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .families import context_length
 
 DEFAULT_SOURCE = "python-docs"
 HUB_SOURCES = ("wikitext2", "c4")
@@ -145,7 +146,6 @@ def check_seqlen(model, seqlen: int) -> None:
     in the position embedding (IndexError), and RoPE models run on silently, out of the range
     they were trained on; either way the numbers would mean nothing.
     """
-    from .families import context_length
 
     config = getattr(model, "config", model)
     context = context_length(config)

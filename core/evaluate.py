@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from .data import check_seqlen
 from .errors import Cancelled
 from .loaded_model import LoadedModel
+from .prompts import check_prompt_chars, prompt_ids
+from .families import context_length
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,6 @@ def generation_ids(lm: LoadedModel, prompt: str, settings: GenerationSettings, c
     """The prompt as generation feeds it (the chat template applied when asked for and the tokenizer
     has one), tokenized, checked to fit in the model's context with settings.max_new_tokens new
     tokens (core.prompts: PromptTooLong, before any forward)."""
-    from .prompts import check_prompt_chars, prompt_ids
-    from .families import context_length
 
     tok = lm.tokenizer
     text = prompt

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .errors import DataError
+from .families import context_length
 
 # A prompt of more characters than this per token of context cannot fit: no tokenizer here comes
 # near it on text (about four characters a token on English prose); the slack covers tokenizers
@@ -63,7 +64,6 @@ def check_prompt_tokens(n_prompt: int, max_new_tokens: int, context: int | None,
 def prompt_ids(lm, text: str, max_new_tokens: int) -> torch.Tensor:
     """`text` (the prompt as it will be fed, a chat template already applied) tokenized as (1, n) ids
     on the model's device, after the checks above; PromptTooLong when it does not fit."""
-    from .families import context_length
 
     context = context_length(lm.model.config)
     check_prompt_chars(len(text), context)

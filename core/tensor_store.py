@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .sources import WatchedFiles
+from .outputs import process_folder, preallocate
 
 # safetensors' dtype names
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -59,8 +60,6 @@ class SpillStore:
     back memory-mapped; the folder is removed when the store is dropped."""
 
     def __init__(self, root: Path):
-        from .outputs import process_folder
-
         self.folder = process_folder(root, "artifact-")
         weakref.finalize(self, shutil.rmtree, str(self.folder), True)
         self._files: dict[str, tuple[Path, str, list[int]]] = {}
@@ -171,7 +170,6 @@ def write_safetensors(path: str | Path, entries: Iterable[tuple[str, Callable[[]
     """Write a safetensors file from (key, reader, dtype, shape) entries, one tensor in memory at a
     time: the header is known from the dtypes and shapes before any tensor is read, and so is the
     file's size, reserved first (a full disk fails at once with DiskFullError)."""
-    from .outputs import preallocate
 
     entries = list(entries)
     header: dict = {"__metadata__": metadata}

@@ -3,6 +3,8 @@ import torch
 from ..structured.scores import flap_columns, global_removal, group_columns, keep_top, standardise
 from . import register
 from .base import Param, StructuredMethod
+from ..structured.runner import collect_dense
+from ..structured.plan import StructuredPlan
 
 
 @register
@@ -23,9 +25,6 @@ class FLAP(StructuredMethod):
     )
 
     def prune_structured(self, lm, windows, sparsity, params, progress=None, should_stop=None, on_plan=None):
-        from ..structured.plan import StructuredPlan
-        from ..structured.runner import collect_dense
-
         def keep(out):
             o_cols = flap_columns(out.o_weight, out.o_stats.variance())
             return {"units": out.units, "heads": group_columns(standardise(o_cols), out.cols_per_attn_unit, "mean"),

@@ -1,6 +1,7 @@
 from ..structured.reconstruct import spap_select
 from . import register
 from .base import Param, StructuredMethod
+from ..structured.runner import run_blockwise, solve_block
 
 
 @register
@@ -21,8 +22,6 @@ class SPAP(StructuredMethod):
     )
 
     def prune_structured(self, lm, windows, sparsity, params, progress=None, should_stop=None, on_plan=None):
-        from ..structured.runner import run_blockwise, solve_block
-
         def decide(out):
             u = out.units
             if params["prune_heads"]:

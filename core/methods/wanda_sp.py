@@ -1,6 +1,7 @@
 from ..structured.scores import group_columns, keep_top, wanda_sp_columns
 from . import register
 from .base import StructuredMethod
+from ..structured.runner import BlockDecision, run_blockwise
 
 
 @register
@@ -13,8 +14,6 @@ class WandaSP(StructuredMethod):
     stats = frozenset({"sum_x2"})
 
     def prune_structured(self, lm, windows, sparsity, params, progress=None, should_stop=None, on_plan=None):
-        from ..structured.runner import BlockDecision, run_blockwise
-
         def decide(out):
             u = out.units
             n_attn, n_ch = u.removal_counts(sparsity)

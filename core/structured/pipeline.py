@@ -9,7 +9,7 @@ from ..data import check_seqlen
 from ..dense import DenseWeights
 from ..errors import PatternError
 from ..maskset import MaskSet
-from ..methods import get_method
+from ..methods import get_method, all_methods
 from ..methods.base import StructuredMethod
 from ..loaded_model import LoadedModel
 from ..patterns import check_sparsity
@@ -52,5 +52,4 @@ def prune_structured(lm: LoadedModel, method: str | StructuredMethod, windows: t
 
 
 def structured_method_names() -> list[str]:
-    from ..methods import all_methods
     return [name for name, m in all_methods().items() if getattr(m, "structured", False)]

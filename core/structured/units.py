@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..loaded_model import LoadedModel
+from .scores import block_unit_counts
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,6 @@ class BlockUnits:
 
     def removal_counts(self, sparsity: float) -> tuple[int, int]:
         """(attention units, MLP channels) to remove so this block loses `sparsity` of its parameters."""
-        from .scores import block_unit_counts
         return block_unit_counts(self.attn_units, self.attn_unit_params, self.channels, self.channel_params, sparsity)
 
     def removed(self, keep_attn: torch.Tensor, keep_channels: torch.Tensor) -> int:
