@@ -155,31 +155,16 @@ class Tyr(StructuredMethod):
 
     @torch.no_grad()
     def prune_structured(self, lm, windows, sparsity, params, progress=None, should_stop=None, on_plan=None):
-        family = lm.family
         units = all_block_units(lm)
         n_blocks = len(units)
         rng = random.Random(params["seed"])
-        n_levels = params["levels"]
-        centre_level = n_levels // 2
+        centre_level = params["levels"] // 2
         iterations = params["iterations"] if params["search"] else 1
         generations = params["generations"] if params["search"] else 0
         total_steps = iterations * (n_blocks + generations)
         done = 0
 
-        # sublayers: block i -> 2i (attention out), 2i+1 (MLP out)
-        names, kinds, unit_size, unit_params, n_units, views = [], [], [], [], [], []
-        for u in units:
-            prefix = family.block_prefix(u.index)
-            mods = family.linear_modules(lm.blocks[u.index])
-            for kind, rel, size, p, n in (("attn", family.attention.out, u.q_heads_per_unit * u.head_dim,
-                                           u.attn_unit_params, u.attn_units),
-                                          ("mlp", family.mlp.out, 1, u.channel_params, u.channels)):
-                names.append(f"{prefix}.{rel}")
-                kinds.append(kind)
-                unit_size.append(size)
-                unit_params.append(p)
-                n_units.append(n)
-                views.append(family.weight_view(mods[rel]))
+        subs = _Sublayers(lm, units)
         total_params = decoder_params(units)
         target = sparsity * total_params
         if params["start"] == "block":  # the uniform allocation every structured method here shares
@@ -188,111 +173,152 @@ class Tyr(StructuredMethod):
             attn_c, mlp_c = tyr.initial_counts(target, [u.attn_units for u in units], [u.attn_unit_params for u in units],
                                                [u.channels for u in units], [u.channel_params for u in units])
         centres = [c for pair in zip(attn_c, mlp_c) for c in pair]
-
-        dense = [v.clone() for v in views]
         n_build = windows.shape[0] if params["build_tokens"] == 0 else \
             max(1, min(windows.shape[0], params["build_tokens"] // windows.shape[1]))
-        build_windows = windows[:n_build]
         stage_tokens = [int(t) for t in params["stage_tokens"].split(",")]
-
-        def restore():
-            with torch.no_grad():
-                for v, d in zip(views, dense):
-                    v.copy_(d)
-
-        def make_plan(net: _Supernet, state, fitness: float) -> StructuredPlan:
-            keeps = [net.levels[s].keeps[level] for s, level in enumerate(state)]
-            weights = {names[s]: net.levels[s].weights[level] for s, level in enumerate(state)
-                       if net.levels[s].counts[level] > 0}
-            removed = tyr.removed_params(list(state), net.counts, unit_params)
-            plan = StructuredPlan(keeps[0::2], keeps[1::2], weights)
-            plan.meta.update({"achieved_sparsity": round(removed / total_params, 6), "removed_params": removed,
-                              "target_removed_params": round(target), "fitness_kl": fitness})
-            return plan
-
-        best = {"fitness": math.inf, "plan": None, "counts": None}
-        history = []
+        best = _Best(subs, total_params, target, on_plan)
         try:
             fitness = _Fitness(lm, windows, stage_tokens, params["topk"], should_stop)
-            final_chunks = fitness.stage_chunks[-1]
             no_search = None
             generation = 0
             for it in range(iterations):
-                step_frac = params["step"] / 2 ** it
-                restore()
-                net = _Supernet(views)
-
-                def on_block(ctx: BlockContext) -> bool:
-                    _stop(should_stop, f"at block {ctx.index}")
-                    for s in (2 * ctx.index, 2 * ctx.index + 1):
-                        h = ctx.stats[names[s]].xtx
-                        lv = tyr.sublayer_levels(dense[s], h, unit_size[s], centres[s],
-                                                 tyr.step_units(step_frac, n_units[s]), n_levels)
-                        net.levels[s] = lv
-                        if params["propagation"] == "expected":
-                            w = torch.stack([x.double() for x in lv.weights]).mean(0).to(views[s].dtype)
-                        else:
-                            w = lv.weights[centre_level]
-                        views[s].copy_(w)
-                    return True
+                subs.restore()
 
                 def build_progress(i, total, what, it=it):
                     if progress is not None:
                         progress(done + i, total_steps,
                                  f"iteration {it + 1}/{iterations}: supernet block {i}/{total}")
 
-                run_layerwise(lm, build_windows, {"xtx"}, on_block, progress=build_progress, should_stop=should_stop)
+                net = _build_supernet(lm, windows[:n_build], subs, centres, params["step"] / 2 ** it, params,
+                                      build_progress, should_stop)
                 done += n_blocks
-                net.forget()
                 fitness.reset()
-                counts = net.counts
-                state = tuple([centre_level] * len(views))
-                parent_f = fitness.evaluate(state, final_chunks, net.load)
+                state = tuple([centre_level] * len(subs.views))
+                parent_f = fitness.evaluate(state, fitness.stage_chunks[-1], net.load)
                 if no_search is None:
                     no_search = parent_f
-
-                def improve(state, f, info):
-                    if f < best["fitness"]:
-                        best.update(fitness=f, plan=make_plan(net, state, f),
-                                    counts=[c[level] for c, level in zip(counts, state)])
-                        history.append({**info, "fitness": f})
-                        if on_plan is not None:
-                            on_plan(best["plan"], {"generation": info["generation"], "fitness": f,
-                                                   "iteration": it + 1})
-
-                improve(state, parent_f, {"generation": generation, "iteration": it + 1})
-                budget = tyr.removed_params(list(state), counts, unit_params)
+                best.offer(net, state, parent_f, {"generation": generation, "iteration": it + 1})
                 for g in range(generations):
                     _stop(should_stop, f"at generation {g + 1}")
                     generation += 1
-                    offspring = []
-                    for _ in range(params["offspring"]):
-                        child = tuple(tyr.mutate(list(state), counts, unit_params, kinds, rng,
-                                                 1 + rng.randrange(params["mutations"])))
-                        if tyr.removed_params(list(child), counts, unit_params) != budget:
-                            raise RuntimeError("Týr mutation changed the parameter budget (a bug).")
-                        if child != state and child not in offspring:
-                            offspring.append(child)
-                    survivors = offspring
-                    for si, n_chunks in enumerate(fitness.stage_chunks):
-                        scored = sorted(((fitness.evaluate(c, n_chunks, net.load), i) for i, c in enumerate(survivors)))
-                        if si < len(fitness.stage_chunks) - 1:
-                            keep = max(1, math.ceil(len(offspring) / 4 ** (si + 1)))
-                            survivors = [survivors[i] for _, i in scored[:keep]]
-                        elif scored:
-                            f, i = scored[0]
-                            if f < parent_f:
-                                state, parent_f = survivors[i], f
-                    improve(state, parent_f, {"generation": generation, "iteration": it + 1})
+                    state, parent_f = _generation(state, parent_f, net, subs, fitness, params, rng)
+                    best.offer(net, state, parent_f, {"generation": generation, "iteration": it + 1})
                     done += 1
                     if progress is not None:
                         progress(done, total_steps, f"iteration {it + 1}/{iterations}: generation {g + 1}/"
-                                 f"{generations}, best KL {best['fitness']:.5g}")
-                centres = best["counts"]  # re-centre on the best distribution so far
-            plan = best["plan"]
+                                 f"{generations}, best KL {best.fitness:.5g}")
+                centres = best.counts  # re-centre on the best distribution so far
+            plan = best.plan
             plan.meta.update({"fitness_tokens": fitness.tokens[-1], "stage_tokens": fitness.tokens,
                               "no_search_fitness_kl": no_search, "generations_run": generation,
-                              "build_windows": n_build, "history": history})
+                              "build_windows": n_build, "history": best.history})
             return plan
         finally:
-            restore()
+            subs.restore()
+
+
+class _Sublayers:
+    """The model's out-projections in supernet order (block i -> 2i attention out, 2i+1 MLP out),
+    what a unit of each is, and their dense weights to restore."""
+
+    def __init__(self, lm, units):
+        family = lm.family
+        self.names, self.kinds, self.unit_size, self.unit_params, self.n_units, self.views = [], [], [], [], [], []
+        for u in units:
+            prefix = family.block_prefix(u.index)
+            mods = family.linear_modules(lm.blocks[u.index])
+            for kind, rel, size, p, n in (("attn", family.attention.out, u.q_heads_per_unit * u.head_dim,
+                                           u.attn_unit_params, u.attn_units),
+                                          ("mlp", family.mlp.out, 1, u.channel_params, u.channels)):
+                self.names.append(f"{prefix}.{rel}")
+                self.kinds.append(kind)
+                self.unit_size.append(size)
+                self.unit_params.append(p)
+                self.n_units.append(n)
+                self.views.append(family.weight_view(mods[rel]))
+        self.dense = [v.clone() for v in self.views]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for v, d in zip(self.views, self.dense):
+            v.copy_(d)
+
+
+def _build_supernet(lm, build_windows, subs: _Sublayers, centres, step_frac: float, params, progress,
+                    should_stop) -> _Supernet:
+    """One pass block by block: each sublayer's levels around its centre count, with the next
+    blocks calibrated on the centre (or the levels' mean) weights."""
+    net = _Supernet(subs.views)
+    centre_level = params["levels"] // 2
+
+    def on_block(ctx: BlockContext) -> bool:
+        _stop(should_stop, f"at block {ctx.index}")
+        for s in (2 * ctx.index, 2 * ctx.index + 1):
+            lv = tyr.sublayer_levels(subs.dense[s], ctx.stats[subs.names[s]].xtx, subs.unit_size[s], centres[s],
+                                     tyr.step_units(step_frac, subs.n_units[s]), params["levels"])
+            net.levels[s] = lv
+            if params["propagation"] == "expected":
+                w = torch.stack([x.double() for x in lv.weights]).mean(0).to(subs.views[s].dtype)
+            else:
+                w = lv.weights[centre_level]
+            subs.views[s].copy_(w)
+        return True
+
+    run_layerwise(lm, build_windows, {"xtx"}, on_block, progress=progress, should_stop=should_stop)
+    net.forget()
+    return net
+
+
+def _generation(state: tuple, parent_f: float, net: _Supernet, subs: _Sublayers, fitness: _Fitness, params,
+                rng: random.Random) -> tuple[tuple, float]:
+    """One generation: mutate the parent into offspring under the same budget, keep the best quarter
+    at each fitness stage, and replace the parent if the final stage's best beats it."""
+    counts = net.counts
+    budget = tyr.removed_params(list(state), counts, subs.unit_params)
+    offspring = []
+    for _ in range(params["offspring"]):
+        child = tuple(tyr.mutate(list(state), counts, subs.unit_params, subs.kinds, rng,
+                                 1 + rng.randrange(params["mutations"])))
+        if tyr.removed_params(list(child), counts, subs.unit_params) != budget:
+            raise RuntimeError("Týr mutation changed the parameter budget (a bug).")
+        if child != state and child not in offspring:
+            offspring.append(child)
+    survivors = offspring
+    for si, n_chunks in enumerate(fitness.stage_chunks):
+        scored = sorted(((fitness.evaluate(c, n_chunks, net.load), i) for i, c in enumerate(survivors)))
+        if si < len(fitness.stage_chunks) - 1:
+            keep = max(1, math.ceil(len(offspring) / 4 ** (si + 1)))
+            survivors = [survivors[i] for _, i in scored[:keep]]
+        elif scored:
+            f, i = scored[0]
+            if f < parent_f:
+                state, parent_f = survivors[i], f
+    return state, parent_f
+
+
+class _Best:
+    """The best distribution found so far, as a plan, with the history of improvements."""
+
+    def __init__(self, subs: _Sublayers, total_params: int, target: float, on_plan):
+        self.subs, self.total_params, self.target, self.on_plan = subs, total_params, target, on_plan
+        self.fitness, self.plan, self.counts, self.history = math.inf, None, None, []
+
+    def offer(self, net: _Supernet, state: tuple, fitness: float, info: dict) -> None:
+        if fitness >= self.fitness:
+            return
+        self.fitness, self.plan = fitness, self._plan(net, state, fitness)
+        self.counts = [c[level] for c, level in zip(net.counts, state)]
+        self.history.append({**info, "fitness": fitness})
+        if self.on_plan is not None:
+            self.on_plan(self.plan, {"generation": info["generation"], "fitness": fitness,
+                                     "iteration": info["iteration"]})
+
+    def _plan(self, net: _Supernet, state: tuple, fitness: float) -> StructuredPlan:
+        keeps = [net.levels[s].keeps[level] for s, level in enumerate(state)]
+        weights = {self.subs.names[s]: net.levels[s].weights[level] for s, level in enumerate(state)
+                   if net.levels[s].counts[level] > 0}
+        removed = tyr.removed_params(list(state), net.counts, self.subs.unit_params)
+        plan = StructuredPlan(keeps[0::2], keeps[1::2], weights)
+        plan.meta.update({"achieved_sparsity": round(removed / self.total_params, 6), "removed_params": removed,
+                          "target_removed_params": round(self.target), "fitness_kl": fitness})
+        return plan
