@@ -264,29 +264,51 @@ def layout(default_spec: str, placement: dict) -> SimpleNamespace:
 def wire(demo: gr.Blocks, ui: SimpleNamespace, session: gr.State, autoload: bool) -> None:
     """Connect the components to the tabs' handlers. Handlers that take the session also return
     it (touching): its time-to-live restarts with every event."""
-    views = [ui.alloc, ui.heat, ui.hist, ui.summary]
-    cut_outputs = [ui.status, *views]
-    model_outputs = [ui.facts, ui.status, ui.block, ui.mtype, *views, ui.cmp_block, ui.cmp_mtype]
     run_lists = [ui.runs_df, ui.active, ui.shown, ui.cmp_a, ui.cmp_b, ui.gen_a, ui.gen_b, ui.runs_js]
     refresh_inputs = [session, ui.cmp_a, ui.cmp_b, ui.gen_a, ui.gen_b]
     refresh = touching(live_tab.on_refresh_runs, run_lists)
-    quiet = dict(api_visibility="private", show_progress="hidden", queue=False)
 
     def then_refresh(dep):
-        return dep.then(refresh, refresh_inputs, [*run_lists, session], **quiet)
+        return dep.then(refresh, refresh_inputs, [*run_lists, session], **QUIET)
 
     ui.refresh.click(refresh, refresh_inputs, [*run_lists, session], api_name="runs", queue=False)
+    _wire_model(demo, ui, session, autoload, then_refresh)
+    _wire_calibration(ui, session, then_refresh)
+    _wire_live(ui, session, then_refresh)
+    _wire_compare(ui, session)
+    _wire_generation_and_perplexity(ui, session)
+    _wire_export(ui, session, then_refresh)
 
-    # the model
-    then_refresh(ui.load.click(touching(model_tab.on_load_model, model_outputs, at=4),
-                               [ui.model, ui.dtype, ui.device, ui.offload, session], [*model_outputs, session],
-                               api_name="load_model", concurrency_id=HEAVY))
+    # A closed tab (its heartbeat gone; a gradio_client's close()) releases its session at once,
+    # instead of gradio's hour-long grace for closed sessions.
+    def on_unload(request: gr.Request) -> None:
+        unload(demo, request)
+
+    demo.unload(on_unload)
+
+
+QUIET = dict(api_visibility="private", show_progress="hidden", queue=False)
+# slider-speed events: the latest input wins, a few cuts at once
+LIVE = dict(trigger_mode="always_last", concurrency_limit=4, concurrency_id="cut", show_progress="minimal")
+
+
+def _cut_outputs(ui: SimpleNamespace) -> list:
+    return [ui.status, ui.alloc, ui.heat, ui.hist, ui.summary]
+
+
+def _wire_model(demo, ui, session, autoload: bool, then_refresh) -> None:
+    model_outputs = [ui.facts, ui.status, ui.block, ui.mtype, ui.alloc, ui.heat, ui.hist, ui.summary,
+                     ui.cmp_block, ui.cmp_mtype]
+    model_inputs = [ui.model, ui.dtype, ui.device, ui.offload, session]
+    then_refresh(ui.load.click(touching(model_tab.on_load_model, model_outputs, at=4), model_inputs,
+                               [*model_outputs, session], api_name="load_model", concurrency_id=HEAVY))
     page_load = model_tab.on_page_load if autoload else model_tab.skip_page_load
-    then_refresh(demo.load(touching(page_load, model_outputs, at=4), [ui.model, ui.dtype, ui.device, ui.offload, session],
-                           [*model_outputs, session], api_name="page_load", api_visibility="undocumented",
-                           concurrency_id=HEAVY))
+    then_refresh(demo.load(touching(page_load, model_outputs, at=4), model_inputs, [*model_outputs, session],
+                           api_name="page_load", api_visibility="undocumented", concurrency_id=HEAVY))
 
-    # calibration
+
+def _wire_calibration(ui, session, then_refresh) -> None:
+    cut_outputs = _cut_outputs(ui)
     ui.method.change(calibrate_tab.on_method, [ui.method], [ui.method_md, ui.pool_for, *ui.pool], api_name="method",
                      api_visibility="undocumented", queue=False)
     then_refresh(ui.calibrate.click(
@@ -301,21 +323,23 @@ def wire(demo: gr.Blocks, ui: SimpleNamespace, session: gr.State, autoload: bool
           [*cut_outputs, session], api_name="params", api_visibility="undocumented", trigger_mode="always_last",
           concurrency_limit=4, concurrency_id="cut", show_progress="minimal")
 
-    # the live view: slider, pattern, runs, matrix
-    live = dict(trigger_mode="always_last", concurrency_limit=4, concurrency_id="cut", show_progress="minimal")
+
+def _wire_live(ui, session, then_refresh) -> None:
+    """The live view: slider, pattern, runs, matrix."""
+    cut_outputs = _cut_outputs(ui)
     cut_inputs = [session, ui.sparsity, ui.pattern, ui.block, ui.mtype]
     ui.sparsity.release(touching(live_tab.on_cut, cut_outputs), cut_inputs, [*cut_outputs, session],
-                        api_name="cut", **live)
+                        api_name="cut", **LIVE)
     ui.pattern.input(touching(live_tab.on_cut, cut_outputs), cut_inputs, [*cut_outputs, session], api_name="pattern",
-                     api_visibility="undocumented", **live)
+                     api_visibility="undocumented", **LIVE)
     gr.on([ui.block.release, ui.mtype.input], touching(live_tab.on_view, [ui.heat, ui.hist]),
-          [session, ui.block, ui.mtype], [ui.heat, ui.hist, session], api_name="view", **live)
+          [session, ui.block, ui.mtype], [ui.heat, ui.hist, session], api_name="view", **LIVE)
     ui.alloc_mode.input(touching(live_tab.on_alloc_mode, [ui.alloc]), [session, ui.alloc_mode, ui.block, ui.mtype],
-                        [ui.alloc, session], api_name="alloc_mode", **live)
+                        [ui.alloc, session], api_name="alloc_mode", **LIVE)
     ui.active.input(touching(live_tab.on_select_run, cut_outputs), [session, ui.active, ui.block, ui.mtype],
-                    [*cut_outputs, session], api_name="select_run", **live)
+                    [*cut_outputs, session], api_name="select_run", **LIVE)
     then_refresh(ui.shown.input(touching(live_tab.on_show_runs, cut_outputs), [session, ui.shown, ui.block, ui.mtype],
-                                [*cut_outputs, session], api_name="show_runs", **live))
+                                [*cut_outputs, session], api_name="show_runs", **LIVE))
     then_refresh(ui.rename.click(touching(live_tab.on_rename_run, cut_outputs),
                                  [session, ui.active, ui.rename_tb, ui.block, ui.mtype], [*cut_outputs, session],
                                  api_name="rename_run", concurrency_id="cut"))
@@ -323,16 +347,18 @@ def wire(demo: gr.Blocks, ui: SimpleNamespace, session: gr.State, autoload: bool
                                  [session, ui.active, ui.block, ui.mtype], [*cut_outputs, session],
                                  api_name="delete_run", concurrency_id="cut"))
 
-    # compare masks
-    cmp_outputs = [ui.agree, ui.jaccard, ui.cmp_md, ui.cmp_js]
-    gr.on([ui.compare.click, ui.cmp_a.input, ui.cmp_b.input, ui.cmp_block.release, ui.cmp_mtype.input],
-          touching(masks_tab.on_compare, cmp_outputs), [session, ui.cmp_a, ui.cmp_b, ui.cmp_block, ui.cmp_mtype],
-          [*cmp_outputs, session], api_name="compare", **live)
-    ui.compare_tab.select(touching(masks_tab.on_compare_if_ready, cmp_outputs),
-                          [session, ui.cmp_a, ui.cmp_b, ui.cmp_block, ui.cmp_mtype], [*cmp_outputs, session],
-                          api_visibility="private", **live)
 
-    # generation and perplexity
+def _wire_compare(ui, session) -> None:
+    cmp_outputs = [ui.agree, ui.jaccard, ui.cmp_md, ui.cmp_js]
+    cmp_inputs = [session, ui.cmp_a, ui.cmp_b, ui.cmp_block, ui.cmp_mtype]
+    gr.on([ui.compare.click, ui.cmp_a.input, ui.cmp_b.input, ui.cmp_block.release, ui.cmp_mtype.input],
+          touching(masks_tab.on_compare, cmp_outputs), cmp_inputs, [*cmp_outputs, session], api_name="compare",
+          **LIVE)
+    ui.compare_tab.select(touching(masks_tab.on_compare_if_ready, cmp_outputs), cmp_inputs,
+                          [*cmp_outputs, session], api_visibility="private", **LIVE)
+
+
+def _wire_generation_and_perplexity(ui, session) -> None:
     gen = [session, ui.prompt, ui.max_new, ui.sample, ui.temp, ui.seed, ui.chat]
     gen3 = [ui.dense_out, ui.pruned_out, ui.pruned_b_out, ui.rates]
     ui.generate.click(touching(generate_tab.on_generate_runs, gen3), [*gen, ui.gen_a, ui.gen_b], [*gen3, session],
@@ -350,7 +376,10 @@ def wire(demo: gr.Blocks, ui: SimpleNamespace, session: gr.State, autoload: bool
     ui.sweep_all.click(touching(perplexity_tab.on_sweep_runs, sweep_outputs), [session, ui.sweep_tb, *evaluation],
                        [*sweep_outputs, session], api_name="sweep_runs", concurrency_id=HEAVY)
 
-    # export, import, session files
+
+def _wire_export(ui, session, then_refresh) -> None:
+    """Export, import, session files."""
+    cut_outputs = _cut_outputs(ui)
     ui.exp_masks.click(touching(export_tab.on_export_masks, [ui.masks_file]), [session], [ui.masks_file, session],
                        api_name="export_masks")
     ui.exp_alloc.click(touching(export_tab.on_export_allocation, [ui.alloc_files]), [session],
@@ -367,14 +396,7 @@ def wire(demo: gr.Blocks, ui: SimpleNamespace, session: gr.State, autoload: bool
                            api_name="open_session", concurrency_id=HEAVY)
     reopened = [ui.ppl_plot, ui.points, ui.sparsity, ui.pattern, ui.alloc_mode]
     then_refresh(opened).then(touching(export_tab.on_session_opened, reopened), [session], [*reopened, session],
-                              **quiet)
-
-    # A closed tab (its heartbeat gone; a gradio_client's close()) releases its session at once,
-    # instead of gradio's hour-long grace for closed sessions.
-    def on_unload(request: gr.Request) -> None:
-        unload(demo, request)
-
-    demo.unload(on_unload)
+                              **QUIET)
 
 
 def theme() -> gr.themes.Theme:
