@@ -121,7 +121,7 @@ def serve(port: int, spec: str, parts_path: str) -> None:
 
     parts = _Parts()
     gr.Blocks.process_api = parts.wrap_async(gr.Blocks.process_api, "gradio process_api")
-    live_tab.cut = parts.wrap_sync(live_tab.cut, "cut()")
+    live_tab.recut_run = parts.wrap_sync(live_tab.recut_run, "cut()")  # one run brought to the new cut
     views_module.allocation_table = parts.wrap_sync(core.maskset.allocation_table, "allocation table")
     for name in ("allocation_figure", "allocation_overlay_figure", "saliency_figure", "histogram_figure", "to_plot",
                  "agreement_figure", "jaccard_figure"):
@@ -175,7 +175,7 @@ def _stats(values: list[float]) -> dict:
     return {"median_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * (len(ms) - 1))], "n": len(ms)}
 
 
-def main(argv=None) -> None:
+def _parse(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model spec (default: a tiny random Llama)")
     parser.add_argument("--method", default="wanda")
@@ -193,7 +193,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="result JSON (default bench/results/NAME.json)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the server here
     parser.add_argument("--parts", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = _parse(argv)
     if args.serve:
         return serve(args.serve, args.model, args.parts)
     args.out = args.out or str(ROOT / "bench" / "results" / f"{args.name}.json")
@@ -228,27 +232,7 @@ def main(argv=None) -> None:
                            api_name="/calibrate")
             calib_s = time.perf_counter() - start
             order.append(("calibrate", ""))
-
-            def timed(label: str, **kwargs) -> None:
-                before, t = _cpu_seconds(proc.pid), time.perf_counter()
-                client.predict(**kwargs)
-                timings.setdefault(label, []).append(time.perf_counter() - t)
-                after = _cpu_seconds(proc.pid)
-                if before is not None and after is not None:
-                    cpu.setdefault(label, []).append(after - before)
-                order.append((kwargs["api_name"].strip("/"), label))
-
-            for i in range(args.n):  # alternate so every call really re-cuts
-                timed("cut (unstructured)", sparsity=0.3 if i % 2 else 0.6, pattern="unstructured", api_name="/cut")
-            for i in range(2 * args.n):  # unstructured <-> 2:4: the 2:4 calls are timed
-                pattern = "2:4" if i % 2 else "unstructured"
-                if pattern == "2:4":
-                    timed("cut (2:4, from unstructured)", sparsity=0.5, pattern=pattern, api_name="/cut")
-                else:
-                    client.predict(sparsity=0.5, pattern=pattern, api_name="/cut")
-                    order.append(("cut", ""))
-            for i in range(args.n):
-                timed("view (heatmap + histogram)", block=i % facts["layers"], mtype="down", api_name="/view")
+            _time_handlers(client, proc, args, facts, timings, cpu, order)
         if args.browser or args.browser_only:
             browser = _browser_timings(url, spec, args, runs_info.get("session_file"))
             timings[BROWSER_LABEL] = browser["samples"]
@@ -261,23 +245,7 @@ def main(argv=None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    parts = {}
-    try:
-        calls = json.loads(Path(parts_path).read_text())
-        os.remove(parts_path)
-    except (OSError, ValueError):
-        calls = []
-    if [c["api"] for c in calls[:len(order)]] != [api for api, _ in order]:
-        got, want = [c["api"] for c in calls[:len(order)]], [api for api, _ in order]
-        first = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
-        print(f"the server's calls do not match the client's: no per-part timings (call {first}: server "
-              f"{got[first:first + 3]}, client {want[first:first + 3]})", file=sys.stderr)
-    else:  # the browser's calls come after the timed ones
-        for (_, label), call in zip(order, calls):
-            if label:
-                for part, seconds in call.items():
-                    if part not in ("api", "event"):
-                        parts.setdefault(label, {}).setdefault(part, []).append(seconds)
+    parts = _server_parts(parts_path, order)
 
     rows = {name: _stats(v) for name, v in timings.items() if v}
     for name, v in cpu.items():
@@ -285,24 +253,9 @@ def main(argv=None) -> None:
     if BROWSER_LABEL in timings:
         rows.setdefault(BROWSER_LABEL, {"n": 0})
         rows[BROWSER_LABEL]["timeouts"] = browser["timeouts"]
-    if facts:
-        print(f"model {facts['model']} ({facts['parameters']:,} params), load {load_s:.1f} s, "
-              f"calibrate ({args.runs or args.method}, {args.windows}x{args.seqlen}) {calib_s:.1f} s")
-    if runs_info.get("session_bytes"):
-        print(f"session file of {len(methods)} runs: {runs_info['session_bytes'] / 2**20:.1f} MiB, saved in "
-              f"{runs_info['save_seconds']:.1f} s; reopened in {runs_info['reopen_seconds']} s (round trip), "
-              f"server {runs_info['reopen_server_seconds']} s")
-    print(f"{'handler':48} {'median ms':>10} {'p90 ms':>8} {'CPU ms':>8} {'n':>4}")
-    for name, r in rows.items():
-        cpu_ms = r.get("cpu_median_ms")
-        print(f"{name:48} {r.get('median_ms', float('nan')):10.1f} {r.get('p90_ms', float('nan')):8.1f} "
-              f"{'' if cpu_ms is None else f'{cpu_ms:.1f}':>8} {r['n']:4d}"
-              + (f"  ({r['timeouts']} timed out)" if r.get("timeouts") else ""))
     part_rows = {label: {part: 1000 * statistics.median(v) for part, v in by_part.items()}
                  for label, by_part in parts.items()}
-    for label, by_part in part_rows.items():
-        print(f"  server parts of {label} (median ms): "
-              + ", ".join(f"{part} {ms:.1f}" for part, ms in by_part.items()))
+    _print_report(args, facts, load_s, calib_s, runs_info, methods, rows, part_rows)
     if runs_info.get("session_file"):
         try:
             os.remove(runs_info.pop("session_file"))
@@ -323,6 +276,71 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+
+
+def _time_handlers(client, proc, args, facts, timings, cpu, order) -> None:
+    """N cuts at alternating sparsities, N switches to 2:4 and N matrix redraws, timed."""
+    def timed(label: str, **kwargs) -> None:
+        before, t = _cpu_seconds(proc.pid), time.perf_counter()
+        client.predict(**kwargs)
+        timings.setdefault(label, []).append(time.perf_counter() - t)
+        after = _cpu_seconds(proc.pid)
+        if before is not None and after is not None:
+            cpu.setdefault(label, []).append(after - before)
+        order.append((kwargs["api_name"].strip("/"), label))
+
+    for i in range(args.n):  # alternate so every call really re-cuts
+        timed("cut (unstructured)", sparsity=0.3 if i % 2 else 0.6, pattern="unstructured", api_name="/cut")
+    for i in range(2 * args.n):  # unstructured <-> 2:4: the 2:4 calls are timed
+        pattern = "2:4" if i % 2 else "unstructured"
+        if pattern == "2:4":
+            timed("cut (2:4, from unstructured)", sparsity=0.5, pattern=pattern, api_name="/cut")
+        else:
+            client.predict(sparsity=0.5, pattern=pattern, api_name="/cut")
+            order.append(("cut", ""))
+    for i in range(args.n):
+        timed("view (heatmap + histogram)", block=i % facts["layers"], mtype="down", api_name="/view")
+
+
+def _server_parts(parts_path: str, order: list[tuple[str, str]]) -> dict:
+    """Each timed call's parts as the server recorded them (its calls must line up with the client's)."""
+    parts = {}
+    try:
+        calls = json.loads(Path(parts_path).read_text())
+        os.remove(parts_path)
+    except (OSError, ValueError):
+        calls = []
+    if [c["api"] for c in calls[:len(order)]] != [api for api, _ in order]:
+        got, want = [c["api"] for c in calls[:len(order)]], [api for api, _ in order]
+        first = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+        print(f"the server's calls do not match the client's: no per-part timings (call {first}: server "
+              f"{got[first:first + 3]}, client {want[first:first + 3]})", file=sys.stderr)
+    else:  # the browser's calls come after the timed ones
+        for (_, label), call in zip(order, calls):
+            if label:
+                for part, seconds in call.items():
+                    if part not in ("api", "event"):
+                        parts.setdefault(label, {}).setdefault(part, []).append(seconds)
+    return parts
+
+
+def _print_report(args, facts, load_s, calib_s, runs_info, methods, rows, part_rows) -> None:
+    if facts:
+        print(f"model {facts['model']} ({facts['parameters']:,} params), load {load_s:.1f} s, "
+              f"calibrate ({args.runs or args.method}, {args.windows}x{args.seqlen}) {calib_s:.1f} s")
+    if runs_info.get("session_bytes"):
+        print(f"session file of {len(methods)} runs: {runs_info['session_bytes'] / 2**20:.1f} MiB, saved in "
+              f"{runs_info['save_seconds']:.1f} s; reopened in {runs_info['reopen_seconds']} s (round trip), "
+              f"server {runs_info['reopen_server_seconds']} s")
+    print(f"{'handler':48} {'median ms':>10} {'p90 ms':>8} {'CPU ms':>8} {'n':>4}")
+    for name, r in rows.items():
+        cpu_ms = r.get("cpu_median_ms")
+        print(f"{name:48} {r.get('median_ms', float('nan')):10.1f} {r.get('p90_ms', float('nan')):8.1f} "
+              f"{'' if cpu_ms is None else f'{cpu_ms:.1f}':>8} {r['n']:4d}"
+              + (f"  ({r['timeouts']} timed out)" if r.get("timeouts") else ""))
+    for label, by_part in part_rows.items():
+        print(f"  server parts of {label} (median ms): "
+              + ", ".join(f"{part} {ms:.1f}" for part, ms in by_part.items()))
 
 
 # ---------------------------------------------------------------- several runs
