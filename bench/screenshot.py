@@ -60,22 +60,7 @@ def _stack(parts: list[Path], out: Path, gap: int = 12) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default="wanda,owl,unipruning", help="one run each; the first two are compared")
-    ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--sparsity", type=float, default=0.6)
-    ap.add_argument("--block", type=int, default=3, help="the block whose matrix the agreement map shows")
-    ap.add_argument("--matrix", default="o", help="the matrix type the agreement map shows")
-    ap.add_argument("--width", type=int, default=1400)
-    ap.add_argument("--height", type=int, default=1000)
-    ap.add_argument("--out", type=Path, default=REPO / "docs" / "screenshot.png")
-    ap.add_argument("--assets", type=Path, default=REPO / "assets")
-    ap.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))
-    args = ap.parse_args(argv)
-    if not args.chromium:
-        ap.error("no chromium found: pass --chromium PATH")
+    args = _parse(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 
     from playwright.sync_api import expect, sync_playwright
@@ -96,64 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                 page = browser.new_page(viewport={"width": args.width, "height": args.height})
                 page.set_default_timeout(300_000)
                 expect.set_options(timeout=300_000)
-                page.goto(f"http://127.0.0.1:{port}/")
-                chooser = page.get_by_label("Model", exact=True)
-                chooser.click()
-                chooser.fill(args.model)
-                chooser.press("Enter")
-                page.get_by_role("button", name="Load", exact=True).click()
-                expect(page.locator(STATUS)).to_contain_text("Loaded")
-                print(f"loaded {args.model} after {time.perf_counter() - t0:.1f} s")
-
-                page.get_by_label("windows", exact=True).fill(str(args.windows))
-                page.get_by_label("seqlen", exact=True).first.fill(str(args.seqlen))
-                for method in methods:
-                    picker = page.get_by_label("Method", exact=True)
-                    picker.click()
-                    page.get_by_role("option", name=re.compile(rf"\({re.escape(method)}\)")).click()
-                    page.get_by_role("button", name="Calibrate").click()
-                    expect(page.locator(STATUS)).to_contain_text(f"Calibrated {method}")
-                    print(f"calibrated {method} after {time.perf_counter() - t0:.1f} s")
-
-                number = page.get_by_label("number input for Target sparsity")
-                number.fill(f"{args.sparsity:g}")
-                number.press("Tab")  # leaving the box fires `release`: every shown run is re-cut
-                page.wait_for_function(
-                    """([n, target]) => { const el = document.querySelector('#alloc-plot .js-plotly-plot');
-                        return el && el.data && el.data.length == n && el.layout.title.text.includes(target); }""",
-                    arg=[len(methods), f"target {args.sparsity:.0%}"])
-                page.mouse.move(0, 0)  # no hover labels in the picture
-                page.wait_for_timeout(1000)  # let plotly finish its transitions
-                args.assets.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(live_png), full_page=True)
-                top = _box(page, STATUS)
-                bottom = _box(page, "#alloc-plot")
-                page.screenshot(path=str(parts[0]), full_page=True,
-                                clip={"x": bottom["x"] - 8, "y": top["y"] - 8, "width": bottom["width"] + 16,
-                                      "height": bottom["y"] + bottom["height"] - top["y"] + 16})
-
-                page.get_by_role("tab", name="Compare masks").click()
-                # A and B are the first two runs already (the run lists' defaults)
-                block = page.locator("#compare-block input[type=number]")
-                block.fill(str(args.block))
-                block.press("Tab")
-                page.locator("#compare-matrix input").click()
-                page.get_by_role("option", name=args.matrix, exact=True).click()
-                page.get_by_role("button", name="Compare", exact=True).click()
-                page.wait_for_function(
-                    """(want) => { const el = document.querySelector('#agree-plot .js-plotly-plot');
-                        return el && el.layout && el.layout.title.text.includes(want); }""",
-                    arg=f"A = {methods[0]}, B = {methods[1]}")
-                page.wait_for_function("() => document.querySelector('#jaccard-plot .js-plotly-plot')")
-                page.mouse.move(0, 0)
-                page.wait_for_timeout(1000)
-                page.screenshot(path=str(compare_png), full_page=True)
-                top = _box(page, "#compare-summary")
-                bottom = _box(page, "#jaccard-plot")
-                page.screenshot(path=str(parts[1]), full_page=True,
-                                clip={"x": bottom["x"] - 8, "y": top["y"] - 8, "width": bottom["width"] + 16,
-                                      "height": bottom["y"] + bottom["height"] - top["y"] + 16})
-                print(page.locator("#compare-summary").inner_text())
+                _load_and_calibrate(page, expect, port, args, methods, t0)
+                _shoot_live(page, args, methods, live_png, parts[0])
+                _shoot_compare(page, args, methods, compare_png, parts[1])
             finally:
                 browser.close()
         _stack(parts, args.out)
@@ -163,6 +93,94 @@ def main(argv: list[str] | None = None) -> int:
         demo.close()
     print(f"wrote {args.out}, {live_png}, {compare_png} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _parse(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default="wanda,owl,unipruning", help="one run each; the first two are compared")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--sparsity", type=float, default=0.6)
+    ap.add_argument("--block", type=int, default=3, help="the block whose matrix the agreement map shows")
+    ap.add_argument("--matrix", default="o", help="the matrix type the agreement map shows")
+    ap.add_argument("--width", type=int, default=1400)
+    ap.add_argument("--height", type=int, default=1000)
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "screenshot.png")
+    ap.add_argument("--assets", type=Path, default=REPO / "assets")
+    ap.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))
+    args = ap.parse_args(argv)
+    if not args.chromium:
+        ap.error("no chromium found: pass --chromium PATH")
+    return args
+
+
+def _load_and_calibrate(page, expect, port: int, args, methods: list[str], t0: float) -> None:
+    """Load the model through the page, then calibrate one run per method."""
+    page.goto(f"http://127.0.0.1:{port}/")
+    chooser = page.get_by_label("Model", exact=True)
+    chooser.click()
+    chooser.fill(args.model)
+    chooser.press("Enter")
+    page.get_by_role("button", name="Load", exact=True).click()
+    expect(page.locator(STATUS)).to_contain_text("Loaded")
+    print(f"loaded {args.model} after {time.perf_counter() - t0:.1f} s")
+
+    page.get_by_label("windows", exact=True).fill(str(args.windows))
+    page.get_by_label("seqlen", exact=True).first.fill(str(args.seqlen))
+    for method in methods:
+        picker = page.get_by_label("Method", exact=True)
+        picker.click()
+        page.get_by_role("option", name=re.compile(rf"\({re.escape(method)}\)")).click()
+        page.get_by_role("button", name="Calibrate").click()
+        expect(page.locator(STATUS)).to_contain_text(f"Calibrated {method}")
+        print(f"calibrated {method} after {time.perf_counter() - t0:.1f} s")
+
+
+def _shoot_live(page, args, methods: list[str], full: Path, part: Path) -> None:
+    """Every run re-cut at the target sparsity: the whole page, and the status-to-allocation part."""
+    number = page.get_by_label("number input for Target sparsity")
+    number.fill(f"{args.sparsity:g}")
+    number.press("Tab")  # leaving the box fires `release`: every shown run is re-cut
+    page.wait_for_function(
+        """([n, target]) => { const el = document.querySelector('#alloc-plot .js-plotly-plot');
+            return el && el.data && el.data.length == n && el.layout.title.text.includes(target); }""",
+        arg=[len(methods), f"target {args.sparsity:.0%}"])
+    page.mouse.move(0, 0)  # no hover labels in the picture
+    page.wait_for_timeout(1000)  # let plotly finish its transitions
+    args.assets.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(full), full_page=True)
+    top = _box(page, STATUS)
+    bottom = _box(page, "#alloc-plot")
+    page.screenshot(path=str(part), full_page=True,
+                    clip={"x": bottom["x"] - 8, "y": top["y"] - 8, "width": bottom["width"] + 16,
+                          "height": bottom["y"] + bottom["height"] - top["y"] + 16})
+
+
+def _shoot_compare(page, args, methods: list[str], full: Path, part: Path) -> None:
+    """The first two runs compared on one matrix: the whole page, and the summary-to-Jaccard part."""
+    page.get_by_role("tab", name="Compare masks").click()
+    # A and B are the first two runs already (the run lists' defaults)
+    block = page.locator("#compare-block input[type=number]")
+    block.fill(str(args.block))
+    block.press("Tab")
+    page.locator("#compare-matrix input").click()
+    page.get_by_role("option", name=args.matrix, exact=True).click()
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.wait_for_function(
+        """(want) => { const el = document.querySelector('#agree-plot .js-plotly-plot');
+            return el && el.layout && el.layout.title.text.includes(want); }""",
+        arg=f"A = {methods[0]}, B = {methods[1]}")
+    page.wait_for_function("() => document.querySelector('#jaccard-plot .js-plotly-plot')")
+    page.mouse.move(0, 0)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(full), full_page=True)
+    top = _box(page, "#compare-summary")
+    bottom = _box(page, "#jaccard-plot")
+    page.screenshot(path=str(part), full_page=True,
+                    clip={"x": bottom["x"] - 8, "y": top["y"] - 8, "width": bottom["width"] + 16,
+                          "height": bottom["y"] + bottom["height"] - top["y"] + 16})
+    print(page.locator("#compare-summary").inner_text())
 
 
 if __name__ == "__main__":
